@@ -1,0 +1,310 @@
+//! The idempotency store contract: one small trait every backend implements.
+//!
+//! A store keeps one [`Record`] per key and answers one question atomically:
+//! *may this caller run the operation now?* ([`IdempotencyStore::start`]). Everything
+//! else — what to do with a completed record, how to wait for a running one, when a
+//! fingerprint mismatch is an error — is decided by the engine, never by a store.
+//! Stores know nothing about flows: they store opaque result bytes and fence owners.
+//!
+//! # Guarantees a store must give
+//!
+//! * **Atomic acquire.** Of any number of concurrent `start` calls for a free key,
+//!   exactly one returns [`StartOutcome::Acquired`]; the others see the record it wrote.
+//! * **Fencing.** Every acquire issues a fresh [`FencingToken`]. `complete`, `fail`,
+//!   `renew` and `release` succeed only for the current token and otherwise return
+//!   [`StoreError::StaleToken`], so an owner that lost its lease can never overwrite a
+//!   newer run.
+//! * **Expiry.** A running record whose lease has lapsed, and a finished record whose
+//!   TTL has lapsed, are treated exactly like an absent record. Where the backend has a
+//!   clock of its own (Redis `TIME`, SQL `now()`), that clock decides.
+//! * **Typed failures.** A record that cannot be decoded is [`StoreError::Decode`] or
+//!   [`StoreError::UnsupportedVersion`], never a panic and never "free".
+//! * **One round trip** per operation for remote backends.
+//!
+//! The shared conformance suite (`orchestrix-conformance`) checks all of this; every
+//! backend runs it.
+//!
+//! # Implementing a store
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::Mutex;
+//! use std::time::Duration;
+//! use orchestrix::store::{
+//!     FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
+//!     StoreError,
+//! };
+//!
+//! /// A toy store without expiry, to show the shape of the contract.
+//! #[derive(Debug, Default)]
+//! struct ToyStore(Mutex<HashMap<String, Record>>);
+//!
+//! impl ToyStore {
+//!     fn with_owner<T>(
+//!         &self,
+//!         key: &str,
+//!         token: FencingToken,
+//!         f: impl FnOnce(&mut HashMap<String, Record>) -> T,
+//!     ) -> Result<T, StoreError> {
+//!         let mut map = self.0.lock().map_err(|_| StoreError::backend_msg("poisoned"))?;
+//!         match map.get(key) {
+//!             Some(r) if r.token == token && r.status == RecordStatus::Running => Ok(f(&mut map)),
+//!             _ => Err(StoreError::StaleToken),
+//!         }
+//!     }
+//!     fn finish(&self, key: &str, token: FencingToken, status: RecordStatus, result: &[u8])
+//!         -> Result<(), StoreError>
+//!     {
+//!         self.with_owner(key, token, |map| {
+//!             if let Some(r) = map.get_mut(key) {
+//!                 r.status = status;
+//!                 r.result = Some(result.to_vec());
+//!             }
+//!         })
+//!     }
+//! }
+//!
+//! #[async_trait::async_trait]
+//! impl IdempotencyStore for ToyStore {
+//!     async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+//!         let map = self.0.lock().map_err(|_| StoreError::backend_msg("poisoned"))?;
+//!         Ok(map.get(key).cloned())
+//!     }
+//!     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
+//!         let mut map = self.0.lock().map_err(|_| StoreError::backend_msg("poisoned"))?;
+//!         if let Some(existing) = map.get(req.key) {
+//!             if !req.may_take_over(existing.status, existing.fingerprint.as_deref()) {
+//!                 return Ok(StartOutcome::Existing(existing.clone()));
+//!             }
+//!         }
+//!         let token = FencingToken::generate();
+//!         map.insert(req.key.to_owned(), Record::running(req.key, token, req.fingerprint));
+//!         Ok(StartOutcome::Acquired(token))
+//!     }
+//!     async fn complete(&self, key: &str, token: FencingToken, result: &[u8], _ttl: Option<Duration>)
+//!         -> Result<(), StoreError>
+//!     {
+//!         self.finish(key, token, RecordStatus::Completed, result)
+//!     }
+//!     async fn fail(&self, key: &str, token: FencingToken, result: &[u8], _ttl: Option<Duration>)
+//!         -> Result<(), StoreError>
+//!     {
+//!         self.finish(key, token, RecordStatus::Failed, result)
+//!     }
+//!     async fn renew(&self, key: &str, token: FencingToken, _lease: Duration) -> Result<(), StoreError> {
+//!         self.with_owner(key, token, |_| ())
+//!     }
+//!     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+//!         self.with_owner(key, token, |map| { map.remove(key); })
+//!     }
+//!     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+//!         let mut map = self.0.lock().map_err(|_| StoreError::backend_msg("poisoned"))?;
+//!         map.remove(key);
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+mod memory;
+mod record;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use memory::MemoryStore;
+pub use record::{FencingToken, Record, RecordStatus, SCHEMA_VERSION};
+
+/// A boxed error from a backend's client library, kept as the source of a [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong inside a store. Every backend maps its failures into these variants.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The fencing token is not the current owner's: the lease was lost and another run
+    /// took the key over, or the record was released or expired.
+    #[error("fencing token is stale: another run owns this key now, or the record is gone")]
+    StaleToken,
+    /// The stored record could not be decoded (missing field, malformed value, garbage
+    /// written by something else under the key).
+    #[error("stored record could not be decoded: {0}")]
+    Decode(#[source] BoxError),
+    /// The stored record was written by a newer (or unknown) schema version.
+    #[error("stored record has schema version {found}, this build understands {SCHEMA_VERSION}")]
+    UnsupportedVersion {
+        /// The version found in the record.
+        found: u32,
+    },
+    /// The result is larger than the backend can hold. The record was still marked
+    /// finished (without its result), so the operation never runs again under this key.
+    #[error("result of {size} bytes exceeds the store's limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the encoded result.
+        size: usize,
+        /// The backend's limit.
+        limit: usize,
+    },
+    /// The backend could not be reached or failed (connection refused, timeout, I/O).
+    #[error("store backend failed: {0}")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// A [`StoreError::Backend`] from any error of a client library.
+    pub fn backend(err: impl Into<BoxError>) -> Self {
+        Self::Backend(err.into())
+    }
+
+    /// A [`StoreError::Backend`] from a message.
+    pub fn backend_msg(msg: impl fmt::Display) -> Self {
+        Self::Backend(msg.to_string().into())
+    }
+
+    /// A [`StoreError::Decode`] from any error or message.
+    pub fn decode(err: impl Into<BoxError>) -> Self {
+        Self::Decode(err.into())
+    }
+}
+
+/// Arguments of [`IdempotencyStore::start`].
+#[derive(Debug, Clone, Copy)]
+pub struct StartRequest<'a> {
+    /// The full (already scoped and validated) key.
+    pub key: &'a str,
+    /// Fingerprint of the input, stored with the record. `None` when fingerprinting is off.
+    pub fingerprint: Option<&'a str>,
+    /// How long the acquired record stays owned without a renewal.
+    pub lease: Duration,
+    /// Whether a `Failed` record with a matching fingerprint may be taken over
+    /// (the run's `cache_result` is false).
+    pub rerun_failed: bool,
+}
+
+impl StartRequest<'_> {
+    /// The takeover rule for a record that exists and has **not** expired: only a failed
+    /// record may be taken over, and only when the caller asked to re-run failures and the
+    /// fingerprints do not disagree (a missing fingerprint on either side agrees with any).
+    ///
+    /// Backends whose decision runs in the server (Lua, SQL, DynamoDB conditions) encode
+    /// this same rule there.
+    pub fn may_take_over(&self, status: RecordStatus, fingerprint: Option<&str>) -> bool {
+        status == RecordStatus::Failed
+            && self.rerun_failed
+            && fingerprints_agree(self.fingerprint, fingerprint)
+    }
+}
+
+/// Two fingerprints agree when they are equal or either is absent.
+pub fn fingerprints_agree(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
+/// What [`IdempotencyStore::start`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// The key was free (absent, expired, or a re-runnable failure): the caller owns it now
+    /// as a running record under this token.
+    Acquired(FencingToken),
+    /// A live record holds the key; the caller must not run. The engine decides what to
+    /// do with it (replay, report running, wait, or reject a reused key).
+    Existing(Record),
+}
+
+/// The storage contract behind idempotent runs.
+///
+/// Implementations must be cheap to share (`Arc<dyn IdempotencyStore>`) and safe to call
+/// concurrently. See the [module documentation](self) for the guarantees and an example.
+///
+/// `ttl` arguments are how long a finished record is kept (`None`: until deleted).
+/// Durations handed to a store have been validated by the engine (non-zero, bounded).
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + fmt::Debug {
+    /// Reads the live record under `key`, or `None` if absent or expired.
+    ///
+    /// # Errors
+    /// [`StoreError::Decode`] / [`StoreError::UnsupportedVersion`] for a record that cannot
+    /// be read; [`StoreError::Backend`] when the store is unreachable.
+    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError>;
+
+    /// Atomically acquires the key, or reports the live record that holds it.
+    ///
+    /// Acquires when the key is absent, expired (running past its lease, finished past its
+    /// TTL), or [`StartRequest::may_take_over`] allows it; the new record is `Running`
+    /// with a fresh [`FencingToken`] and a lease of `req.lease`.
+    ///
+    /// # Errors
+    /// As for [`get`](Self::get): an undecodable record is an error, never "free".
+    async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError>;
+
+    /// Marks the owned record `Completed` with the encoded result, kept for `ttl`.
+    ///
+    /// # Errors
+    /// [`StoreError::StaleToken`] if `token` is not the current owner's.
+    /// [`StoreError::TooLarge`] if the backend cannot hold `result`; the record must then
+    /// still be marked finished without a result.
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError>;
+
+    /// Marks the owned record `Failed` with the encoded failure, kept for `ttl`.
+    ///
+    /// # Errors
+    /// As for [`complete`](Self::complete).
+    async fn fail(
+        &self,
+        key: &str,
+        token: FencingToken,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError>;
+
+    /// Extends the owned record's lease to `lease` from now.
+    ///
+    /// # Errors
+    /// [`StoreError::StaleToken`] if the lease was lost.
+    async fn renew(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the owned record, so the key is free again (the operation did not happen,
+    /// or the caller asked not to keep its result).
+    ///
+    /// # Errors
+    /// [`StoreError::StaleToken`] if `token` is not the current owner's.
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError>;
+
+    /// Deletes whatever record is under `key`, owned or not (administrative use).
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Removes expired records and returns how many were removed. Stores whose backend
+    /// expires records natively keep the default, which does nothing.
+    async fn cleanup(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Resolves when the record under `key` may have changed, or after at most `max`.
+    ///
+    /// Used by `OnRunning::Wait`: the engine calls [`start`](Self::start) again after each
+    /// wake-up. The default sleeps a short poll interval; stores that can notify (the
+    /// memory store) override it to wake at once.
+    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+        let _ = key;
+        tokio::time::sleep(max.min(DEFAULT_POLL_INTERVAL)).await;
+        Ok(())
+    }
+}
+
+/// The polling interval of the default [`IdempotencyStore::wait_for_change`].
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);

@@ -1,0 +1,53 @@
+# Shared by scripts/test and the benchmarks: make sure the services the tests talk to
+# answer on loopback, starting them when they do not. Source it; it defines functions.
+# Every service listens on 127.0.0.1 only.
+
+: "${REDIS_URL:=redis://127.0.0.1:6379}"
+: "${DATABASE_URL:=postgres://postgres@127.0.0.1:5432/test}"
+export REDIS_URL DATABASE_URL
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+# PIDs of services this script started itself, stopped by stop_started_services.
+STARTED_PIDS=()
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    return 0
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "installing redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  log "starting redis-server on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /tmp --logfile /tmp/orchestrix-redis.log
+  for _ in $(seq 50); do
+    redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "redis did not come up"; return 1
+}
+
+ensure_postgres() {
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    if command -v pg_ctlcluster >/dev/null 2>&1 && ls /etc/postgresql >/dev/null 2>&1; then
+      log "starting PostgreSQL"
+      pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+    fi
+    for _ in $(seq 100); do
+      pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && break
+      sleep 0.1
+    done
+  fi
+  pg_isready -q -h 127.0.0.1 -p 5432 || { log "PostgreSQL is not answering on 127.0.0.1:5432"; return 1; }
+  if ! psql "postgres://postgres@127.0.0.1:5432/postgres" -tAc "select 1 from pg_database where datname='test'" | grep -q 1; then
+    psql "postgres://postgres@127.0.0.1:5432/postgres" -qc "create database test" >/dev/null
+  fi
+}
+
+stop_started_services() {
+  for pid in "${STARTED_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+}
