@@ -127,6 +127,9 @@ pub enum StoreError {
     /// took the key over, or the record was released or expired.
     #[error("fencing token is stale: another run owns this key now, or the record is gone")]
     StaleToken,
+    /// A result could not be encoded for storage.
+    #[error("result could not be encoded for storage: {0}")]
+    Encode(#[source] BoxError),
     /// The stored record could not be decoded (missing field, malformed value, garbage
     /// written by something else under the key).
     #[error("stored record could not be decoded: {0}")]

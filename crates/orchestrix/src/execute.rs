@@ -1,0 +1,277 @@
+//! Runs a flow's steps: retries, timeouts, parallel groups, cancellation, compensation.
+//!
+//! Nothing here knows about idempotency; [`crate::run`] wraps this in the store stages.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::context::Context;
+use crate::hooks::{Event, Hooks};
+use crate::result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
+use crate::step::{Step, StepError};
+
+/// Builds the output from the context once every step completed.
+pub(crate) type OutputFn<I, O> = Box<dyn Fn(&Context<I>) -> Result<O, StepError> + Send + Sync>;
+
+/// Where the steps of a stage are in [`Plan::steps`].
+pub(crate) enum Stage {
+    Single(usize),
+    Parallel {
+        steps: Range<usize>,
+        fail_fast: bool,
+    },
+}
+
+/// A flow's definition, fixed at build time.
+pub(crate) struct Plan<I, O> {
+    pub(crate) name: Arc<str>,
+    /// Every step in declaration order.
+    pub(crate) steps: Vec<Step<I>>,
+    pub(crate) step_names: Vec<Arc<str>>,
+    pub(crate) stages: Vec<Stage>,
+    pub(crate) output: Option<OutputFn<I, O>>,
+    pub(crate) hooks: Hooks,
+    pub(crate) compensate_on_cancel: bool,
+}
+
+impl<I: Send + Sync + 'static, O> Plan<I, O> {
+    /// Runs every stage in order, then compensates if the run did not complete.
+    pub(crate) async fn execute(&self, ctx: Context<I>) -> FlowResult<O> {
+        let started = Instant::now();
+        self.hooks.emit(Event::FlowStart { flow: &self.name });
+        let mut steps: Vec<StepResult> = self.step_names.iter().map(StepResult::pending).collect();
+        let mut completed = Vec::with_capacity(self.steps.len());
+        let mut error = None;
+        for stage in &self.stages {
+            if ctx.is_cancelled() {
+                error = Some(FlowError::Cancelled);
+                break;
+            }
+            let outcome = match stage {
+                Stage::Single(i) => {
+                    let (result, outcome) = self.run_step(*i, &ctx).await;
+                    steps[*i] = result;
+                    outcome.map(|()| completed.push(*i))
+                }
+                Stage::Parallel {
+                    steps: range,
+                    fail_fast,
+                } => {
+                    self.run_group(range.clone(), *fail_fast, &ctx, &mut steps, &mut completed)
+                        .await
+                }
+            };
+            if let Err(e) = outcome {
+                error = Some(e);
+                break;
+            }
+        }
+        let output = match (&error, &self.output) {
+            (None, Some(build)) => match build(&ctx) {
+                Ok(output) => Some(output),
+                Err(e) => {
+                    error = Some(FlowError::Output {
+                        message: e.to_string(),
+                    });
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut compensation_failures = Vec::new();
+        let status = match &error {
+            None => Status::Completed,
+            Some(FlowError::Cancelled) => Status::Cancelled,
+            Some(_) => Status::Failed,
+        };
+        if status == Status::Failed || (status == Status::Cancelled && self.compensate_on_cancel) {
+            self.compensate(&ctx, &completed, &mut steps, &mut compensation_failures)
+                .await;
+        }
+        FlowResult {
+            flow: Arc::clone(&self.name),
+            status,
+            duration: started.elapsed(),
+            steps,
+            output,
+            error,
+            compensation_failures,
+            replayed: false,
+        }
+    }
+
+    /// Runs one step to completion or exhaustion of its retries.
+    async fn run_step(&self, i: usize, ctx: &Context<I>) -> (StepResult, Result<(), FlowError>) {
+        let step = &self.steps[i];
+        let started = Instant::now();
+        let mut result = StepResult::pending(&step.name);
+        let mut attempt = 0;
+        let outcome = loop {
+            if attempt > 0 && ctx.is_cancelled() {
+                result.status = Status::Cancelled;
+                break Err(FlowError::Cancelled);
+            }
+            attempt += 1;
+            result.attempts = attempt;
+            self.hooks.emit(Event::StepStart {
+                flow: &self.name,
+                step: &step.name,
+                attempt,
+            });
+            let span = tracing::info_span!("step", step = %step.name, attempt);
+            let run = (step.run)(ctx.clone()).instrument(span);
+            let outcome = match step.timeout {
+                Some(limit) => tokio::time::timeout(limit, run)
+                    .await
+                    .unwrap_or_else(|_| Err(StepError::timed_out(limit))),
+                None => run.await,
+            };
+            let err = match outcome {
+                Ok(()) => {
+                    result.status = Status::Completed;
+                    result.error = None;
+                    self.hooks.emit(Event::StepComplete {
+                        flow: &self.name,
+                        step: &step.name,
+                        attempts: attempt,
+                        duration: started.elapsed(),
+                    });
+                    break Ok(());
+                }
+                Err(err) => err,
+            };
+            let message = err.to_string();
+            let retry_in =
+                (attempt <= step.retry.max_retries()).then(|| step.retry.sleep_before(attempt - 1));
+            tracing::debug!(step = %step.name, attempt, error = %message, ?retry_in, "step attempt failed");
+            self.hooks.emit(Event::StepFail {
+                flow: &self.name,
+                step: &step.name,
+                attempt,
+                error: &message,
+                retry_in,
+            });
+            let Some(delay) = retry_in else {
+                result.status = Status::Failed;
+                result.error = Some(message.clone());
+                break Err(FlowError::Step {
+                    step: step.name.to_string(),
+                    attempts: attempt,
+                    message,
+                    transient: err.is_transient(),
+                });
+            };
+            result.error = Some(message);
+            tokio::select! {
+                () = ctx.cancellation().cancelled() => {
+                    result.status = Status::Cancelled;
+                    break Err(FlowError::Cancelled);
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+        };
+        result.duration = started.elapsed();
+        (result, outcome)
+    }
+
+    /// Starts the group's steps together and applies the group's failure rule.
+    async fn run_group(
+        &self,
+        range: Range<usize>,
+        fail_fast: bool,
+        ctx: &Context<I>,
+        steps: &mut [StepResult],
+        completed: &mut Vec<usize>,
+    ) -> Result<(), FlowError> {
+        let token = ctx.cancellation().child_token();
+        let group_ctx = ctx.with_token(token.clone());
+        let mut running: FuturesUnordered<_> = range
+            .clone()
+            .map(|i| {
+                let group_ctx = &group_ctx;
+                async move {
+                    let (result, outcome) = self.run_step(i, group_ctx).await;
+                    (i, result, outcome)
+                }
+            })
+            .collect();
+        let mut first_error = None;
+        let mut failures = 0;
+        while let Some((i, result, outcome)) = running.next().await {
+            steps[i] = result;
+            match outcome {
+                Ok(()) => completed.push(i),
+                Err(e) => {
+                    failures += 1;
+                    first_error.get_or_insert(e);
+                    if fail_fast {
+                        break;
+                    }
+                }
+            }
+        }
+        if fail_fast && first_error.is_some() {
+            // Dropping the futures stops the siblings at their next await; the token tells
+            // steps that watch it.
+            token.cancel();
+            drop(running);
+            for i in range.clone() {
+                if steps[i].status == Status::Pending {
+                    steps[i].status = Status::Cancelled;
+                    steps[i].attempts = steps[i].attempts.max(1);
+                }
+            }
+            return first_error.map_or(Ok(()), Err);
+        }
+        match first_error {
+            Some(e) if failures == range.len() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Compensates completed steps in reverse completion order.
+    async fn compensate(
+        &self,
+        ctx: &Context<I>,
+        completed: &[usize],
+        steps: &mut [StepResult],
+        failures: &mut Vec<CompensationFailure>,
+    ) {
+        // Compensations must run even when the run was cancelled: give them a live token.
+        let ctx = ctx.with_token(CancellationToken::new());
+        for &i in completed.iter().rev() {
+            let step = &self.steps[i];
+            let Some(compensate) = &step.compensate else {
+                continue;
+            };
+            self.hooks.emit(Event::CompensateStart {
+                flow: &self.name,
+                step: &step.name,
+            });
+            let span = tracing::info_span!("compensate", step = %step.name);
+            let error = compensate(ctx.clone())
+                .instrument(span)
+                .await
+                .err()
+                .map(|e| e.to_string());
+            self.hooks.emit(Event::CompensateComplete {
+                flow: &self.name,
+                step: &step.name,
+                error: error.as_deref(),
+            });
+            match error {
+                None => steps[i].status = Status::Cancelled,
+                Some(message) => failures.push(CompensationFailure {
+                    step: step.name.to_string(),
+                    message,
+                }),
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Building flows.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::context::Context;
+use crate::execute::{OutputFn, Plan, Stage};
+use crate::hooks::{ConsoleLogger, Hooks, Plugin};
+use crate::idempotency::Fingerprint;
+use crate::step::{Parallel, Step, StepError};
+use crate::store::{IdempotencyStore, MemoryStore};
+
+pub(crate) type ValidatorFn<I> = Box<dyn Fn(&I) -> Result<(), Vec<String>> + Send + Sync>;
+
+/// A flow: named steps over a typed input `I`, producing an optional typed output `O`.
+///
+/// Built once with [`Flow::builder`], then run any number of times, concurrently, from
+/// any task; cloning is cheap (an `Arc` inside). See [`Flow::run`] for running,
+/// idempotently or not.
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrix::{Context, Flow, RetryPolicy, RunOptions, Status, Step, StepError};
+///
+/// #[derive(serde::Serialize)]
+/// struct Signup { email: String }
+///
+/// async fn create_account(ctx: Context<Signup>) -> Result<(), StepError> {
+///     ctx.set("user_id", format!("usr_{}", ctx.input().email.len()))?;
+///     Ok(())
+/// }
+/// async fn send_welcome(_ctx: Context<Signup>) -> Result<(), StepError> { Ok(()) }
+/// async fn delete_account(_ctx: Context<Signup>) -> Result<(), StepError> { Ok(()) }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let flow = Flow::<Signup, String>::builder("signup")
+///     .then(Step::new("create-account", create_account).compensate(delete_account))
+///     .then(
+///         Step::new("send-welcome", send_welcome)
+///             .retry(RetryPolicy::retries(3).exponential(Duration::from_millis(100)))
+///             .timeout(Duration::from_secs(5)),
+///     )
+///     .output(|ctx| Ok(ctx.get::<String>("user_id")?.unwrap_or_default()))
+///     .build()?;
+///
+/// let signup = Signup { email: "ada@example.com".into() };
+/// let result = flow.run(signup, RunOptions::key("signup:ada@example.com")).await?;
+/// assert_eq!(result.status, Status::Completed);
+/// assert_eq!(result.output.as_deref(), Some("usr_15"));
+/// # Ok(()) }
+/// ```
+pub struct Flow<I, O = ()> {
+    pub(crate) inner: Arc<FlowInner<I, O>>,
+}
+
+pub(crate) struct FlowInner<I, O> {
+    pub(crate) plan: Plan<I, O>,
+    pub(crate) validator: Option<ValidatorFn<I>>,
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) fingerprint: Fingerprint<I>,
+}
+
+impl<I, O> Clone for Flow<I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<I, O> Flow<I, O> {
+    /// Starts building a flow named `name`. The name scopes its idempotency keys.
+    pub fn builder(name: impl Into<String>) -> FlowBuilder<I, O> {
+        FlowBuilder::new(name)
+    }
+
+    /// The flow's name.
+    pub fn name(&self) -> &str {
+        &self.inner.plan.name
+    }
+
+    /// The idempotency store keyed runs use.
+    pub fn store(&self) -> &Arc<dyn IdempotencyStore> {
+        &self.inner.store
+    }
+}
+
+impl<I, O> fmt::Debug for Flow<I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flow")
+            .field("name", &self.inner.plan.name)
+            .field("steps", &self.inner.plan.step_names)
+            .field("store", &self.inner.store)
+            .finish()
+    }
+}
+
+/// Why a flow could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The flow name is empty.
+    #[error("flow name is empty")]
+    EmptyName,
+    /// The flow has no step.
+    #[error("flow {flow:?} has no steps")]
+    NoSteps {
+        /// The flow.
+        flow: String,
+    },
+    /// Two steps share a name.
+    #[error("flow {flow:?} has two steps named {step:?}")]
+    DuplicateStep {
+        /// The flow.
+        flow: String,
+        /// The repeated name.
+        step: String,
+    },
+    /// A step name is empty.
+    #[error("flow {flow:?} has a step with an empty name")]
+    EmptyStepName {
+        /// The flow.
+        flow: String,
+    },
+    /// A parallel group has no step.
+    #[error("flow {flow:?} has an empty parallel group")]
+    EmptyParallelGroup {
+        /// The flow.
+        flow: String,
+    },
+    /// A step's timeout is zero.
+    #[error("step {step:?} has a zero timeout")]
+    ZeroTimeout {
+        /// The step.
+        step: String,
+    },
+}
+
+/// Builds a [`Flow`]. Obtained from [`Flow::builder`].
+pub struct FlowBuilder<I, O> {
+    name: String,
+    steps: Vec<Step<I>>,
+    stages: Vec<Stage>,
+    empty_group: bool,
+    output: Option<OutputFn<I, O>>,
+    validator: Option<ValidatorFn<I>>,
+    plugins: Vec<Arc<dyn Plugin>>,
+    store: Option<Arc<dyn IdempotencyStore>>,
+    fingerprint: Fingerprint<I>,
+    compensate_on_cancel: bool,
+}
+
+impl<I, O> FlowBuilder<I, O> {
+    /// A builder for a flow named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            steps: Vec::new(),
+            stages: Vec::new(),
+            empty_group: false,
+            output: None,
+            validator: None,
+            plugins: Vec::new(),
+            store: None,
+            fingerprint: Fingerprint::Input,
+            compensate_on_cancel: true,
+        }
+    }
+
+    /// Adds a step with default options (one attempt, no timeout, no compensation).
+    #[must_use]
+    pub fn step<F, Fut>(self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Context<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        self.then(Step::new(name, f))
+    }
+
+    /// Adds a configured [`Step`].
+    #[must_use]
+    pub fn then(mut self, step: Step<I>) -> Self {
+        self.stages.push(Stage::Single(self.steps.len()));
+        self.steps.push(step);
+        self
+    }
+
+    /// Adds a [`Parallel`] group: its steps start together.
+    #[must_use]
+    pub fn parallel(mut self, group: Parallel<I>) -> Self {
+        let first = self.steps.len();
+        self.empty_group |= group.steps.is_empty();
+        self.steps.extend(group.steps);
+        self.stages.push(Stage::Parallel {
+            steps: first..self.steps.len(),
+            fail_fast: group.fail_fast,
+        });
+        self
+    }
+
+    /// Builds the output from the final context once every step completed. Without it,
+    /// results carry no output.
+    #[must_use]
+    pub fn output(
+        mut self,
+        f: impl Fn(&Context<I>) -> Result<O, StepError> + Send + Sync + 'static,
+    ) -> Self {
+        self.output = Some(Box::new(f));
+        self
+    }
+
+    /// Validates the input before anything else (before the store is touched). Return
+    /// every issue found; any issue fails the run with a validation error and no step runs.
+    #[must_use]
+    pub fn validate(
+        mut self,
+        f: impl Fn(&I) -> Result<(), Vec<String>> + Send + Sync + 'static,
+    ) -> Self {
+        self.validator = Some(Box::new(f));
+        self
+    }
+
+    /// Attaches a plugin (any `Fn(&Event)` closure is one).
+    #[must_use]
+    pub fn plugin(mut self, plugin: impl Plugin) -> Self {
+        self.plugins.push(Arc::new(plugin));
+        self
+    }
+
+    /// Logs every run to standard error in human-readable form (a [`ConsoleLogger`]).
+    #[must_use]
+    pub fn logger(self) -> Self {
+        self.plugin(ConsoleLogger::stderr())
+    }
+
+    /// The idempotency store for keyed runs. Default: a private [`MemoryStore`].
+    #[must_use]
+    pub fn store(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How inputs are fingerprinted to detect key reuse (default: canonical input hash).
+    #[must_use]
+    pub fn fingerprint(mut self, fingerprint: Fingerprint<I>) -> Self {
+        self.fingerprint = fingerprint;
+        self
+    }
+
+    /// Whether a cancelled run compensates its completed steps (default `true`).
+    #[must_use]
+    pub fn compensate_on_cancel(mut self, compensate: bool) -> Self {
+        self.compensate_on_cancel = compensate;
+        self
+    }
+
+    /// Checks the definition and builds the flow.
+    ///
+    /// # Errors
+    /// [`BuildError`] for an empty name, no steps, a duplicate or empty step name, an
+    /// empty parallel group, or a zero timeout.
+    pub fn build(self) -> Result<Flow<I, O>, BuildError> {
+        let flow = || self.name.clone();
+        if self.name.is_empty() {
+            return Err(BuildError::EmptyName);
+        }
+        if self.steps.is_empty() {
+            return Err(BuildError::NoSteps { flow: flow() });
+        }
+        if self.empty_group {
+            return Err(BuildError::EmptyParallelGroup { flow: flow() });
+        }
+        let mut seen = HashSet::new();
+        for step in &self.steps {
+            if step.name.is_empty() {
+                return Err(BuildError::EmptyStepName { flow: flow() });
+            }
+            if !seen.insert(Arc::clone(&step.name)) {
+                return Err(BuildError::DuplicateStep {
+                    flow: flow(),
+                    step: step.name.to_string(),
+                });
+            }
+            if step.timeout.is_some_and(|t| t.is_zero()) {
+                return Err(BuildError::ZeroTimeout {
+                    step: step.name.to_string(),
+                });
+            }
+        }
+        let step_names = self.steps.iter().map(|s| Arc::clone(&s.name)).collect();
+        Ok(Flow {
+            inner: Arc::new(FlowInner {
+                plan: Plan {
+                    name: Arc::from(self.name),
+                    steps: self.steps,
+                    step_names,
+                    stages: self.stages,
+                    output: self.output,
+                    hooks: Hooks::new(self.plugins),
+                    compensate_on_cancel: self.compensate_on_cancel,
+                },
+                validator: self.validator,
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                fingerprint: self.fingerprint,
+            }),
+        })
+    }
+}
+
+impl<I, O> fmt::Debug for FlowBuilder<I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowBuilder")
+            .field("name", &self.name)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}

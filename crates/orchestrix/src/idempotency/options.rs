@@ -1,0 +1,283 @@
+//! Run options and the validation of keys and durations.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// Longest key accepted, in bytes (before scoping).
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Default lease of a running record.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+const MIN_LEASE: Duration = Duration::from_millis(10);
+const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+const MAX_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// What a run does when another caller is running the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnRunning {
+    /// Return a result with status `Running` at once (the original's default).
+    #[default]
+    ReturnRunning,
+    /// Return `Err(AlreadyRunning)` (the original's `throwIfRunning`).
+    Error,
+    /// Wait up to `timeout` for the owner to finish, then return its result (or, if the
+    /// owner gave the key up, run). Waiting longer returns `Err(WaitTimedOut)`.
+    Wait {
+        /// The longest wait.
+        timeout: Duration,
+    },
+}
+
+/// How a run's key is namespaced in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyScope {
+    /// `flow-name:key`: two flows never collide (default).
+    #[default]
+    Flow,
+    /// The key as given, shared by every flow using the store.
+    Global,
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key is empty.
+    #[error("key is empty")]
+    Empty,
+    /// The key is longer than [`MAX_KEY_BYTES`].
+    #[error("key is {len} bytes long; the limit is {MAX_KEY_BYTES}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The key contains a control character.
+    #[error("key contains a control character at byte {at}")]
+    ControlCharacter {
+        /// Byte offset of the first one.
+        at: usize,
+    },
+}
+
+/// A duration option that is zero or out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{option} of {value:?} is out of range ({allowed})")]
+pub struct OptionError {
+    /// Which option: `ttl`, `lease` or `wait timeout`.
+    pub option: &'static str,
+    /// The value given.
+    pub value: Duration,
+    /// The accepted range.
+    pub allowed: &'static str,
+}
+
+/// Checks a key: non-empty, at most [`MAX_KEY_BYTES`], no control characters.
+///
+/// # Errors
+/// The first rule the key breaks.
+pub fn validate_key(key: &str) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(KeyError::TooLong { len: key.len() });
+    }
+    match key.char_indices().find(|(_, c)| c.is_control()) {
+        Some((at, _)) => Err(KeyError::ControlCharacter { at }),
+        None => Ok(()),
+    }
+}
+
+fn check(
+    option: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+    allowed: &'static str,
+) -> Result<(), OptionError> {
+    if value < min || value > max || value.is_zero() {
+        Err(OptionError {
+            option,
+            value,
+            allowed,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Options of one run: the idempotency key and how it behaves, and cancellation.
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrix::{OnRunning, RunOptions};
+///
+/// let plain = RunOptions::new();
+/// let payment = RunOptions::key("payment:order_123")
+///     .ttl(Duration::from_secs(3600))
+///     .on_running(OnRunning::Wait { timeout: Duration::from_secs(10) });
+/// # let _ = (plain, payment);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub(crate) key: Option<String>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) lease: Duration,
+    pub(crate) cache_result: bool,
+    pub(crate) on_running: OnRunning,
+    pub(crate) scope: KeyScope,
+    pub(crate) cancel: Option<CancellationToken>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RunOptions {
+    /// A plain run: no key, never touches the store.
+    pub fn new() -> Self {
+        Self {
+            key: None,
+            ttl: None,
+            lease: DEFAULT_LEASE,
+            cache_result: true,
+            on_running: OnRunning::ReturnRunning,
+            scope: KeyScope::Flow,
+            cancel: None,
+        }
+    }
+
+    /// An idempotent run under `key`: the key should name the business operation
+    /// (`payment:order_123`), not the request.
+    pub fn key(key: impl Into<String>) -> Self {
+        Self {
+            key: Some(key.into()),
+            ..Self::new()
+        }
+    }
+
+    /// How long the finished record is kept (default: until deleted).
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// The lease of the running record (default 30 s). A crashed owner frees the key
+    /// after this long; a live one renews it every third of it.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Whether finished results are kept for replay (default `true`). With `false`, the
+    /// key still prevents duplicate in-flight runs, but the record is deleted afterwards.
+    #[must_use]
+    pub fn cache_result(mut self, cache: bool) -> Self {
+        self.cache_result = cache;
+        self
+    }
+
+    /// What to do while another caller runs the key (default: return a `Running` result).
+    #[must_use]
+    pub fn on_running(mut self, on_running: OnRunning) -> Self {
+        self.on_running = on_running;
+        self
+    }
+
+    /// The original's `throwIfRunning`: `true` is `OnRunning::Error`, `false` the default.
+    #[must_use]
+    pub fn throw_if_running(self, throw: bool) -> Self {
+        self.on_running(if throw {
+            OnRunning::Error
+        } else {
+            OnRunning::ReturnRunning
+        })
+    }
+
+    /// How the key is namespaced (default: by flow name).
+    #[must_use]
+    pub fn scope(mut self, scope: KeyScope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Cancels the run when `token` fires.
+    #[must_use]
+    pub fn cancellation(mut self, token: CancellationToken) -> Self {
+        self.cancel = Some(token);
+        self
+    }
+
+    /// Checks the key and every duration. Called by the run before anything else.
+    pub(crate) fn validate(&self) -> Result<(), super::IdempotencyError> {
+        if let Some(key) = &self.key {
+            validate_key(key)?;
+        }
+        if let Some(ttl) = self.ttl {
+            check(
+                "ttl",
+                ttl,
+                Duration::from_millis(1),
+                MAX_TTL,
+                "1 ms to 10 years",
+            )?;
+        }
+        check("lease", self.lease, MIN_LEASE, MAX_LEASE, "10 ms to 24 h")?;
+        if let OnRunning::Wait { timeout } = self.on_running {
+            check(
+                "wait timeout",
+                timeout,
+                Duration::from_millis(1),
+                MAX_WAIT,
+                "1 ms to 24 h",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The key as stored: scoped by `flow` unless global.
+    pub(crate) fn scoped_key(&self, flow: &str) -> Option<String> {
+        let key = self.key.as_deref()?;
+        Some(match self.scope {
+            KeyScope::Flow => format!("{flow}:{key}"),
+            KeyScope::Global => key.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        assert_eq!(validate_key(""), Err(KeyError::Empty));
+        assert_eq!(
+            validate_key(&"k".repeat(1025)),
+            Err(KeyError::TooLong { len: 1025 })
+        );
+        assert!(validate_key(&"k".repeat(1024)).is_ok());
+        assert_eq!(
+            validate_key("pay\nment"),
+            Err(KeyError::ControlCharacter { at: 3 })
+        );
+        assert!(validate_key("payment:order_123 ✓").is_ok());
+    }
+
+    #[test]
+    fn scope_prefixes_the_flow_name_by_default() {
+        let opts = RunOptions::key("k");
+        assert_eq!(opts.scoped_key("pay").as_deref(), Some("pay:k"));
+        let global = opts.scope(KeyScope::Global);
+        assert_eq!(global.scoped_key("pay").as_deref(), Some("k"));
+        assert_eq!(RunOptions::new().scoped_key("pay"), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! The one entry point of a run: validate → acquire → execute → persist → notify.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::context::Context;
+use crate::flow::Flow;
+use crate::hooks::Event;
+use crate::idempotency::{
+    Admission, AdmitRequest, IdempotencyError, Ownership, RunOptions, Settlement, admit,
+};
+use crate::result::{FlowError, FlowResult, Status};
+use crate::store::{Record, StoreError};
+
+/// Why [`Flow::run`] returned no result, or returned one that could not be persisted.
+///
+/// A failed *flow* is not an error: it is an `Ok` [`FlowResult`] with status `Failed`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError<O> {
+    /// The run could not start (bad key or option, key reused, already running, store
+    /// unreachable) or its stored result could not be replayed. No step ran.
+    #[error(transparent)]
+    Idempotency(#[from] IdempotencyError),
+    /// The flow **ran**, but its outcome could not be stored. The result is here — act on
+    /// it. If the lease was lost (`StoreError::StaleToken`) another owner has the key; if
+    /// the store failed, the record stays running until its lease lapses.
+    #[error("the run executed but its outcome was not stored: {source}")]
+    NotPersisted {
+        /// The run's result.
+        result: Box<FlowResult<O>>,
+        /// Why it was not stored.
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl<O> RunError<O> {
+    /// The executed run's result, for [`RunError::NotPersisted`].
+    pub fn into_result(self) -> Option<FlowResult<O>> {
+        match self {
+            Self::NotPersisted { result, .. } => Some(*result),
+            Self::Idempotency(_) => None,
+        }
+    }
+}
+
+impl<I, O> Flow<I, O>
+where
+    I: Serialize + Send + Sync + 'static,
+    O: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Runs the flow on `input`.
+    ///
+    /// Without a key ([`RunOptions::new`]) the steps simply run and the store is never
+    /// touched. With a key, the store decides first (see [`crate::idempotency::admit`]):
+    /// the steps run at most once per key, and duplicates get the stored result
+    /// (`replayed = true`), a `Running` result, an error, or the owner's result after a
+    /// wait, as the options say.
+    ///
+    /// # Errors
+    /// [`RunError::Idempotency`] when a keyed run cannot start or replay; nothing ran.
+    /// [`RunError::NotPersisted`] when the run executed but storing its outcome failed;
+    /// the result is inside.
+    ///
+    /// # Cancel safety
+    /// Dropping the future mid-run stops the steps at their next await and leaves a keyed
+    /// record running until its lease lapses (like a crash). To stop a run cleanly, fire
+    /// the token given to [`RunOptions::cancellation`]: the run compensates and frees its
+    /// key.
+    pub async fn run(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
+        let plan = &self.inner.plan;
+        let span = tracing::info_span!("flow", flow = %plan.name, key = options.key.as_deref());
+        async move {
+            options.validate()?;
+            if let Some(rejected) = self.validate(&input) {
+                return Ok(self.notify(rejected));
+            }
+            let cancel = options.cancel.clone().unwrap_or_default();
+            let Some(key) = options.scoped_key(&plan.name) else {
+                let result = self.execute(input, cancel).await;
+                return Ok(self.notify(result));
+            };
+            let owner = match self.acquire(&key, &input, &options).await? {
+                Admission::Acquired(owner) => owner,
+                Admission::Finished(record) => return Ok(self.replay(record)?),
+                Admission::Running => {
+                    return Ok(FlowResult::without_steps(
+                        &plan.name,
+                        Status::Running,
+                        &plan.step_names,
+                        None,
+                    ));
+                }
+            };
+            let result = owner
+                .hold(&cancel, self.execute(input, cancel.clone()))
+                .await;
+            let persisted = self.persist(owner, &result, &options).await;
+            let result = self.notify(result);
+            match persisted {
+                Ok(()) => Ok(result),
+                Err(source) => Err(RunError::NotPersisted {
+                    result: Box::new(result),
+                    source,
+                }),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Stage 1: the input validator. `Some` is the failed result to return.
+    fn validate(&self, input: &I) -> Option<FlowResult<O>> {
+        let validator = self.inner.validator.as_ref()?;
+        let issues = validator(input).err()?;
+        let plan = &self.inner.plan;
+        Some(FlowResult::without_steps(
+            &plan.name,
+            Status::Failed,
+            &plan.step_names,
+            Some(FlowError::Validation { issues }),
+        ))
+    }
+
+    /// Stage 2: one atomic store operation decides whether this caller runs.
+    async fn acquire(
+        &self,
+        key: &str,
+        input: &I,
+        options: &RunOptions,
+    ) -> Result<Admission, IdempotencyError> {
+        let fingerprint = self
+            .inner
+            .fingerprint
+            .of(input)
+            .map_err(IdempotencyError::Fingerprint)?;
+        admit(
+            &self.inner.store,
+            AdmitRequest {
+                key,
+                fingerprint: fingerprint.as_deref(),
+                lease: options.lease,
+                cache_result: options.cache_result,
+                on_running: options.on_running,
+            },
+        )
+        .await
+    }
+
+    /// A finished record's result, as a replay.
+    fn replay(&self, record: Record) -> Result<FlowResult<O>, IdempotencyError> {
+        let bytes = record
+            .result
+            .ok_or(IdempotencyError::ResultNotStored { key: record.key })?;
+        let mut result: FlowResult<O> =
+            serde_json::from_slice(&bytes).map_err(StoreError::decode)?;
+        result.replayed = true;
+        Ok(result)
+    }
+
+    /// Stage 3: the steps.
+    async fn execute(&self, input: I, cancel: CancellationToken) -> FlowResult<O> {
+        self.inner
+            .plan
+            .execute(Context::with_cancellation(input, cancel))
+            .await
+    }
+
+    /// Stage 4: store the outcome, or free the key.
+    async fn persist(
+        &self,
+        owner: Ownership,
+        result: &FlowResult<O>,
+        options: &RunOptions,
+    ) -> Result<(), StoreError> {
+        let transient = result.error.as_ref().is_some_and(FlowError::is_transient);
+        let settlement = Settlement::after(result.status, options.cache_result, transient);
+        if settlement == Settlement::Release {
+            return owner.settle(settlement, &[], None).await;
+        }
+        match serde_json::to_vec(result) {
+            Ok(bytes) => owner.settle(settlement, &bytes, options.ttl).await,
+            Err(e) => {
+                // The output cannot be encoded: keep the outcome (without the output) so the
+                // operation is never run twice, and surface the error.
+                let bare = FlowResult::<()> {
+                    flow: Arc::clone(&result.flow),
+                    status: result.status,
+                    duration: result.duration,
+                    steps: result.steps.clone(),
+                    output: None,
+                    error: result.error.clone(),
+                    compensation_failures: result.compensation_failures.clone(),
+                    replayed: false,
+                };
+                let bytes = serde_json::to_vec(&bare).unwrap_or_default();
+                owner.settle(settlement, &bytes, options.ttl).await?;
+                Err(StoreError::Encode(Box::new(e)))
+            }
+        }
+    }
+
+    /// Stage 5: tell the plugins how the run ended.
+    fn notify(&self, result: FlowResult<O>) -> FlowResult<O> {
+        let plan = &self.inner.plan;
+        match &result.error {
+            None => plan.hooks.emit(Event::FlowComplete {
+                flow: &plan.name,
+                duration: result.duration,
+            }),
+            Some(error) => plan.hooks.emit(Event::FlowFail {
+                flow: &plan.name,
+                status: result.status,
+                error,
+                duration: result.duration,
+            }),
+        }
+        result
+    }
+}
