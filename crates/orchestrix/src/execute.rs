@@ -147,6 +147,13 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 Err(err) => err,
             };
             let message = err.to_string();
+            if ctx.is_cancelled() {
+                // A step failing while its run is cancelled is taken to have stopped because
+                // of the cancellation: the run is cancelled, not failed (and not cached).
+                result.status = Status::Cancelled;
+                result.error = Some(message);
+                break Err(FlowError::Cancelled);
+            }
             let retry_in =
                 (attempt <= step.retry.max_retries()).then(|| step.retry.sleep_before(attempt - 1));
             tracing::debug!(step = %step.name, attempt, error = %message, ?retry_in, "step attempt failed");

@@ -267,11 +267,11 @@ impl<I, O> FlowBuilder<I, O> {
         if self.name.is_empty() {
             return Err(BuildError::EmptyName);
         }
-        if self.steps.is_empty() {
-            return Err(BuildError::NoSteps { flow: flow() });
-        }
         if self.empty_group {
             return Err(BuildError::EmptyParallelGroup { flow: flow() });
+        }
+        if self.steps.is_empty() {
+            return Err(BuildError::NoSteps { flow: flow() });
         }
         let mut seen = HashSet::new();
         for step in &self.steps {
