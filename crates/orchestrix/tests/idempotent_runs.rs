@@ -532,7 +532,8 @@ async fn bad_keys_and_durations_are_typed_errors_and_run_nothing() {
     let charges = Charges::default();
     let store = CountingStore::default();
     let flow = charges.flow(Arc::new(store.clone()));
-    let cases: Vec<(RunOptions, fn(&IdempotencyError) -> bool)> = vec![
+    type Expected = fn(&IdempotencyError) -> bool;
+    let cases: Vec<(RunOptions, Expected)> = vec![
         (RunOptions::key(""), |e| {
             matches!(e, IdempotencyError::InvalidKey(KeyError::Empty))
         }),
