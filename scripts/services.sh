@@ -46,6 +46,42 @@ ensure_postgres() {
   fi
 }
 
+# A DynamoDB-compatible server (moto, pinned) in its own venv, reused across runs, on a free
+# loopback port. Exports the endpoint and the dummy credentials the DynamoDB tests read.
+start_dynamodb() {
+  local moto_version=5.2.5
+  local venv="${ORCHESTRIX_CACHE:-$HOME/.cache/orchestrix}/moto-venv"
+  if ! "$venv/bin/python" -c "import importlib.metadata as m, flask; assert m.version('moto') == '$moto_version'" >/dev/null 2>&1; then
+    log "installing moto[server]==$moto_version into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
+  fi
+  local port
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  log "starting moto on 127.0.0.1:$port"
+  # Not `moto_server`: it serves every connection on a thread of its own and does not lock
+  # its tables, so two conditional writes on one item can both succeed. Served from one
+  # thread, each request is atomic, as DynamoDB's conditional writes are.
+  MOTO_PORT="$port" "$venv/bin/python" -c '
+import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app)
+run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_backend_app),
+           threaded=False, request_handler=MotoRequestHandler)
+' "$port" >/tmp/orchestrix-moto.log 2>&1 &
+  STARTED_PIDS+=("$!")
+  for _ in $(seq 300); do
+    if curl -fs -o /dev/null "http://127.0.0.1:$port/moto-api/"; then
+      export DYNAMODB_ENDPOINT="http://127.0.0.1:$port"
+      export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "moto did not come up (see /tmp/orchestrix-moto.log)"; return 1
+}
+
 stop_started_services() {
   for pid in "${STARTED_PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true

@@ -1,0 +1,68 @@
+//! Engine overhead per run of a 3-step flow whose steps do nothing, against calling the
+//! same three async closures directly, in the same process on one core.
+//!
+//! `cargo bench -p orchestrix --bench engine`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use orchestrix::{Context, Flow, RunOptions, StepError};
+
+async fn noop(ctx: Context<u64>) -> Result<(), StepError> {
+    black_box(ctx.input());
+    Ok(())
+}
+
+fn per_run(elapsed: Duration, runs: u64) -> f64 {
+    elapsed.as_nanos() as f64 / runs as f64
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let flow = Flow::<u64>::builder("bench")
+        .step("a", noop)
+        .step("b", noop)
+        .step("c", noop)
+        .build()?;
+    const RUNS: u64 = 1_000_000;
+    let (engine, direct) = runtime.block_on(async {
+        // Warm up both paths.
+        for i in 0..50_000 {
+            let _ = flow.run(i, RunOptions::new()).await;
+        }
+        let mut best_engine = f64::MAX;
+        let mut best_direct = f64::MAX;
+        for _ in 0..5 {
+            let started = Instant::now();
+            for i in 0..RUNS {
+                let result = flow.run(i, RunOptions::new()).await;
+                black_box(&result);
+            }
+            best_engine = best_engine.min(per_run(started.elapsed(), RUNS));
+
+            let started = Instant::now();
+            for i in 0..RUNS {
+                let ctx = Context::new(i);
+                let outcome = (
+                    noop(ctx.clone()).await,
+                    noop(ctx.clone()).await,
+                    noop(ctx).await,
+                );
+                black_box(&outcome);
+            }
+            best_direct = best_direct.min(per_run(started.elapsed(), RUNS));
+        }
+        (best_engine, best_direct)
+    });
+    println!("3-step no-op flow, current-thread runtime, best of 5 x {RUNS} runs");
+    println!("  engine (flow.run, no key)   {engine:>8.1} ns/run");
+    println!("  direct (3 awaited closures) {direct:>8.1} ns/run");
+    println!(
+        "  engine overhead             {:>8.1} ns/run",
+        engine - direct
+    );
+    println!("  ratio engine / direct       {:>8.1}x", engine / direct);
+    Ok(())
+}
