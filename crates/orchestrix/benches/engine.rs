@@ -26,24 +26,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .step("b", noop)
         .step("c", noop)
         .build()?;
-    const RUNS: u64 = 1_000_000;
+    let runs: u64 = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let (engine, direct) = runtime.block_on(async {
         // Warm up both paths.
-        for i in 0..50_000 {
+        for i in 0..runs / 20 {
             let _ = flow.run(i, RunOptions::new()).await;
         }
         let mut best_engine = f64::MAX;
         let mut best_direct = f64::MAX;
         for _ in 0..5 {
             let started = Instant::now();
-            for i in 0..RUNS {
+            for i in 0..runs {
                 let result = flow.run(i, RunOptions::new()).await;
                 black_box(&result);
             }
-            best_engine = best_engine.min(per_run(started.elapsed(), RUNS));
+            best_engine = best_engine.min(per_run(started.elapsed(), runs));
 
             let started = Instant::now();
-            for i in 0..RUNS {
+            for i in 0..runs {
                 let ctx = Context::new(i);
                 let outcome = (
                     noop(ctx.clone()).await,
@@ -52,11 +55,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
                 black_box(&outcome);
             }
-            best_direct = best_direct.min(per_run(started.elapsed(), RUNS));
+            best_direct = best_direct.min(per_run(started.elapsed(), runs));
         }
         (best_engine, best_direct)
     });
-    println!("3-step no-op flow, current-thread runtime, best of 5 x {RUNS} runs");
+    println!("3-step no-op flow, current-thread runtime, best of 5 x {runs} runs");
     println!("  engine (flow.run, no key)   {engine:>8.1} ns/run");
     println!("  direct (3 awaited closures) {direct:>8.1} ns/run");
     println!(

@@ -35,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 /// ```
 pub struct Context<I> {
     shared: Arc<Shared<I>>,
-    cancel: CancellationToken,
+    // Behind an `Arc`: cloning a `CancellationToken` takes a lock, cloning an `Arc` does not,
+    // and the engine clones the context for every step attempt.
+    cancel: Arc<CancellationToken>,
 }
 
 struct Shared<I> {
@@ -69,7 +71,7 @@ impl<I> Clone for Context<I> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            cancel: self.cancel.clone(),
+            cancel: Arc::clone(&self.cancel),
         }
     }
 }
@@ -87,7 +89,7 @@ impl<I> Context<I> {
                 input,
                 state: Mutex::new(HashMap::new()),
             }),
-            cancel,
+            cancel: Arc::new(cancel),
         }
     }
 
@@ -95,7 +97,7 @@ impl<I> Context<I> {
     pub(crate) fn with_token(&self, cancel: CancellationToken) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            cancel,
+            cancel: Arc::new(cancel),
         }
     }
 

@@ -136,13 +136,14 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 Ok(()) => {
                     result.status = Status::Completed;
                     result.error = None;
+                    result.duration = started.elapsed();
                     self.hooks.emit(Event::StepComplete {
                         flow: &self.name,
                         step: &step.name,
                         attempts: attempt,
-                        duration: started.elapsed(),
+                        duration: result.duration,
                     });
-                    break Ok(());
+                    return (result, Ok(()));
                 }
                 Err(err) => err,
             };

@@ -134,7 +134,11 @@ impl Hooks {
         }
     }
 
+    #[inline]
     pub(crate) fn emit(&self, event: Event<'_>) {
+        if self.plugins.is_empty() {
+            return;
+        }
         for plugin in self.plugins.iter() {
             if catch_unwind(AssertUnwindSafe(|| plugin.on_event(&event))).is_err() {
                 tracing::warn!(?event, "an orchestrix plugin panicked; the run goes on");

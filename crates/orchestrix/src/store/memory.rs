@@ -191,7 +191,8 @@ impl State {
         entry.status = status;
         entry.result = Some(result.into());
         entry.wake();
-        self.schedule(key, ttl.map(|t| now + t));
+        // A TTL too long to represent is no expiry at all.
+        self.schedule(key, ttl.and_then(|t| now.checked_add(t)));
         Ok(())
     }
 }
@@ -244,7 +245,7 @@ impl IdempotencyStore for MemoryStore {
                 waiters,
             };
             s.records.insert(Arc::from(req.key), entry);
-            s.schedule(req.key, Some(now + req.lease));
+            s.schedule(req.key, now.checked_add(req.lease));
             StartOutcome::Acquired(token)
         }))
     }
@@ -277,7 +278,7 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with_state(|s, now| {
             s.owned(key, token, now)?;
-            s.schedule(key, Some(now + lease));
+            s.schedule(key, now.checked_add(lease));
             Ok(())
         })
     }
@@ -327,7 +328,10 @@ impl IdempotencyStore for MemoryStore {
         });
         if still_running {
             // An owner that crashed never notifies: wake when its lease lapses at the latest.
-            let mut until = Instant::now() + max;
+            let now = Instant::now();
+            let mut until = now
+                .checked_add(max)
+                .unwrap_or(now + Duration::from_secs(86_400));
             if let Some(end) = lease_end {
                 until = until.min(end);
             }

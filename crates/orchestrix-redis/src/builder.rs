@@ -1,0 +1,196 @@
+//! Building a [`RedisStore`]: where Redis is, and the few options the store has.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, IntoConnectionInfo, RedisError};
+
+use crate::RedisStore;
+
+/// The key prefix used unless [`RedisStoreBuilder::key_prefix`] sets another.
+pub const DEFAULT_KEY_PREFIX: &str = "orchestrix:";
+
+/// The largest result stored unless [`RedisStoreBuilder::max_result_size`] sets another:
+/// Redis's own default limit for one value (`proto-max-bulk-len`, 512 MiB).
+pub const DEFAULT_MAX_RESULT_SIZE: usize = 512 * 1024 * 1024;
+
+const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnection attempts after a failed connect, before an operation fails. Kept low so an
+/// unreachable server fails a run within a few seconds (three connection timeouts at most)
+/// instead of hanging it; the next operation tries again.
+const RECONNECT_RETRIES: usize = 2;
+
+/// Why a [`RedisStore`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisStoreError {
+    /// The connection URL or client settings were rejected.
+    #[error("invalid Redis connection settings: {0}")]
+    InvalidSettings(#[source] RedisError),
+    /// Redis did not answer (connection refused, timed out, authentication failed).
+    #[error("could not connect to Redis: {0}")]
+    Connect(#[source] RedisError),
+    /// [`RedisStoreBuilder::connect_lazy`] was called outside a Tokio runtime, which the
+    /// connection's background task needs.
+    #[error("a lazily connected Redis store must be built inside a Tokio runtime")]
+    NoRuntime,
+}
+
+/// Builds a [`RedisStore`]; start from [`RedisStore::builder`] (a URL) or convert a
+/// [`redis::Client`] or a [`ConnectionManager`] with `RedisStoreBuilder::from`.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), orchestrix_redis::RedisStoreError> {
+/// use std::time::Duration;
+/// use orchestrix_redis::RedisStore;
+///
+/// let store = RedisStore::builder("redis://:secret@127.0.0.1:6379/0")
+///     .key_prefix("shop:idempotency:")
+///     .response_timeout(Duration::from_secs(1))
+///     .connect()
+///     .await?;
+/// # let _ = store; Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `connect` or `connect_lazy` is called"]
+pub struct RedisStoreBuilder {
+    source: Source,
+    key_prefix: String,
+    connection_timeout: Duration,
+    response_timeout: Duration,
+    max_result_size: usize,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// A URL is parsed when the builder is made, but its error is reported by `connect`,
+    /// so a builder chain never needs `?` half-way.
+    Client(Result<Client, RedisError>),
+    Manager(ConnectionManager),
+}
+
+impl RedisStoreBuilder {
+    pub(crate) fn new(info: impl IntoConnectionInfo) -> Self {
+        Self::with_source(Source::Client(Client::open(info)))
+    }
+
+    fn with_source(source: Source) -> Self {
+        Self {
+            source,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_result_size: DEFAULT_MAX_RESULT_SIZE,
+        }
+    }
+
+    /// Prepended to every key (default [`DEFAULT_KEY_PREFIX`]), so records never collide
+    /// with other data in the same Redis database. Stores with different prefixes are
+    /// independent.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// How long one connection attempt may take (default 1 s). Ignored when the builder
+    /// was made from a [`ConnectionManager`], which has its own settings.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// How long one operation waits for Redis's reply before failing with
+    /// [`StoreError::Backend`](orchestrix::store::StoreError::Backend) (default 2 s).
+    /// Ignored when the builder was made from a [`ConnectionManager`].
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// The largest result, in bytes, that is stored (default
+    /// [`DEFAULT_MAX_RESULT_SIZE`]). A larger one still finishes its record, without the
+    /// result, and is reported as
+    /// [`StoreError::TooLarge`](orchestrix::store::StoreError::TooLarge).
+    pub fn max_result_size(mut self, bytes: usize) -> Self {
+        self.max_result_size = bytes;
+        self
+    }
+
+    /// Connects now and returns the store.
+    ///
+    /// The connection reconnects by itself afterwards; an operation made while Redis is
+    /// unreachable fails with `StoreError::Backend` within a few seconds.
+    ///
+    /// # Errors
+    /// [`RedisStoreError::InvalidSettings`] for a malformed URL (or a `rediss://` URL
+    /// without the `tls` feature); [`RedisStoreError::Connect`] when Redis does not answer.
+    pub async fn connect(self) -> Result<RedisStore, RedisStoreError> {
+        let manager = match self.source {
+            Source::Manager(manager) => manager,
+            Source::Client(client) => {
+                let client = client.map_err(RedisStoreError::InvalidSettings)?;
+                let config = manager_config(self.connection_timeout, self.response_timeout);
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(RedisStoreError::Connect)?
+            }
+        };
+        Ok(store(manager, self.key_prefix, self.max_result_size))
+    }
+
+    /// Returns the store at once and connects on its first operation, for services that
+    /// may start before Redis does. Until Redis answers, operations fail with
+    /// `StoreError::Backend`: no run proceeds without an acquired record.
+    ///
+    /// # Errors
+    /// [`RedisStoreError::InvalidSettings`] as for [`connect`](Self::connect);
+    /// [`RedisStoreError::NoRuntime`] outside a Tokio runtime.
+    pub fn connect_lazy(self) -> Result<RedisStore, RedisStoreError> {
+        let manager = match self.source {
+            Source::Manager(manager) => manager,
+            Source::Client(client) => {
+                let client = client.map_err(RedisStoreError::InvalidSettings)?;
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(RedisStoreError::NoRuntime);
+                }
+                let config = manager_config(self.connection_timeout, self.response_timeout);
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(RedisStoreError::InvalidSettings)?
+            }
+        };
+        Ok(store(manager, self.key_prefix, self.max_result_size))
+    }
+}
+
+impl From<Client> for RedisStoreBuilder {
+    /// A builder over an existing client (its URL, credentials and TLS settings).
+    fn from(client: Client) -> Self {
+        Self::with_source(Source::Client(Ok(client)))
+    }
+}
+
+impl From<ConnectionManager> for RedisStoreBuilder {
+    /// A builder over an existing, already configured connection manager; the builder's
+    /// timeouts do not apply to it.
+    fn from(manager: ConnectionManager) -> Self {
+        Self::with_source(Source::Manager(manager))
+    }
+}
+
+fn manager_config(connection: Duration, response: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connection))
+        .set_response_timeout(Some(response))
+        .set_number_of_retries(RECONNECT_RETRIES)
+        .set_max_delay(connection)
+}
+
+fn store(conn: ConnectionManager, key_prefix: String, max_result_size: usize) -> RedisStore {
+    RedisStore {
+        conn,
+        key_prefix: Arc::from(key_prefix),
+        max_result_size,
+    }
+}

@@ -1,0 +1,338 @@
+//! Behaviour specific to the Redis store, against the real Redis at `REDIS_URL`:
+//! values it did not write, Redis-side expiry, key layout, limits and an unreachable server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use orchestrix::store::{IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError};
+use orchestrix_conformance::{LONG, request, unique_key};
+use orchestrix_redis::redis::{self, AsyncCommands};
+use orchestrix_redis::{RedisStore, RedisStoreError};
+
+/// Writes `fields` as a hash under `prefix` + `key`, the way another program might.
+async fn write_hash(prefix: &str, key: &str, fields: &[(&str, &str)]) {
+    let mut raw = common::raw().await;
+    let _: () = raw
+        .hset_multiple(format!("{prefix}{key}"), fields)
+        .await
+        .unwrap();
+}
+
+const GOOD_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+#[tokio::test]
+async fn a_string_under_the_key_is_a_decode_error() {
+    let prefix = common::unique_prefix("string");
+    let store = common::store_with_prefix(&prefix).await;
+    orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
+        let mut raw = common::raw().await;
+        let _: () = raw
+            .set(format!("{prefix}{key}"), "not a record")
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hash_with_a_malformed_token_is_a_decode_error() {
+    let prefix = common::unique_prefix("bad-token");
+    let store = common::store_with_prefix(&prefix).await;
+    orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
+        let fields = [("v", "1"), ("status", "completed"), ("token", "nope")];
+        write_hash(&prefix, &key, &fields).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hash_missing_fields_is_a_decode_error() {
+    let prefix = common::unique_prefix("missing");
+    let store = common::store_with_prefix(&prefix).await;
+    orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
+        write_hash(&prefix, &key, &[("v", "1"), ("token", GOOD_TOKEN)]).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hash_of_unrelated_fields_is_a_decode_error_not_an_absent_record() {
+    let prefix = common::unique_prefix("unrelated");
+    let store = common::store_with_prefix(&prefix).await;
+    orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
+        write_hash(&prefix, &key, &[("name", "somebody else's hash")]).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_record_of_another_schema_version_is_unsupported() {
+    let prefix = common::unique_prefix("version");
+    let store = common::store_with_prefix(&prefix).await;
+    let key = unique_key("v99");
+    let fields = [("v", "99"), ("status", "failed"), ("token", GOOD_TOKEN)];
+    write_hash(&prefix, &key, &fields).await;
+    let rerun = StartRequest {
+        rerun_failed: true,
+        ..request(&key, None)
+    };
+    let started = store.start(rerun).await;
+    assert!(
+        matches!(started, Err(StoreError::UnsupportedVersion { found: 99 })),
+        "{started:?}"
+    );
+    let got = store.get(&key).await;
+    assert!(
+        matches!(got, Err(StoreError::UnsupportedVersion { found: 99 })),
+        "{got:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_record_with_a_malformed_token_is_never_taken_over() {
+    let prefix = common::unique_prefix("no-takeover");
+    let store = common::store_with_prefix(&prefix).await;
+    let key = unique_key("garbage-failed");
+    let fields = [("v", "1"), ("status", "failed"), ("token", "xyz")];
+    write_hash(&prefix, &key, &fields).await;
+    let rerun = StartRequest {
+        rerun_failed: true,
+        ..request(&key, None)
+    };
+    let started = store.start(rerun).await;
+    assert!(matches!(started, Err(StoreError::Decode(_))), "{started:?}");
+    let mut raw = common::raw().await;
+    let token: String = raw.hget(format!("{prefix}{key}"), "token").await.unwrap();
+    assert_eq!(token, "xyz", "start must not overwrite what it cannot read");
+}
+
+#[tokio::test]
+async fn fenced_writes_on_a_foreign_value_are_decode_errors_and_leave_it_alone() {
+    let prefix = common::unique_prefix("foreign");
+    let store = common::store_with_prefix(&prefix).await;
+    let key = unique_key("foreign");
+    let mut raw = common::raw().await;
+    let _: () = raw.set(format!("{prefix}{key}"), "theirs").await.unwrap();
+    let token = orchestrix::store::FencingToken::generate();
+    let completed = store.complete(&key, token, b"x", None).await;
+    assert!(
+        matches!(completed, Err(StoreError::Decode(_))),
+        "{completed:?}"
+    );
+    let released = store.release(&key, token).await;
+    assert!(
+        matches!(released, Err(StoreError::Decode(_))),
+        "{released:?}"
+    );
+    let value: String = raw.get(format!("{prefix}{key}")).await.unwrap();
+    assert_eq!(value, "theirs");
+}
+
+#[tokio::test]
+async fn records_live_in_one_hash_under_the_prefixed_key() {
+    let prefix = common::unique_prefix("layout");
+    let store = common::store_with_prefix(&prefix).await;
+    let key = unique_key("layout");
+    let StartOutcome::Acquired(token) = store.start(request(&key, Some("fp"))).await.unwrap()
+    else {
+        panic!("a fresh key must be acquired");
+    };
+    let mut raw = common::raw().await;
+    let kind: String = redis::cmd("TYPE")
+        .arg(format!("{prefix}{key}"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+    let fields: std::collections::HashMap<String, String> =
+        raw.hgetall(format!("{prefix}{key}")).await.unwrap();
+    assert_eq!(fields.get("v").map(String::as_str), Some("1"));
+    assert_eq!(fields.get("status").map(String::as_str), Some("running"));
+    assert_eq!(fields.get("token"), Some(&token.to_string()));
+    assert_eq!(fields.get("fp").map(String::as_str), Some("fp"));
+}
+
+#[tokio::test]
+async fn redis_expires_a_running_record_after_its_lease() {
+    let store = common::store("lease").await;
+    let key = unique_key("lease");
+    store.start(request(&key, None)).await.unwrap();
+    let mut raw = common::raw().await;
+    let pttl: i64 = raw
+        .pttl(format!("{}{key}", store.key_prefix()))
+        .await
+        .unwrap();
+    let lease = i64::try_from(LONG.as_millis()).unwrap();
+    assert!(pttl > lease - 5_000 && pttl <= lease, "PTTL {pttl}");
+}
+
+#[tokio::test]
+async fn redis_expires_a_finished_record_after_its_ttl_and_keeps_one_without() {
+    let store = common::store("ttl").await;
+    let mut raw = common::raw().await;
+    for (ttl, expected) in [(Some(Duration::from_secs(3600)), 3_600_000), (None, -1)] {
+        let key = unique_key("ttl");
+        let Ok(StartOutcome::Acquired(token)) = store.start(request(&key, None)).await else {
+            panic!("a fresh key must be acquired");
+        };
+        store.complete(&key, token, b"done", ttl).await.unwrap();
+        let pttl: i64 = raw
+            .pttl(format!("{}{key}", store.key_prefix()))
+            .await
+            .unwrap();
+        if expected < 0 {
+            assert_eq!(pttl, -1, "no TTL must mean no expiry");
+        } else {
+            assert!(pttl > expected - 5_000 && pttl <= expected, "PTTL {pttl}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn stores_with_different_prefixes_do_not_see_each_other() {
+    let a = common::store("prefix-a").await;
+    let b = common::store("prefix-b").await;
+    let key = unique_key("shared");
+    assert!(matches!(
+        a.start(request(&key, None)).await,
+        Ok(StartOutcome::Acquired(_))
+    ));
+    assert!(matches!(
+        b.start(request(&key, None)).await,
+        Ok(StartOutcome::Acquired(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_too_large_result_finishes_the_record_without_it() {
+    let store = RedisStore::builder(common::redis_url())
+        .key_prefix(common::unique_prefix("too-large"))
+        .max_result_size(16)
+        .connect()
+        .await
+        .unwrap();
+    let key = unique_key("large");
+    let Ok(StartOutcome::Acquired(token)) = store.start(request(&key, None)).await else {
+        panic!("a fresh key must be acquired");
+    };
+    let completed = store.complete(&key, token, &[7; 17], None).await;
+    assert!(
+        matches!(
+            completed,
+            Err(StoreError::TooLarge {
+                size: 17,
+                limit: 16
+            })
+        ),
+        "{completed:?}"
+    );
+    let Ok(StartOutcome::Existing(record)) = store.start(request(&key, None)).await else {
+        panic!("the finished record must still hold the key");
+    };
+    assert_eq!(record.status, RecordStatus::Completed);
+    assert_eq!(record.result, None);
+}
+
+/// A password-protected ACL user allowed only the store's prefix can do everything: the
+/// credentials in the URL are used, and the scripts touch only the keys they declare.
+#[tokio::test]
+async fn a_password_url_for_a_user_limited_to_the_prefix_works() {
+    let prefix = common::unique_prefix("acl");
+    let user = format!("orchestrix-test-{:016x}", fastrand::u64(..));
+    let mut raw = common::raw().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            &user,
+            "on",
+            ">s3cret",
+            &format!("~{prefix}*"),
+            "+@all",
+        ])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let url = common::redis_url().replacen("redis://", &format!("redis://{user}:s3cret@"), 1);
+    let outcome = async {
+        let store = RedisStore::builder(url)
+            .key_prefix(&prefix)
+            .connect()
+            .await?;
+        let key = unique_key("acl");
+        let StartOutcome::Acquired(token) = store.start(request(&key, None)).await? else {
+            return Ok::<_, Box<dyn std::error::Error>>(false);
+        };
+        store.complete(&key, token, b"ok", None).await?;
+        Ok(store.get(&key).await?.and_then(|r| r.result) == Some(b"ok".to_vec()))
+    }
+    .await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Ok(true)), "{outcome:?}");
+}
+
+/// A store pointed at a closed port: a typed backend error, quickly, for every operation.
+#[tokio::test]
+async fn an_unreachable_redis_is_a_backend_error_within_seconds() {
+    let store = RedisStore::builder("redis://127.0.0.1:1")
+        .connect_lazy()
+        .unwrap();
+    let began = Instant::now();
+    let started = store.start(request(&unique_key("down"), None)).await;
+    assert!(
+        matches!(started, Err(StoreError::Backend(_))),
+        "{started:?}"
+    );
+    let got = store.get("down").await;
+    assert!(matches!(got, Err(StoreError::Backend(_))), "{got:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn connecting_to_an_unreachable_redis_fails_within_seconds() {
+    let began = Instant::now();
+    let connected = RedisStore::builder("redis://127.0.0.1:1").connect().await;
+    assert!(
+        matches!(connected, Err(RedisStoreError::Connect(_))),
+        "{connected:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_url_is_an_invalid_settings_error() {
+    let connected = RedisStore::builder("http://not-redis").connect().await;
+    assert!(
+        matches!(connected, Err(RedisStoreError::InvalidSettings(_))),
+        "{connected:?}"
+    );
+}
+
+#[cfg(not(feature = "tls"))]
+#[tokio::test]
+async fn a_tls_url_needs_the_tls_feature() {
+    let built = RedisStore::builder("rediss://127.0.0.1:6380").connect_lazy();
+    assert!(
+        matches!(built, Err(RedisStoreError::InvalidSettings(_))),
+        "{built:?}"
+    );
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn a_tls_url_is_accepted_with_the_tls_feature() {
+    let built = RedisStore::builder("rediss://127.0.0.1:6380").connect_lazy();
+    assert!(built.is_ok(), "{built:?}");
+}
