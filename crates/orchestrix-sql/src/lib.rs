@@ -1,0 +1,71 @@
+//! PostgreSQL and SQLite idempotency stores for Orchestrix.
+//!
+//! Both implement [`IdempotencyStore`](orchestrix::store::IdempotencyStore) with the same
+//! guarantees as every Orchestrix store (atomic acquire, fencing, expiry, typed decode
+//! errors), and both keep them in the database:
+//!
+//! * **One statement per operation.** `start` decides and writes in a single statement
+//!   (`INSERT … ON CONFLICT (key) DO UPDATE … RETURNING`), returning the record that
+//!   blocks the caller when it does not acquire; `complete`, `fail`, `renew` and `release`
+//!   are one fenced `UPDATE`/`DELETE … WHERE token = …`.
+//! * **The database's clock decides expiry.** Leases and TTLs are stored as timestamps
+//!   computed by the database (`now()` on PostgreSQL, `unixepoch('subsec')` on SQLite) and
+//!   compared with the same clock; expired rows count as absent in every statement, and
+//!   [`cleanup`](orchestrix::store::IdempotencyStore::cleanup) deletes them in batches of
+//!   1000.
+//! * **Prepared once.** Each store builds its SQL once (the table name is configurable,
+//!   so the text is not static); sqlx prepares each statement once per connection.
+//!
+//! Which to choose: [`PgStore`] when the service already runs PostgreSQL and several
+//! instances share keys; [`SqliteStore`] for a single machine that needs records to
+//! survive restarts without running a server. See the crate's README.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use orchestrix::{Flow, RunOptions, StepError};
+//! use orchestrix_sql::SqliteStore;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SqliteStore::open("idempotency.db").await?;
+//! store.migrate().await?;
+//! let flow = Flow::<u64, ()>::builder("charge")
+//!     .store(Arc::new(store))
+//!     .step("charge", |_ctx| async { Ok::<_, StepError>(()) })
+//!     .build()?;
+//! flow.run(4200, RunOptions::key("order_123")).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//! `postgres` ([`PgStore`]) and `sqlite` ([`SqliteStore`]), both on by default.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+// Without a backend feature only the shared pieces remain, and nothing uses them.
+#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+
+#[cfg(feature = "postgres")]
+mod postgres;
+mod row;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+mod table;
+
+#[cfg(feature = "postgres")]
+pub use postgres::{DEFAULT_OPERATION_TIMEOUT, PgStore};
+pub use row::DEFAULT_MAX_RESULT_BYTES;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{DEFAULT_BUSY_TIMEOUT, SqliteStore};
+pub use table::{DEFAULT_TABLE, InvalidTableName, MAX_TABLE_NAME_LEN};
+
+/// SQL text built at construction from a validated table name and constants of this crate,
+/// never from input, so it is safe to hand to sqlx as a statement.
+fn statement(text: String) -> sqlx::SqlStr {
+    use sqlx::SqlSafeStr;
+    sqlx::AssertSqlSafe(std::sync::Arc::<str>::from(text)).into_sql_str()
+}
+
+/// The README's examples, compiled as doctests.
+#[cfg(all(doctest, feature = "postgres", feature = "sqlite"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

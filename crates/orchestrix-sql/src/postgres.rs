@@ -1,0 +1,450 @@
+//! The PostgreSQL store: one statement per operation, `now()` of the server decides expiry.
+//!
+//! # Layout
+//!
+//! One row per key: `key text COLLATE "C" PRIMARY KEY`, schema version `v`, `status`,
+//! `token` (32 hex digits), `fingerprint`, `result bytea` and `expires_at timestamptz`
+//! (the lease of a running record, the TTL of a finished one, `NULL` = kept forever).
+//! A partial index on `expires_at` serves [`cleanup`](IdempotencyStore::cleanup).
+//!
+//! # Why `start` is correct under concurrency
+//!
+//! `start` is one statement. A CTE first reads the live record from the statement's
+//! snapshot; when it blocks the caller (alive and not re-runnable) it is returned as is,
+//! and nothing is written, locked or assigned a transaction id: a replay costs what a
+//! `SELECT` costs. Otherwise the same statement runs
+//! `INSERT … ON CONFLICT (key) DO UPDATE … WHERE <expired or re-runnable>`, which
+//! PostgreSQL decides on the *latest committed* row under a row lock, so of any number of
+//! concurrent callers exactly one inserts or takes over.
+//!
+//! The one gap: a row committed by a concurrent caller after this statement's snapshot
+//! was taken is invisible to the read but wins the conflict, and the statement returns no
+//! row. The statement is then simply run again (a new statement, a new snapshot that sees
+//! that row); this happens only under a race on the same key and is bounded.
+//!
+//! # Clock
+//!
+//! Leases and TTLs are stored as `now() + interval` and compared with `now()`: the server
+//! decides expiry, so skewed client clocks cannot break exclusivity. Expired rows are
+//! treated as absent by every statement and deleted by `cleanup` in batches.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrix::store::{
+    FencingToken, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION, StartOutcome,
+    StartRequest, StoreError,
+};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Row, SqlStr};
+
+use crate::row::{
+    CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, RECORD_COLUMNS, decode_record, fit_result, store_error,
+};
+use crate::statement;
+use crate::table::{InvalidTableName, TableName};
+
+/// PostgreSQL's limit for one `bytea` value.
+const POSTGRES_MAX_BYTEA: usize = (1 << 30) - 1;
+
+/// How many times `start` runs its statement when a concurrent caller's row was newer than
+/// the statement's snapshot. Each retry sees every row committed before it began, so a
+/// second attempt settles unless the key keeps changing owner in the meantime.
+const START_ATTEMPTS: usize = 8;
+
+/// The default bound on one operation, connection wait included.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SQLSTATE `serialization_failure`: an `ON CONFLICT` met a row its snapshot cannot see
+/// under `REPEATABLE READ`/`SERIALIZABLE` default isolation. Retried like an empty result.
+const SERIALIZATION_FAILURE: &str = "40001";
+
+/// An [`IdempotencyStore`] in a PostgreSQL table.
+///
+/// Built from a [`PgPool`] you configure (give it an `acquire_timeout` of a few seconds, so
+/// an unreachable server fails fast); call [`migrate`](Self::migrate) once at startup.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use orchestrix::{Flow, RunOptions, StepError};
+/// use orchestrix_sql::PgStore;
+/// use sqlx::postgres::PgPoolOptions;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = PgPoolOptions::new()
+///     .max_connections(16)
+///     .acquire_timeout(Duration::from_secs(3))
+///     .connect("postgres://app@127.0.0.1/app")
+///     .await?;
+/// let store = PgStore::new(pool).with_table("payments_idempotency")?;
+/// store.migrate().await?;
+/// let flow = Flow::<u64, ()>::builder("payment")
+///     .store(Arc::new(store))
+///     .step("charge", |_ctx| async { Ok::<_, StepError>(()) })
+///     .build()?;
+/// flow.run(4200, RunOptions::key("order_123")).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    table: TableName,
+    sql: Arc<Statements>,
+    max_result_bytes: usize,
+    operation_timeout: Duration,
+}
+
+/// The SQL of every operation, built once per table name. sqlx prepares each text once per
+/// connection and reuses the prepared statement afterwards.
+struct Statements {
+    get: SqlStr,
+    start: SqlStr,
+    finish: SqlStr,
+    renew: SqlStr,
+    release: SqlStr,
+    delete: SqlStr,
+    cleanup: SqlStr,
+    migrate: [SqlStr; 2],
+}
+
+impl PgStore {
+    /// A store over `pool`, in the table `orchestrix_idempotency`.
+    pub fn new(pool: PgPool) -> Self {
+        let table = TableName::default_table();
+        Self {
+            pool,
+            sql: Arc::new(Statements::for_table(&table)),
+            table,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+        }
+    }
+
+    /// Keeps the records in `table` instead.
+    ///
+    /// # Errors
+    /// [`InvalidTableName`] unless `table` is a plain identifier (ASCII letters, digits and
+    /// `_`, not starting with a digit, at most 48 bytes).
+    pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
+        self.table = TableName::new(table)?;
+        self.sql = Arc::new(Statements::for_table(&self.table));
+        Ok(self)
+    }
+
+    /// Results larger than `bytes` are not stored: the record is still finished, and
+    /// `complete`/`fail` return [`StoreError::TooLarge`]. Default 64 MiB; capped at
+    /// PostgreSQL's own limit of 1 GiB.
+    pub fn with_max_result_bytes(mut self, bytes: usize) -> Self {
+        self.max_result_bytes = bytes.min(POSTGRES_MAX_BYTEA);
+        self
+    }
+
+    /// Bounds every operation, waiting for a pooled connection included; past it the
+    /// operation fails with [`StoreError::Backend`]. Default 10 s.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// The table holding the records.
+    pub fn table(&self) -> &str {
+        self.table.as_str()
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the table and its expiry index if they do not exist. Safe to call from many
+    /// instances at once (they serialise on an advisory lock).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if the server is unreachable or refuses the DDL.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the catalog.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orchestrix:' || $1))")
+                .bind(self.table.as_str())
+                .execute(&mut *tx)
+                .await?;
+            for ddl in &self.sql.migrate {
+                sqlx::query(ddl.clone()).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        })
+        .await
+    }
+
+    /// Runs one operation under the operation timeout, mapping driver errors.
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.operation_timeout, op).await {
+            Ok(result) => result.map_err(store_error),
+            Err(_) => Err(StoreError::backend_msg(format!(
+                "PostgreSQL did not answer within {:?}",
+                self.operation_timeout
+            ))),
+        }
+    }
+
+    /// Runs the `start` statement once: `Some` when it settled, `None` when a concurrent
+    /// caller's newer row made it return nothing.
+    async fn try_start(
+        &self,
+        req: &StartRequest<'_>,
+        token: FencingToken,
+    ) -> Result<Option<StartOutcome>, StoreError> {
+        let token_text = token.to_string();
+        let attempt = sqlx::query(self.sql.start.clone())
+            .bind(req.key)
+            .bind(&token_text)
+            .bind(req.fingerprint)
+            .bind(micros(req.lease))
+            .bind(req.rerun_failed)
+            .fetch_optional(&self.pool);
+        let row = match self.bounded(attempt).await {
+            Ok(row) => row,
+            Err(StoreError::Backend(e)) if is_serialization_failure(&*e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(row) = row else { return Ok(None) };
+        let acquired: bool = row.try_get("acquired").map_err(store_error)?;
+        if acquired {
+            Ok(Some(StartOutcome::Acquired(token)))
+        } else {
+            decode_record(&row, req.key).map(|r| Some(StartOutcome::Existing(r)))
+        }
+    }
+
+    async fn finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: RecordStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let (stored, too_large) = fit_result(result, self.max_result_bytes);
+        let update = sqlx::query(self.sql.finish.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .bind(status.as_str())
+            .bind(stored)
+            .bind(ttl.map(micros))
+            .execute(&self.pool);
+        owned(self.bounded(update).await?.rows_affected())?;
+        too_large.map_or(Ok(()), Err)
+    }
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("table", &self.table)
+            .field("max_result_bytes", &self.max_result_bytes)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Statements {
+    fn for_table(table: &TableName) -> Self {
+        let t = table;
+        let v = SCHEMA_VERSION;
+        let cols = RECORD_COLUMNS;
+        let live = "(expires_at IS NULL OR expires_at > now())";
+        let owned = format!(
+            "key = $1 AND token = $2 AND status = 'running' AND v = {v} AND expires_at > now()"
+        );
+        // StartRequest::may_take_over, in SQL: a failed record of this schema, the caller
+        // re-runs failures, and the fingerprints do not disagree.
+        let rerunnable = |r: &str| {
+            format!(
+                "({r}.status = 'failed' AND {r}.v = {v} AND $5::boolean AND \
+                 ($3::text IS NULL OR {r}.fingerprint IS NULL OR {r}.fingerprint = $3::text))"
+            )
+        };
+        Self {
+            get: statement(format!("SELECT {cols} FROM {t} WHERE key = $1 AND {live}")),
+            start: statement(format!(
+                "WITH blocking AS ( \
+                   SELECT {cols} FROM {t} AS cur \
+                   WHERE cur.key = $1 AND {live} AND {rerun_cur} IS NOT TRUE \
+                 ), acquired AS ( \
+                   INSERT INTO {t} AS cur (key, v, status, token, fingerprint, result, expires_at) \
+                   SELECT $1, {v}, 'running', $2, $3::text, NULL, \
+                          now() + $4::bigint * interval '1 microsecond' \
+                   WHERE NOT EXISTS (SELECT 1 FROM blocking) \
+                   ON CONFLICT (key) DO UPDATE SET \
+                     v = excluded.v, status = excluded.status, token = excluded.token, \
+                     fingerprint = excluded.fingerprint, result = NULL, \
+                     expires_at = excluded.expires_at \
+                   WHERE cur.expires_at <= now() OR {rerun_cur} \
+                   RETURNING {cols} \
+                 ) \
+                 SELECT true AS acquired, {cols} FROM acquired \
+                 UNION ALL \
+                 SELECT false AS acquired, {cols} FROM blocking",
+                rerun_cur = rerunnable("cur"),
+            )),
+            finish: statement(format!(
+                "UPDATE {t} SET status = $3, result = $4, \
+                   expires_at = now() + $5::bigint * interval '1 microsecond' \
+                 WHERE {owned}"
+            )),
+            renew: statement(format!(
+                "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond' \
+                 WHERE {owned}"
+            )),
+            release: statement(format!("DELETE FROM {t} WHERE {owned}")),
+            delete: statement(format!("DELETE FROM {t} WHERE key = $1")),
+            // SKIP LOCKED: rows being taken over right now are left to their new owner,
+            // and concurrent cleaners split the work instead of queueing.
+            cleanup: statement(format!(
+                "DELETE FROM {t} WHERE key IN ( \
+                   SELECT key FROM {t} WHERE expires_at <= now() \
+                   LIMIT {CLEANUP_BATCH} FOR UPDATE SKIP LOCKED \
+                 ) AND expires_at <= now()"
+            )),
+            migrate: [
+                statement(format!(
+                    "CREATE TABLE IF NOT EXISTS {t} ( \
+                       key text COLLATE \"C\" PRIMARY KEY, \
+                       v integer NOT NULL, \
+                       status text NOT NULL, \
+                       token text NOT NULL, \
+                       fingerprint text, \
+                       result bytea, \
+                       expires_at timestamptz \
+                     )"
+                )),
+                statement(format!(
+                    "CREATE INDEX IF NOT EXISTS {t}_expires_at_idx ON {t} (expires_at) \
+                     WHERE expires_at IS NOT NULL"
+                )),
+            ],
+        }
+    }
+}
+
+/// A duration in whole microseconds (PostgreSQL's resolution), rounded up so a non-zero
+/// lease never becomes zero.
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX)
+}
+
+/// A fenced write touched no row: the caller does not own the record.
+fn owned(rows_affected: u64) -> Result<(), StoreError> {
+    if rows_affected == 0 {
+        Err(StoreError::StaleToken)
+    } else {
+        Ok(())
+    }
+}
+
+fn is_serialization_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    match err.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => db.code().as_deref() == Some(SERIALIZATION_FAILURE),
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PgStore {
+    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        let select: Result<Option<PgRow>, StoreError> = self
+            .bounded(
+                sqlx::query(self.sql.get.clone())
+                    .bind(key)
+                    .fetch_optional(&self.pool),
+            )
+            .await;
+        select?.map(|row| decode_record(&row, key)).transpose()
+    }
+
+    async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
+        let token = FencingToken::generate();
+        for _ in 0..START_ATTEMPTS {
+            if let Some(outcome) = self.try_start(&req, token).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(StoreError::backend_msg(format!(
+            "start on {:?} did not settle after {START_ATTEMPTS} attempts: \
+             the key changed owner during every attempt",
+            req.key
+        )))
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.finish(key, token, RecordStatus::Completed, result, ttl)
+            .await
+    }
+
+    async fn fail(
+        &self,
+        key: &str,
+        token: FencingToken,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.finish(key, token, RecordStatus::Failed, result, ttl)
+            .await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let update = sqlx::query(self.sql.renew.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .bind(micros(lease))
+            .execute(&self.pool);
+        owned(self.bounded(update).await?.rows_affected())
+    }
+
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        let delete = sqlx::query(self.sql.release.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .execute(&self.pool);
+        owned(self.bounded(delete).await?.rows_affected())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let delete = sqlx::query(self.sql.delete.clone())
+            .bind(key)
+            .execute(&self.pool);
+        self.bounded(delete).await.map(drop)
+    }
+
+    /// Deletes expired rows, at most 1000 per statement, until a batch comes back short.
+    async fn cleanup(&self) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        loop {
+            let batch = sqlx::query(self.sql.cleanup.clone()).execute(&self.pool);
+            let deleted = self.bounded(batch).await?.rows_affected();
+            removed += deleted;
+            if deleted < CLEANUP_BATCH {
+                return Ok(removed);
+            }
+        }
+    }
+}

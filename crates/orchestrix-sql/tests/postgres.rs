@@ -1,0 +1,325 @@
+//! `PgStore` against the machine's PostgreSQL (`DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`). Each test works in its own table, dropped at
+//! its end; the conformance suite shares one table and isolates itself by random keys.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use orchestrix::store::{
+    FencingToken, IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError,
+};
+use orchestrix::{Flow, RunError, RunOptions, StepError};
+use orchestrix_conformance::{request, undecodable_record_is_a_typed_error, unique_key};
+use orchestrix_sql::PgStore;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+const CONFORMANCE_TABLE: &str = "orx_test_conformance";
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+async fn pool(connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&database_url())
+        .await
+        .expect("PostgreSQL must answer on DATABASE_URL (scripts/services.sh ensure_postgres)")
+}
+
+async fn store_in(table: &str) -> PgStore {
+    let store = PgStore::new(pool(8).await)
+        .with_table(table)
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// A store over a table of its own.
+async fn fresh_store() -> PgStore {
+    store_in(&format!("orx_test_{}", support::random_suffix())).await
+}
+
+async fn drop_table(store: &PgStore) {
+    let drop = format!("DROP TABLE IF EXISTS {}", store.table());
+    sqlx::query(sqlx::AssertSqlSafe(drop))
+        .execute(store.pool())
+        .await
+        .expect("drop test table");
+}
+
+mod conformance {
+    orchestrix_conformance::store_conformance_tests!(async {
+        super::store_in(super::CONFORMANCE_TABLE).await
+    });
+}
+
+/// Writes a row the way a foreign program (or a damaged table) might.
+async fn write_row(
+    store: &PgStore,
+    key: &str,
+    version: Option<i32>,
+    status: Option<&str>,
+    token: Option<&str>,
+) {
+    let insert = format!(
+        "INSERT INTO {} (key, v, status, token) VALUES ($1, $2, $3, $4)",
+        store.table()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(insert))
+        .bind(key)
+        .bind(version)
+        .bind(status)
+        .bind(token)
+        .execute(store.pool())
+        .await
+        .expect("write garbage row");
+}
+
+#[tokio::test]
+async fn unknown_status_is_a_decode_error() {
+    let store = fresh_store().await;
+    let token = FencingToken::generate().to_string();
+    let writer = store.clone();
+    undecodable_record_is_a_typed_error(&store, |key| async move {
+        write_row(&writer, &key, Some(1), Some("done"), Some(&token)).await;
+    })
+    .await;
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn malformed_token_is_a_decode_error() {
+    let store = fresh_store().await;
+    let key = unique_key("bad-token");
+    write_row(
+        &store,
+        &key,
+        Some(1),
+        Some("completed"),
+        Some("not-a-token"),
+    )
+    .await;
+    assert!(matches!(store.get(&key).await, Err(StoreError::Decode(_))));
+    let started = store.start(request(&key, None)).await;
+    assert!(matches!(started, Err(StoreError::Decode(_))));
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn other_schema_version_is_unsupported() {
+    let store = fresh_store().await;
+    let key = unique_key("v99");
+    let token = FencingToken::generate().to_string();
+    write_row(&store, &key, Some(99), Some("completed"), Some(&token)).await;
+    let got = store.get(&key).await;
+    assert!(matches!(
+        got,
+        Err(StoreError::UnsupportedVersion { found: 99 })
+    ));
+    let started = store.start(request(&key, None)).await;
+    assert!(matches!(
+        started,
+        Err(StoreError::UnsupportedVersion { found: 99 })
+    ));
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn failed_record_of_another_version_is_never_taken_over() {
+    let store = fresh_store().await;
+    let key = unique_key("v99-failed");
+    let token = FencingToken::generate().to_string();
+    write_row(&store, &key, Some(99), Some("failed"), Some(&token)).await;
+    let rerun = StartRequest {
+        rerun_failed: true,
+        ..request(&key, None)
+    };
+    let started = store.start(rerun).await;
+    assert!(matches!(
+        started,
+        Err(StoreError::UnsupportedVersion { found: 99 })
+    ));
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn null_columns_are_a_decode_error() {
+    // A table made by hand without the NOT NULL constraints `migrate` would add.
+    let table = format!("orx_test_{}", support::random_suffix());
+    let pool = pool(2).await;
+    let create = format!(
+        "CREATE TABLE {table} (key text PRIMARY KEY, v integer, status text, token text, \
+         fingerprint text, result bytea, expires_at timestamptz)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(create))
+        .execute(&pool)
+        .await
+        .expect("create hand-made table");
+    let store = PgStore::new(pool).with_table(&table).expect("valid name");
+    store
+        .migrate()
+        .await
+        .expect("migrate keeps the existing table");
+    for (version, status, token) in [
+        (None, Some("completed"), Some("0".repeat(32))),
+        (Some(1), None, Some("0".repeat(32))),
+        (Some(1), Some("completed"), None),
+    ] {
+        undecodable_record_is_a_typed_error(&store, |key| {
+            let store = &store;
+            async move {
+                write_row(store, &key, version, status, token.as_deref()).await;
+            }
+        })
+        .await;
+    }
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn too_large_result_finishes_the_record_without_it() {
+    let store = fresh_store().await.with_max_result_bytes(16);
+    let key = unique_key("too-large");
+    let StartOutcome::Acquired(token) = store.start(request(&key, None)).await.expect("start")
+    else {
+        panic!("a fresh key must be acquired");
+    };
+    let stored = store.complete(&key, token, &[7; 17], None).await;
+    assert!(matches!(
+        stored,
+        Err(StoreError::TooLarge {
+            size: 17,
+            limit: 16
+        })
+    ));
+    let record = store.get(&key).await.expect("get").expect("record kept");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn cleanup_deletes_expired_rows_in_batches_and_counts_them() {
+    let store = fresh_store().await;
+    let token = FencingToken::generate().to_string();
+    let expired = format!(
+        "INSERT INTO {} (key, v, status, token, expires_at) \
+         SELECT 'expired:' || g, 1, 'completed', $1, now() - interval '1 second' \
+         FROM generate_series(1, 2500) AS g",
+        store.table()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(expired))
+        .bind(&token)
+        .execute(store.pool())
+        .await
+        .expect("insert expired rows");
+    let live = unique_key("live");
+    store.start(request(&live, None)).await.expect("start");
+    assert_eq!(store.cleanup().await.ok(), Some(2500));
+    assert!(store.get(&live).await.expect("get").is_some());
+    assert_eq!(store.cleanup().await.ok(), Some(0));
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn concurrent_migrations_succeed() {
+    let store = PgStore::new(pool(8).await)
+        .with_table(&format!("orx_test_{}", support::random_suffix()))
+        .expect("valid table name");
+    let migrations = (0..8).map(|_| store.migrate());
+    for migrated in futures_util::future::join_all(migrations).await {
+        assert!(migrated.is_ok(), "{migrated:?}");
+    }
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn table_name_that_needs_quoting_is_refused() {
+    let pool = PgPoolOptions::new()
+        .connect_lazy(&database_url())
+        .expect("valid url");
+    let refused = PgStore::new(pool).with_table("idempotency; DROP TABLE users");
+    assert_eq!(
+        refused.err().map(|e| e.name().to_owned()),
+        Some("idempotency; DROP TABLE users".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_backend_error_within_seconds() {
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/test")
+        .expect("valid url");
+    let store = PgStore::new(pool);
+    let began = Instant::now();
+    let key = unique_key("unreachable");
+    let started = store.start(request(&key, None)).await;
+    assert!(
+        matches!(started, Err(StoreError::Backend(_))),
+        "{started:?}"
+    );
+    assert!(matches!(store.get(&key).await, Err(StoreError::Backend(_))));
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn unreachable_server_fails_the_run_closed_without_running_a_step() {
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/test")
+        .expect("valid url");
+    let steps_run = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&steps_run);
+    let flow = Flow::<u32, ()>::builder("unreachable")
+        .store(Arc::new(PgStore::new(pool)))
+        .step("effect", move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, StepError>(()) }
+        })
+        .build()
+        .expect("flow");
+    let run = flow
+        .run(1, RunOptions::key(unique_key("unreachable")))
+        .await;
+    assert!(matches!(run, Err(RunError::Idempotency(_))), "{run:?}");
+    assert_eq!(steps_run.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_storm_across_processes_executes_each_key_once() {
+    let store = fresh_store().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env = [("ORX_STORM_TABLE", store.table().to_owned())];
+    let executions = support::storm("storm_child", &env, dir.path()).await;
+    support::assert_each_key_executed_once(&executions);
+    drop_table(&store).await;
+}
+
+/// One process of the storm; runs only when spawned by the storm test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "spawned by duplicate_storm_across_processes_executes_each_key_once"]
+async fn storm_child() {
+    if !support::is_storm_child() {
+        return;
+    }
+    let table = std::env::var("ORX_STORM_TABLE").expect("storm table");
+    let connections = support::STORM_CALLERS_PER_PROCESS as u32;
+    let store = PgStore::new(pool(connections).await)
+        .with_table(&table)
+        .expect("valid table name");
+    support::storm_callers(Arc::new(store)).await;
+}
