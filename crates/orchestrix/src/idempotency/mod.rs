@@ -29,7 +29,8 @@ use crate::store::{
 
 pub use fingerprint::{Fingerprint, fingerprint_of};
 pub use options::{
-    KeyError, KeyScope, MAX_KEY_BYTES, OnRunning, OptionError, RunOptions, validate_key,
+    DEFAULT_LEASE, KeyError, KeyScope, MAX_KEY_BYTES, OnRunning, OptionError, RunOptions,
+    validate_key, validate_lease, validate_on_running, validate_ttl,
 };
 
 /// Why an idempotent run could not start (or could not be replayed). Nothing ran.

@@ -92,6 +92,45 @@ pub fn validate_key(key: &str) -> Result<(), KeyError> {
     }
 }
 
+/// Checks a TTL: 1 ms to 10 years.
+///
+/// # Errors
+/// [`OptionError`] naming `ttl` when out of range.
+pub fn validate_ttl(ttl: Duration) -> Result<(), OptionError> {
+    check(
+        "ttl",
+        ttl,
+        Duration::from_millis(1),
+        MAX_TTL,
+        "1 ms to 10 years",
+    )
+}
+
+/// Checks a lease: 10 ms to 24 h.
+///
+/// # Errors
+/// [`OptionError`] naming `lease` when out of range.
+pub fn validate_lease(lease: Duration) -> Result<(), OptionError> {
+    check("lease", lease, MIN_LEASE, MAX_LEASE, "10 ms to 24 h")
+}
+
+/// Checks the wait timeout of [`OnRunning::Wait`]: 1 ms to 24 h.
+///
+/// # Errors
+/// [`OptionError`] naming `wait timeout` when out of range.
+pub fn validate_on_running(on_running: OnRunning) -> Result<(), OptionError> {
+    match on_running {
+        OnRunning::Wait { timeout } => check(
+            "wait timeout",
+            timeout,
+            Duration::from_millis(1),
+            MAX_WAIT,
+            "1 ms to 24 h",
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn check(
     option: &'static str,
     value: Duration,
@@ -222,24 +261,10 @@ impl RunOptions {
             validate_key(key)?;
         }
         if let Some(ttl) = self.ttl {
-            check(
-                "ttl",
-                ttl,
-                Duration::from_millis(1),
-                MAX_TTL,
-                "1 ms to 10 years",
-            )?;
+            validate_ttl(ttl)?;
         }
-        check("lease", self.lease, MIN_LEASE, MAX_LEASE, "10 ms to 24 h")?;
-        if let OnRunning::Wait { timeout } = self.on_running {
-            check(
-                "wait timeout",
-                timeout,
-                Duration::from_millis(1),
-                MAX_WAIT,
-                "1 ms to 24 h",
-            )?;
-        }
+        validate_lease(self.lease)?;
+        validate_on_running(self.on_running)?;
         Ok(())
     }
 

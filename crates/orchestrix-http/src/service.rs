@@ -1,0 +1,461 @@
+//! The path of one request through the layer, in order:
+//! key → body → fingerprint → admit (the store decides) → run and persist, or replay, or
+//! refuse.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum_core::body::Body;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{self, BoxFuture};
+use futures_util::{FutureExt, StreamExt, stream};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, response};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use orchestrix::IdempotencyError;
+use orchestrix::idempotency::{Admission, AdmitRequest, Ownership, Settlement, admit};
+use orchestrix::store::{Record, StoreError};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use crate::layer::{Config, IDEMPOTENCY_REPLAYED};
+use crate::problem::Problem;
+use crate::request::{fingerprint, read_body, scoped_key};
+use crate::stored::Stored;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The service produced by [`IdempotencyLayer`](crate::IdempotencyLayer).
+///
+/// It answers with `Response<axum::body::Body>` and passes the inner service's errors
+/// through unchanged.
+///
+/// It must be polled inside a Tokio runtime (as every axum server is): an admitted
+/// request's handler runs in a task of its own.
+///
+/// # Panics
+/// Never on its own. A panic of the inner service is resumed in the caller's task, after
+/// the key has been freed (the request did not complete, so a retry may run it).
+pub struct IdempotencyService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> IdempotencyService<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+}
+
+impl<S: Clone> Clone for IdempotencyService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The service that was polled ready answers this request; a clone waits for the next.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(handle(Arc::clone(&self.config), inner, request))
+    }
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    if !config.methods.contains(request.method()) {
+        return pass_through(inner, request).await;
+    }
+    let key = match scoped_key(request.headers(), &config.key_header, &config.key_prefix) {
+        Ok(Some(key)) => key,
+        Ok(None) if !config.require_key => return pass_through(inner, request).await,
+        Ok(None) => {
+            return Ok(Problem::MissingKey {
+                header: config.key_header.to_string(),
+            }
+            .into_response());
+        }
+        Err(problem) => return Ok(problem.into_response()),
+    };
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&parts.headers, body, config.body_limit).await {
+        Ok(body) => body,
+        Err(problem) => return Ok(problem.into_response()),
+    };
+    let fingerprint = fingerprint(&parts.method, &parts.uri, &body);
+    let admission = admit(
+        &config.store,
+        AdmitRequest {
+            key: &key,
+            fingerprint: Some(&fingerprint),
+            lease: config.lease,
+            cache_result: true,
+            on_running: config.on_running,
+        },
+    )
+    .await;
+    match admission {
+        Ok(Admission::Acquired(ownership)) => {
+            let request = Request::from_parts(parts, Body::from(body));
+            run(config, inner, ownership, request).await
+        }
+        Ok(Admission::Finished(record)) => Ok(replay(record)),
+        Ok(Admission::Running) => {
+            tracing::debug!(key, "idempotent request already in flight");
+            Ok(Problem::InFlight.into_response())
+        }
+        Ok(_) => Ok(Problem::Misconfigured.into_response()),
+        Err(error) => Ok(refusal(&key, error).into_response()),
+    }
+}
+
+async fn pass_through<S, ReqBody, ResBody>(
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>>,
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let response = inner.call(request.map(Body::new)).await?;
+    Ok(response.map(Body::new))
+}
+
+/// Runs the handler as the key's owner, then keeps or frees the key.
+///
+/// The work runs in its own task: once a request has been admitted, a client that hangs
+/// up does not cut the handler off halfway, and its response is still stored for the
+/// retry that will follow.
+async fn run<S, ResBody>(
+    config: Arc<Config>,
+    mut inner: S,
+    ownership: Ownership,
+    request: Request<Body>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let task = tokio::spawn(async move {
+        let limit = config.body_limit;
+        let work = async move {
+            let (parts, body) = inner.call(request).await?.into_parts();
+            Ok::<_, S::Error>((parts, collect(body, limit).await))
+        };
+        let lease_lost = CancellationToken::new();
+        let outcome = AssertUnwindSafe(ownership.hold(&lease_lost, work))
+            .catch_unwind()
+            .await;
+        match outcome {
+            Ok(Ok((parts, collected))) => {
+                Ok(Ok(persist(&config, ownership, parts, collected).await))
+            }
+            Ok(Err(error)) => {
+                settle(ownership, Settlement::Release, None).await;
+                Ok(Err(error))
+            }
+            Err(panic) => {
+                settle(ownership, Settlement::Release, None).await;
+                Err(panic)
+            }
+        }
+    });
+    match task.await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(panic)) => resume(panic),
+        Err(join) => match join.try_into_panic() {
+            Ok(panic) => resume(panic),
+            Err(_) => Ok(Problem::Aborted.into_response()),
+        },
+    }
+}
+
+fn resume(panic: Box<dyn Any + Send>) -> ! {
+    std::panic::resume_unwind(panic)
+}
+
+/// A response body read up to the limit.
+enum Collected<B> {
+    /// All of it.
+    Whole {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Over the limit: what was read, and the rest still to stream.
+    TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
+    /// The body failed after `prefix`.
+    Broken { prefix: Bytes, error: BoxError },
+}
+
+async fn collect<B>(body: B, limit: usize) -> Collected<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = Box::pin(body);
+    let mut data = BytesMut::new();
+    if body.size_hint().lower() > limit as u64 {
+        return Collected::TooLarge {
+            prefix: Bytes::new(),
+            rest: body,
+        };
+    }
+    let mut trailers: Option<HeaderMap> = None;
+    loop {
+        let frame = body.frame().await;
+        match frame {
+            None => break,
+            Some(Err(error)) => {
+                return Collected::Broken {
+                    prefix: data.freeze(),
+                    error: error.into(),
+                };
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(chunk) => {
+                    data.extend_from_slice(&chunk);
+                    if data.len() > limit {
+                        return Collected::TooLarge {
+                            prefix: data.freeze(),
+                            rest: body,
+                        };
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(more) = frame.into_trailers() {
+                        trailers.get_or_insert_with(HeaderMap::new).extend(more);
+                    }
+                }
+            },
+        }
+    }
+    Collected::Whole {
+        data: data.freeze(),
+        trailers,
+    }
+}
+
+/// Keeps the response for replay if its status is cached, frees the key otherwise, and
+/// hands the response on — whether or not the store accepted it.
+async fn persist<B>(
+    config: &Config,
+    ownership: Ownership,
+    parts: response::Parts,
+    collected: Collected<B>,
+) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let status = parts.status;
+    let cached = (config.cache_status)(status);
+    let (stored, body) = match collected {
+        Collected::Whole { data, trailers } => {
+            let stored = cached.then(|| Stored::Response {
+                status,
+                headers: kept_headers(&parts.headers, &config.stored_headers),
+                body: data.clone(),
+            });
+            (stored, whole_body(data, trailers))
+        }
+        Collected::TooLarge { prefix, rest } => {
+            tracing::warn!(
+                key = ownership.key(),
+                limit = config.body_limit,
+                "idempotent response is over the body limit; it reaches this client but cannot be replayed"
+            );
+            (
+                cached.then_some(Stored::NotKept { status }),
+                rest_of_body(prefix, rest),
+            )
+        }
+        Collected::Broken { prefix, error } => (None, broken_body(prefix, error)),
+    };
+    match stored {
+        Some(stored) => {
+            let bytes = stored.encode();
+            settle(ownership, Settlement::Complete, Some((&bytes, config.ttl))).await;
+        }
+        None => settle(ownership, Settlement::Release, None).await,
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Applies the settlement; a failure is logged, never returned, because the response must
+/// still reach the client.
+async fn settle(
+    ownership: Ownership,
+    settlement: Settlement,
+    result: Option<(&[u8], std::time::Duration)>,
+) {
+    let key = ownership.key().to_owned();
+    let (bytes, ttl) = result.map_or((&[][..], None), |(b, ttl)| (b, Some(ttl)));
+    match ownership.settle(settlement, bytes, ttl).await {
+        Ok(()) => tracing::debug!(key, ?settlement, "idempotent request settled"),
+        Err(StoreError::StaleToken) => tracing::warn!(
+            key,
+            ?settlement,
+            "the lease on the idempotency key was lost while the handler ran; another request owns it now"
+        ),
+        Err(error @ StoreError::TooLarge { .. }) => tracing::warn!(
+            key,
+            %error,
+            "the response was too large for the store; the key is marked processed without a replayable response"
+        ),
+        Err(error) => tracing::error!(
+            key,
+            ?settlement,
+            %error,
+            "could not persist the idempotent request's outcome; the response is still returned"
+        ),
+    }
+}
+
+fn kept_headers(headers: &HeaderMap, names: &[HeaderName]) -> Vec<(HeaderName, HeaderValue)> {
+    names
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(move |value| (name.clone(), value.clone()))
+        })
+        .collect()
+}
+
+fn whole_body(data: Bytes, trailers: Option<HeaderMap>) -> Body {
+    match trailers {
+        None => Body::from(data),
+        Some(trailers) => Body::new(StreamBody::new(stream::iter([
+            Ok::<_, Infallible>(Frame::data(data)),
+            Ok(Frame::trailers(trailers)),
+        ]))),
+    }
+}
+
+fn rest_of_body<B>(prefix: Bytes, rest: Pin<Box<B>>) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let head = stream::once(future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
+    let tail = BodyStream::new(rest).map(|frame| frame.map_err(Into::into));
+    Body::new(StreamBody::new(head.chain(tail)))
+}
+
+fn broken_body(prefix: Bytes, error: BoxError) -> Body {
+    Body::new(StreamBody::new(stream::iter([
+        Ok(Frame::data(prefix)),
+        Err(error),
+    ])))
+}
+
+/// The stored response, byte for byte, marked as a replay.
+fn replay(record: Record) -> Response<Body> {
+    let key = record.key;
+    let Some(bytes) = record.result else {
+        return Problem::ResponseNotKept { status: None }.into_response();
+    };
+    match Stored::decode(&bytes) {
+        Ok(Stored::Response {
+            status,
+            headers,
+            body,
+        }) => {
+            tracing::debug!(key, %status, "replaying the stored response");
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            let map = response.headers_mut();
+            for (name, value) in headers {
+                map.append(name, value);
+            }
+            map.insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
+            response
+        }
+        Ok(Stored::NotKept { status }) => Problem::ResponseNotKept {
+            status: Some(status),
+        }
+        .into_response(),
+        Err(error) => {
+            tracing::error!(key, %error, "the stored response could not be decoded; refusing the request");
+            Problem::StoredResponseUnreadable.into_response()
+        }
+    }
+}
+
+/// The answer when the store refused to admit the request.
+fn refusal(key: &str, error: IdempotencyError) -> Problem {
+    match error {
+        IdempotencyError::KeyReused { .. } => Problem::KeyReused,
+        IdempotencyError::AlreadyRunning { .. } => Problem::InFlight,
+        IdempotencyError::WaitTimedOut { waited, .. } => Problem::WaitTimedOut { waited },
+        IdempotencyError::ResultNotStored { .. } => Problem::ResponseNotKept { status: None },
+        IdempotencyError::Store(
+            error @ (StoreError::Decode(_) | StoreError::UnsupportedVersion { .. }),
+        ) => {
+            tracing::error!(key, %error, "the idempotency record could not be decoded; refusing the request");
+            Problem::StoredResponseUnreadable
+        }
+        IdempotencyError::Store(error) => {
+            tracing::error!(key, %error, "the idempotency store failed; refusing the request (fail closed)");
+            Problem::StoreUnavailable
+        }
+        other => {
+            tracing::error!(key, error = %other, "the idempotency layer could not admit the request");
+            Problem::Misconfigured
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The layer's behaviour over real HTTP, as generic async functions over a store; each
+//! store's test file runs all of them with `all_behaviours!(make_store)`.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use orchestrix::OnRunning;
+use orchestrix::store::{IdempotencyStore, StartOutcome, StartRequest};
+use orchestrix_http::{IdempotencyLayer, IdempotencyLayerBuilder};
+
+use crate::common::{BIG_RESPONSE, Http, Reply, app, chunked, full, serve, unique_key};
+
+/// Generates one `#[tokio::test]` per behaviour, each with a fresh store from `$make`
+/// (an async fn returning `Arc<dyn IdempotencyStore>`).
+#[macro_export]
+macro_rules! all_behaviours {
+    ($make:path) => {
+        $crate::all_behaviours!(@tests $make;
+            replays_the_first_response_byte_for_byte,
+            concurrent_duplicates_run_once_and_the_rest_get_409,
+            concurrent_duplicates_in_wait_mode_all_get_the_response,
+            same_key_with_a_different_body_is_422,
+            same_key_on_a_different_path_is_422,
+            missing_key_is_400_when_required,
+            missing_key_passes_through_when_optional,
+            malformed_keys_are_400_and_nothing_runs,
+            oversize_body_is_413_and_nothing_runs,
+            oversize_chunked_body_is_413_and_nothing_runs,
+            server_error_frees_the_key_for_a_retry,
+            client_errors_are_replayed,
+            other_methods_pass_through,
+            oversize_response_reaches_the_client_once_and_is_never_rerun,
+            undecodable_stored_response_is_503_and_nothing_runs,
+            distinct_keys_run_independently,
+            a_client_that_hangs_up_still_gets_the_response_on_retry,
+            a_panicking_handler_frees_the_key,
+        );
+    };
+    (@tests $make:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::behaviour::$name($make().await).await;
+            }
+        )*
+    };
+}
+
+/// The layer with its defaults, but records that expire soon, so a shared Redis is not
+/// left holding test data.
+fn layer(store: &Arc<dyn IdempotencyStore>) -> IdempotencyLayerBuilder {
+    IdempotencyLayer::builder(Arc::clone(store)).ttl(Duration::from_secs(120))
+}
+
+async fn start(builder: IdempotencyLayerBuilder) -> (Http, Arc<crate::common::Probe>) {
+    let (router, probe) = app(builder.build().expect("valid layer"));
+    (Http::new(serve(router).await), probe)
+}
+
+pub async fn replays_the_first_response_byte_for_byte(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("replay");
+    let first = http.post("/orders", Some(&key), r#"{"amount":42}"#).await;
+    let again = http.post("/orders", Some(&key), r#"{"amount":42}"#).await;
+
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    assert_eq!(probe.runs(), 1, "the handler ran once");
+    assert_eq!(again.status, first.status);
+    assert_eq!(again.body, first.body);
+    for name in ["content-type", "location", "etag", "content-length"] {
+        assert_eq!(again.header(name), first.header(name), "{name}");
+        assert!(first.header(name).is_some(), "{name}");
+    }
+    assert!(again.replayed());
+    assert_eq!(first.header("x-run"), Some("1"));
+    assert_eq!(
+        again.header("x-run"),
+        None,
+        "headers outside the allow-list are not kept"
+    );
+}
+
+pub async fn concurrent_duplicates_run_once_and_the_rest_get_409(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("storm");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+    for _ in 0..50 {
+        let (http, key, tx) = (http.clone(), key.clone(), tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(http.post("/slow", Some(&key), "{}").await);
+        });
+    }
+    // The handler is held until every duplicate has been answered.
+    for _ in 0..49 {
+        let reply = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("duplicates are answered while the first is in flight")
+            .expect("reply");
+        let detail = reply.problem(StatusCode::CONFLICT);
+        assert!(detail.contains("still being processed"), "{detail}");
+        assert!(reply.header("retry-after").is_some());
+    }
+    probe.open_gate();
+    let owner = rx.recv().await.expect("reply");
+    assert_eq!(owner.status, StatusCode::CREATED);
+    assert_eq!(probe.runs(), 1, "the handler ran exactly once");
+}
+
+pub async fn concurrent_duplicates_in_wait_mode_all_get_the_response(
+    store: Arc<dyn IdempotencyStore>,
+) {
+    let builder = layer(&store).on_running(OnRunning::Wait {
+        timeout: Duration::from_secs(20),
+    });
+    let (http, probe) = start(builder).await;
+    let key = unique_key("wait");
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let (http, key) = (http.clone(), key.clone());
+            tokio::spawn(async move { http.post("/slow", Some(&key), "{}").await })
+        })
+        .collect();
+    probe.wait_for_runs(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    probe.open_gate();
+    let mut replies = Vec::new();
+    for request in requests {
+        replies.push(request.await.expect("request task"));
+    }
+    assert_eq!(probe.runs(), 1, "the handler ran exactly once");
+    let first = replies
+        .iter()
+        .find(|r| !r.replayed())
+        .expect("the owner's reply");
+    assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 49);
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(reply.body, first.body);
+        assert_eq!(reply.header("location"), first.header("location"));
+    }
+}
+
+pub async fn same_key_with_a_different_body_is_422(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("reuse");
+    let first = http.post("/orders", Some(&key), r#"{"amount":1}"#).await;
+    let other = http.post("/orders", Some(&key), r#"{"amount":2}"#).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let detail = other.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(detail.contains("different request"), "{detail}");
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn same_key_on_a_different_path_is_422(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("path");
+    assert_eq!(
+        http.post("/orders", Some(&key), "{}").await.status,
+        StatusCode::CREATED
+    );
+    http.post("/orders?dry_run=true", Some(&key), "{}")
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn missing_key_is_400_when_required(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let detail = http
+        .post("/orders", None, "{}")
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    assert!(
+        detail.contains("requires an `idempotency-key` header"),
+        "{detail}"
+    );
+    assert_eq!(probe.runs(), 0);
+}
+
+pub async fn missing_key_passes_through_when_optional(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store).require_key(false)).await;
+    let first = http.post("/orders", None, "{}").await;
+    let second = http.post("/orders", None, "{}").await;
+    assert_eq!(
+        (first.status, second.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert!(!second.replayed());
+    assert_eq!(probe.runs(), 2, "without a key, every request runs");
+}
+
+pub async fn malformed_keys_are_400_and_nothing_runs(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let too_long = "k".repeat(256);
+    let cases: [(&[u8], &str); 4] = [
+        (b"", "empty"),
+        (too_long.as_bytes(), "256 characters"),
+        (b"abc\tdef", "control character"),
+        (b"\xff\xfe", "UTF-8"),
+    ];
+    for (key, why) in cases {
+        let reply = http
+            .send(Method::POST, "/orders", Some(key), full("{}"))
+            .await;
+        let detail = reply.problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains(why), "{why}: {detail}");
+    }
+    let longest = "k".repeat(255) + &unique_key("");
+    let longest = &longest[longest.len() - 255..];
+    assert_eq!(
+        http.post("/orders", Some(longest), "{}").await.status,
+        StatusCode::CREATED,
+        "255 characters is accepted"
+    );
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn oversize_body_is_413_and_nothing_runs(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store).body_limit(1024)).await;
+    let key = unique_key("big-body");
+    let body = "a".repeat(1025);
+    let detail = http
+        .post("/orders", Some(&key), &body)
+        .await
+        .problem(StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(detail.contains("1024-byte limit"), "{detail}");
+    assert_eq!(probe.runs(), 0);
+    assert_eq!(
+        http.post("/orders", Some(&key), &body[..1024]).await.status,
+        StatusCode::CREATED,
+        "the key was not consumed"
+    );
+}
+
+pub async fn oversize_chunked_body_is_413_and_nothing_runs(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store).body_limit(4096)).await;
+    let key = unique_key("chunked");
+    http.send(
+        Method::POST,
+        "/orders",
+        Some(key.as_bytes()),
+        chunked(10_000, 1000),
+    )
+    .await
+    .problem(StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(probe.runs(), 0);
+}
+
+pub async fn server_error_frees_the_key_for_a_retry(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("flaky");
+    let failed = http.post("/flaky", Some(&key), "{}").await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    let retried = http.post("/flaky", Some(&key), "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert!(!retried.replayed(), "the retry ran the handler");
+    let replayed = http.post("/flaky", Some(&key), "{}").await;
+    assert!(replayed.replayed());
+    assert_eq!(replayed.body, retried.body);
+    assert_eq!(probe.runs(), 2);
+}
+
+pub async fn client_errors_are_replayed(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("invalid");
+    let first = http.post("/invalid", Some(&key), "{}").await;
+    let again = http.post("/invalid", Some(&key), "{}").await;
+    assert_eq!(first.status, StatusCode::BAD_REQUEST);
+    assert_eq!((again.status, &again.body), (first.status, &first.body));
+    assert!(again.replayed());
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn other_methods_pass_through(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let reply = http.send(Method::GET, "/orders", None, full("")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let again = http.send(Method::GET, "/orders", None, full("")).await;
+    assert!(!again.replayed());
+    assert_eq!(probe.runs(), 2);
+}
+
+pub async fn oversize_response_reaches_the_client_once_and_is_never_rerun(
+    store: Arc<dyn IdempotencyStore>,
+) {
+    let (http, probe) = start(layer(&store).body_limit(BIG_RESPONSE / 2)).await;
+    let key = unique_key("big-response");
+    let first = http.post("/big", Some(&key), "{}").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.body.len(),
+        BIG_RESPONSE,
+        "the whole response reached the client"
+    );
+    let detail = http
+        .post("/big", Some(&key), "{}")
+        .await
+        .problem(StatusCode::CONFLICT);
+    assert!(
+        detail.contains("already processed (status 200)"),
+        "{detail}"
+    );
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn undecodable_stored_response_is_503_and_nothing_runs(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("garbage");
+    let scoped = format!("http:{key}");
+    let StartOutcome::Acquired(token) = store
+        .start(StartRequest {
+            key: &scoped,
+            fingerprint: None,
+            lease: Duration::from_secs(10),
+            rerun_failed: false,
+        })
+        .await
+        .expect("store start")
+    else {
+        panic!("fresh key must be free");
+    };
+    store
+        .complete(
+            &scoped,
+            token,
+            b"\x00garbage\xff",
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .expect("store complete");
+    let detail = http
+        .post("/orders", Some(&key), "{}")
+        .await
+        .problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(detail.contains("could not be decoded"), "{detail}");
+    assert_eq!(probe.runs(), 0);
+}
+
+pub async fn distinct_keys_run_independently(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let a = http.post("/orders", Some(&unique_key("a")), "{}").await;
+    let b = http.post("/orders", Some(&unique_key("b")), "{}").await;
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_ne!(a.body, b.body);
+    assert_eq!(probe.runs(), 2);
+}
+
+/// Any request, on a store that cannot be reached, is refused with 503 before the handler
+/// runs. Called by each store's test file with a store that fails.
+pub async fn unreachable_store_is_503_and_nothing_runs(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let reply = http.post("/orders", Some(&unique_key("down")), "{}").await;
+    let detail = reply.problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(detail.contains("could not be reached"), "{detail}");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(probe.runs(), 0);
+}
+
+pub async fn a_client_that_hangs_up_still_gets_the_response_on_retry(
+    store: Arc<dyn IdempotencyStore>,
+) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("hang-up");
+    let hung_up = {
+        let (http, key) = (http.clone(), key.clone());
+        tokio::spawn(async move { http.post("/slow", Some(&key), "{}").await })
+    };
+    probe.wait_for_runs(1).await;
+    hung_up.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    probe.open_gate();
+    let retry = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let reply = http.post("/slow", Some(&key), "{}").await;
+            if reply.status != StatusCode::CONFLICT {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the first request finished and was stored");
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "the handler finished after the hang-up");
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn a_panicking_handler_frees_the_key(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("panic");
+    let crashed = http
+        .try_request(http.post_request("/panics", &key, "{}"))
+        .await;
+    assert!(
+        crashed.is_err(),
+        "the panic reaches the server as it would without the layer"
+    );
+    let retry = http.post("/panics", Some(&key), "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed());
+    assert_eq!(probe.runs(), 2);
+}
