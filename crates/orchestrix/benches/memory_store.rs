@@ -39,7 +39,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut plain_ns = 0.0;
     let mut fresh_ns = 0.0;
     runtime.block_on(async {
-        for &records in &[1_000u64, 100_000, 1_000_000] {
+        // BENCH_QUICK=1: one small size, for profiling under valgrind.
+        let quick = std::env::var_os("BENCH_QUICK").is_some();
+        let sizes: &[u64] = if quick {
+            &[1_000]
+        } else {
+            &[1_000, 100_000, 1_000_000]
+        };
+        let sample: u64 = if quick { 20_000 } else { 200_000 };
+        for &records in sizes {
             let store = Arc::new(MemoryStore::new());
             let flow = Flow::<u64>::builder("bench")
                 .store(store.clone())
@@ -47,6 +55,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .step("b", noop)
                 .step("c", noop)
                 .build()?;
+            // Warm up allocator and caches on keys outside the measured ranges.
+            for i in 0..sample / 10 {
+                let key = format!("warmup-{i}");
+                black_box(flow.run(u64::MAX - i, RunOptions::key(key.clone()).ttl(ttl)).await?);
+                black_box(flow.run(u64::MAX - i, RunOptions::key(key).ttl(ttl)).await?);
+            }
             let before = rss_bytes().unwrap_or(0);
             for i in 0..records {
                 flow.run(i, RunOptions::key(format!("order-{i}")).ttl(ttl))
@@ -55,18 +69,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let per_record =
                 rss_bytes().unwrap_or(0).saturating_sub(before) as f64 / records as f64;
 
-            const SAMPLE: u64 = 200_000;
             let started = Instant::now();
-            for i in records..records + SAMPLE {
+            for i in records..records + sample {
                 let r = flow
                     .run(i, RunOptions::key(format!("order-{i}")).ttl(ttl))
                     .await?;
                 black_box(&r);
             }
-            let fresh = rate(SAMPLE, started.elapsed());
+            let fresh = rate(sample, started.elapsed());
 
             let started = Instant::now();
-            for n in 0..SAMPLE {
+            for n in 0..sample {
                 let i = (n * 7919) % records;
                 let r = flow
                     .run(i, RunOptions::key(format!("order-{i}")).ttl(ttl))
@@ -74,15 +87,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 debug_assert!(r.replayed);
                 black_box(&r);
             }
-            let replays = rate(SAMPLE, started.elapsed());
+            let replays = rate(sample, started.elapsed());
             println!("{records:>10} {fresh:>14.0} {replays:>14.0} {per_record:>16.0}");
 
             if records == 1_000 {
                 let started = Instant::now();
-                for i in 0..SAMPLE {
+                for i in 0..sample {
                     black_box(flow.run(i, RunOptions::new()).await?);
                 }
-                plain_ns = started.elapsed().as_nanos() as f64 / SAMPLE as f64;
+                plain_ns = started.elapsed().as_nanos() as f64 / sample as f64;
                 fresh_ns = 1e9 / fresh;
             }
         }

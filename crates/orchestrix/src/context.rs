@@ -35,14 +35,16 @@ use tokio_util::sync::CancellationToken;
 /// ```
 pub struct Context<I> {
     shared: Arc<Shared<I>>,
-    // Behind an `Arc`: cloning a `CancellationToken` takes a lock, cloning an `Arc` does not,
-    // and the engine clones the context for every step attempt.
-    cancel: Arc<CancellationToken>,
+    /// A parallel group's token, overriding the run's. Behind an `Arc`: cloning a
+    /// `CancellationToken` takes a lock, cloning an `Arc` does not, and the engine clones
+    /// the context for every step attempt.
+    group: Option<Arc<CancellationToken>>,
 }
 
 struct Shared<I> {
     input: I,
     state: Mutex<HashMap<String, Value>>,
+    cancel: CancellationToken,
 }
 
 /// A state value could not be converted to or from JSON.
@@ -71,7 +73,7 @@ impl<I> Clone for Context<I> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            cancel: Arc::clone(&self.cancel),
+            group: self.group.clone(),
         }
     }
 }
@@ -88,8 +90,9 @@ impl<I> Context<I> {
             shared: Arc::new(Shared {
                 input,
                 state: Mutex::new(HashMap::new()),
+                cancel,
             }),
-            cancel: Arc::new(cancel),
+            group: None,
         }
     }
 
@@ -97,7 +100,7 @@ impl<I> Context<I> {
     pub(crate) fn with_token(&self, cancel: CancellationToken) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            cancel: Arc::new(cancel),
+            group: Some(Arc::new(cancel)),
         }
     }
 
@@ -146,12 +149,12 @@ impl<I> Context<I> {
     /// loses its idempotency lease, or when a `fail_fast` parallel sibling fails. Long
     /// steps should watch it (`token.cancelled().await` in a `select!`).
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
+        self.group.as_deref().unwrap_or(&self.shared.cancel)
     }
 
     /// Whether the run has been cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.cancellation().is_cancelled()
     }
 
     fn state(&self) -> MutexGuard<'_, HashMap<String, Value>> {

@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,8 +47,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         let started = Instant::now();
         self.hooks.emit(Event::FlowStart { flow: &self.name });
         let mut steps: Vec<StepResult> = self.step_names.iter().map(StepResult::pending).collect();
-        let mut completed = Vec::with_capacity(self.steps.len());
+        // Steps to compensate, in completion order. Only steps that have a compensation are
+        // recorded, so a flow without compensations never allocates here.
+        let mut completed = Vec::new();
         let mut error = None;
+        // Each step starts when the previous one ended: one clock read per step.
+        let mut clock = started;
         for stage in &self.stages {
             if ctx.is_cancelled() {
                 error = Some(FlowError::Cancelled);
@@ -55,16 +60,27 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             }
             let outcome = match stage {
                 Stage::Single(i) => {
-                    let (result, outcome) = self.run_step(*i, &ctx).await;
+                    let (result, outcome, ended) = self.run_step(*i, &ctx, clock).await;
+                    clock = ended;
                     steps[*i] = result;
-                    outcome.map(|()| completed.push(*i))
+                    outcome.map(|()| self.completed(*i, &mut completed))
                 }
                 Stage::Parallel {
                     steps: range,
                     fail_fast,
                 } => {
-                    self.run_group(range.clone(), *fail_fast, &ctx, &mut steps, &mut completed)
-                        .await
+                    let outcome = self
+                        .run_group(
+                            range.clone(),
+                            *fail_fast,
+                            &ctx,
+                            clock,
+                            &mut steps,
+                            &mut completed,
+                        )
+                        .await;
+                    clock = Instant::now();
+                    outcome
                 }
             };
             if let Err(e) = outcome {
@@ -93,11 +109,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         if status == Status::Failed || (status == Status::Cancelled && self.compensate_on_cancel) {
             self.compensate(&ctx, &completed, &mut steps, &mut compensation_failures)
                 .await;
+            clock = Instant::now();
         }
         FlowResult {
             flow: Arc::clone(&self.name),
             status,
-            duration: started.elapsed(),
+            duration: clock.duration_since(started),
             steps,
             output,
             error,
@@ -106,10 +123,22 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         }
     }
 
-    /// Runs one step to completion or exhaustion of its retries.
-    async fn run_step(&self, i: usize, ctx: &Context<I>) -> (StepResult, Result<(), FlowError>) {
+    /// Records a completed step for compensation, if it has one.
+    fn completed(&self, i: usize, completed: &mut Vec<usize>) {
+        if self.steps[i].compensate.is_some() {
+            completed.push(i);
+        }
+    }
+
+    /// Runs one step, started at `started`, to completion or exhaustion of its retries.
+    /// Returns when it ended.
+    async fn run_step(
+        &self,
+        i: usize,
+        ctx: &Context<I>,
+        started: Instant,
+    ) -> (StepResult, Result<(), FlowError>, Instant) {
         let step = &self.steps[i];
-        let started = Instant::now();
         let mut result = StepResult::pending(&step.name);
         let mut attempt = 0;
         let outcome = loop {
@@ -125,7 +154,13 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 attempt,
             });
             let span = tracing::info_span!("step", step = %step.name, attempt);
-            let run = (step.run)(ctx.clone()).instrument(span);
+            let run = (step.run)(ctx.clone());
+            // Instrumenting costs a little even when no subscriber listens: skip it then.
+            let run = if span.is_disabled() {
+                Either::Left(run)
+            } else {
+                Either::Right(run.instrument(span))
+            };
             let outcome = match step.timeout {
                 Some(limit) => tokio::time::timeout(limit, run)
                     .await
@@ -134,16 +169,17 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             };
             let err = match outcome {
                 Ok(()) => {
+                    let ended = Instant::now();
                     result.status = Status::Completed;
                     result.error = None;
-                    result.duration = started.elapsed();
+                    result.duration = ended.duration_since(started);
                     self.hooks.emit(Event::StepComplete {
                         flow: &self.name,
                         step: &step.name,
                         attempts: attempt,
                         duration: result.duration,
                     });
-                    return (result, Ok(()));
+                    return (result, Ok(()), ended);
                 }
                 Err(err) => err,
             };
@@ -184,8 +220,9 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 () = tokio::time::sleep(delay) => {}
             }
         };
-        result.duration = started.elapsed();
-        (result, outcome)
+        let ended = Instant::now();
+        result.duration = ended.duration_since(started);
+        (result, outcome, ended)
     }
 
     /// Starts the group's steps together and applies the group's failure rule.
@@ -194,6 +231,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         range: Range<usize>,
         fail_fast: bool,
         ctx: &Context<I>,
+        started: Instant,
         steps: &mut [StepResult],
         completed: &mut Vec<usize>,
     ) -> Result<(), FlowError> {
@@ -204,7 +242,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             .map(|i| {
                 let group_ctx = &group_ctx;
                 async move {
-                    let (result, outcome) = self.run_step(i, group_ctx).await;
+                    let (result, outcome, _) = self.run_step(i, group_ctx, started).await;
                     (i, result, outcome)
                 }
             })
@@ -214,7 +252,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         while let Some((i, result, outcome)) = running.next().await {
             steps[i] = result;
             match outcome {
-                Ok(()) => completed.push(i),
+                Ok(()) => self.completed(i, completed),
                 Err(e) => {
                     failures += 1;
                     first_error.get_or_insert(e);

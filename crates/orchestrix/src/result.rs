@@ -164,3 +164,179 @@ impl<O> FlowResult<O> {
         self.steps.iter().find(|s| &*s.name == name)
     }
 }
+
+/// The stored form of a finished run: compact JSON, versioned, self-describing (so a
+/// changed output type is a decode error, not silent garbage). Durations are whole
+/// nanoseconds and steps are arrays, which keeps records small and replays cheap.
+#[derive(Serialize, Deserialize)]
+struct Stored<'a, O> {
+    /// Payload version.
+    v: u8,
+    status: Status,
+    ns: u64,
+    steps: Vec<(
+        std::borrow::Cow<'a, str>,
+        Status,
+        u32,
+        u64,
+        Option<std::borrow::Cow<'a, str>>,
+    )>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    output: Option<O>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<FlowError>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    compensation_failures: Vec<CompensationFailure>,
+}
+
+fn none<O>() -> Option<O> {
+    None
+}
+
+const STORED_VERSION: u8 = 1;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl<O: Serialize> FlowResult<O> {
+    /// Encodes the result for the idempotency store; `with_output: false` leaves the output
+    /// out (for an output that cannot be encoded).
+    pub(crate) fn to_stored(&self, with_output: bool) -> Result<Vec<u8>, serde_json::Error> {
+        let stored = Stored {
+            v: STORED_VERSION,
+            status: self.status,
+            ns: nanos(self.duration),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| {
+                    (
+                        std::borrow::Cow::Borrowed(&*s.name),
+                        s.status,
+                        s.attempts,
+                        nanos(s.duration),
+                        s.error.as_deref().map(std::borrow::Cow::Borrowed),
+                    )
+                })
+                .collect(),
+            output: self.output.as_ref().filter(|_| with_output),
+            error: self.error.clone(),
+            compensation_failures: self.compensation_failures.clone(),
+        };
+        serde_json::to_vec(&stored)
+    }
+}
+
+/// Why a stored result could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoredError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("stored result has payload version {0}, this build reads {STORED_VERSION}")]
+    Version(u8),
+}
+
+impl<O: serde::de::DeserializeOwned> FlowResult<O> {
+    /// Decodes a result written by [`to_stored`](Self::to_stored), as a replay of `flow`.
+    pub(crate) fn from_stored(flow: &Arc<str>, bytes: &[u8]) -> Result<Self, StoredError> {
+        let stored: Stored<'_, O> = serde_json::from_slice(bytes)?;
+        if stored.v != STORED_VERSION {
+            return Err(StoredError::Version(stored.v));
+        }
+        Ok(Self {
+            flow: Arc::clone(flow),
+            status: stored.status,
+            duration: Duration::from_nanos(stored.ns),
+            steps: stored
+                .steps
+                .into_iter()
+                .map(|(name, status, attempts, ns, error)| StepResult {
+                    name: Arc::from(name.as_ref()),
+                    status,
+                    attempts,
+                    duration: Duration::from_nanos(ns),
+                    error: error.map(std::borrow::Cow::into_owned),
+                })
+                .collect(),
+            output: stored.output,
+            error: stored.error,
+            compensation_failures: stored.compensation_failures,
+            replayed: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FlowResult<Vec<u32>> {
+        FlowResult {
+            flow: Arc::from("f"),
+            status: Status::Failed,
+            duration: Duration::from_nanos(1_234_567),
+            steps: vec![
+                StepResult {
+                    name: Arc::from("a \"quoted\" step"),
+                    status: Status::Cancelled,
+                    attempts: 2,
+                    duration: Duration::from_micros(5),
+                    error: None,
+                },
+                StepResult {
+                    name: Arc::from("b"),
+                    status: Status::Failed,
+                    attempts: 3,
+                    duration: Duration::from_millis(7),
+                    error: Some("boom".into()),
+                },
+            ],
+            output: Some(vec![1, 2]),
+            error: Some(FlowError::Step {
+                step: "b".into(),
+                attempts: 3,
+                message: "boom".into(),
+                transient: false,
+            }),
+            compensation_failures: vec![CompensationFailure {
+                step: "a".into(),
+                message: "refund failed".into(),
+            }],
+            replayed: false,
+        }
+    }
+
+    #[test]
+    fn stored_results_round_trip_as_replays() {
+        let original = sample();
+        let bytes = original.to_stored(true).unwrap_or_default();
+        let back = FlowResult::<Vec<u32>>::from_stored(&original.flow, &bytes).ok();
+        let expected = FlowResult {
+            replayed: true,
+            ..original
+        };
+        assert_eq!(back, Some(expected));
+    }
+
+    #[test]
+    fn stored_results_without_output_replay_without_output() {
+        let bytes = sample().to_stored(false).unwrap_or_default();
+        let back = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &bytes).ok();
+        assert_eq!(back.map(|r| r.output), Some(None));
+    }
+
+    #[test]
+    fn a_stored_result_of_another_payload_version_is_refused() {
+        let bytes = br#"{"v":2,"status":"completed","ns":0,"steps":[]}"#;
+        let decoded = FlowResult::<()>::from_stored(&Arc::from("f"), bytes);
+        assert!(matches!(decoded, Err(StoredError::Version(2))));
+    }
+
+    #[test]
+    fn a_stored_result_of_another_output_type_is_a_decode_error() {
+        let bytes = sample().to_stored(true).unwrap_or_default();
+        let decoded = FlowResult::<String>::from_stored(&Arc::from("f"), &bytes);
+        assert!(matches!(decoded, Err(StoredError::Json(_))));
+    }
+}

@@ -1,7 +1,5 @@
 //! The one entry point of a run: validate → acquire → execute → persist → notify.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -157,10 +155,8 @@ where
         let bytes = record
             .result
             .ok_or(IdempotencyError::ResultNotStored { key: record.key })?;
-        let mut result: FlowResult<O> =
-            serde_json::from_slice(&bytes).map_err(StoreError::decode)?;
-        result.replayed = true;
-        Ok(result)
+        FlowResult::from_stored(&self.inner.plan.name, &bytes)
+            .map_err(|e| IdempotencyError::Store(StoreError::decode(e)))
     }
 
     /// Stage 3: the steps.
@@ -183,22 +179,12 @@ where
         if settlement == Settlement::Release {
             return owner.settle(settlement, &[], None).await;
         }
-        match serde_json::to_vec(result) {
+        match result.to_stored(true) {
             Ok(bytes) => owner.settle(settlement, &bytes, options.ttl).await,
             Err(e) => {
                 // The output cannot be encoded: keep the outcome (without the output) so the
                 // operation is never run twice, and surface the error.
-                let bare = FlowResult::<()> {
-                    flow: Arc::clone(&result.flow),
-                    status: result.status,
-                    duration: result.duration,
-                    steps: result.steps.clone(),
-                    output: None,
-                    error: result.error.clone(),
-                    compensation_failures: result.compensation_failures.clone(),
-                    replayed: false,
-                };
-                let bytes = serde_json::to_vec(&bare).unwrap_or_default();
+                let bytes = result.to_stored(false).unwrap_or_default();
                 owner.settle(settlement, &bytes, options.ttl).await?;
                 Err(StoreError::Encode(Box::new(e)))
             }

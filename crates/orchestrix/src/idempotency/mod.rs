@@ -229,7 +229,10 @@ impl Ownership {
         tokio::pin!(work, heartbeat);
         let mut beating = true;
         loop {
+            // Work first: a run that finishes on its first poll never arms the heartbeat's
+            // timer at all.
             tokio::select! {
+                biased;
                 output = &mut work => return output,
                 () = &mut heartbeat, if beating => beating = false,
             }
