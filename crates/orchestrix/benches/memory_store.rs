@@ -58,8 +58,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Warm up allocator and caches on keys outside the measured ranges.
             for i in 0..sample / 10 {
                 let key = format!("warmup-{i}");
-                black_box(flow.run(u64::MAX - i, RunOptions::key(key.clone()).ttl(ttl)).await?);
-                black_box(flow.run(u64::MAX - i, RunOptions::key(key).ttl(ttl)).await?);
+                black_box(
+                    flow.run(u64::MAX - i, RunOptions::key(key.clone()).ttl(ttl))
+                        .await?,
+                );
+                black_box(
+                    flow.run(u64::MAX - i, RunOptions::key(key).ttl(ttl))
+                        .await?,
+                );
             }
             let before = rss_bytes().unwrap_or(0);
             for i in 0..records {

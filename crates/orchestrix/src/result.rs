@@ -1,5 +1,6 @@
 //! What a run reports: [`FlowResult`], per-step [`StepResult`]s and [`FlowError`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,6 +166,9 @@ impl<O> FlowResult<O> {
     }
 }
 
+/// A step in the stored form: name, status, attempts, duration in ns, error.
+type StoredStep<'a> = (Cow<'a, str>, Status, u32, u64, Option<Cow<'a, str>>);
+
 /// The stored form of a finished run: compact JSON, versioned, self-describing (so a
 /// changed output type is a decode error, not silent garbage). Durations are whole
 /// nanoseconds and steps are arrays, which keeps records small and replays cheap.
@@ -174,13 +178,7 @@ struct Stored<'a, O> {
     v: u8,
     status: Status,
     ns: u64,
-    steps: Vec<(
-        std::borrow::Cow<'a, str>,
-        Status,
-        u32,
-        u64,
-        Option<std::borrow::Cow<'a, str>>,
-    )>,
+    steps: Vec<StoredStep<'a>>,
     #[serde(default = "none", skip_serializing_if = "Option::is_none")]
     output: Option<O>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,11 +210,11 @@ impl<O: Serialize> FlowResult<O> {
                 .iter()
                 .map(|s| {
                     (
-                        std::borrow::Cow::Borrowed(&*s.name),
+                        Cow::Borrowed(&*s.name),
                         s.status,
                         s.attempts,
                         nanos(s.duration),
-                        s.error.as_deref().map(std::borrow::Cow::Borrowed),
+                        s.error.as_deref().map(Cow::Borrowed),
                     )
                 })
                 .collect(),
@@ -256,7 +254,7 @@ impl<O: serde::de::DeserializeOwned> FlowResult<O> {
                     status,
                     attempts,
                     duration: Duration::from_nanos(ns),
-                    error: error.map(std::borrow::Cow::into_owned),
+                    error: error.map(Cow::into_owned),
                 })
                 .collect(),
             output: stored.output,
