@@ -26,10 +26,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .step("b", noop)
         .step("c", noop)
         .build()?;
+    // `cargo bench` passes `--bench`; under `cargo test` this is a quick smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
     let runs: u64 = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(if full { 1_000_000 } else { 1_000 });
     let (engine, direct) = runtime.block_on(async {
         // Warm up both paths.
         for i in 0..runs / 20 {

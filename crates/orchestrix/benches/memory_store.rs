@@ -40,7 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut fresh_ns = 0.0;
     runtime.block_on(async {
         // BENCH_QUICK=1: one small size, for profiling under valgrind.
-        let quick = std::env::var_os("BENCH_QUICK").is_some();
+        // `cargo bench` passes `--bench`; under `cargo test` this is a quick smoke run.
+        let quick =
+            std::env::var_os("BENCH_QUICK").is_some() || !std::env::args().any(|a| a == "--bench");
         let sizes: &[u64] = if quick {
             &[1_000]
         } else {
