@@ -72,7 +72,7 @@ run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_bac
 ' "$port" >/tmp/orchestrix-moto.log 2>&1 &
   STARTED_PIDS+=("$!")
   for _ in $(seq 300); do
-    if curl -fs -o /dev/null "http://127.0.0.1:$port/moto-api/"; then
+    if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/moto-api/', timeout=1)" >/dev/null 2>&1; then
       export DYNAMODB_ENDPOINT="http://127.0.0.1:$port"
       export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
       return 0
