@@ -48,11 +48,19 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct State {
     records: HashMap<Arc<str>, Entry>,
-    expiries: BinaryHeap<Reverse<Expiry>>,
+    expiries: Expiries,
+}
+
+/// Pending removals, soonest first.
+#[derive(Default)]
+struct Expiries {
+    heap: BinaryHeap<Reverse<Expiry>>,
     next_generation: u64,
 }
 
 struct Entry {
+    /// The map's own key, shared with the entry's pending expiries.
+    key: Arc<str>,
     status: RecordStatus,
     token: FencingToken,
     fingerprint: Option<Box<str>>,
@@ -109,15 +117,32 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
+impl Expiries {
+    /// Sets `entry`'s deadline and schedules its removal then; earlier schedules of the
+    /// entry become stale.
+    fn schedule(&mut self, entry: &mut Entry, at: Option<Instant>) {
+        self.next_generation += 1;
+        entry.generation = self.next_generation;
+        entry.deadline = at;
+        if let Some(at) = at {
+            self.heap.push(Reverse(Expiry {
+                at,
+                generation: entry.generation,
+                key: Arc::clone(&entry.key),
+            }));
+        }
+    }
+}
+
 impl State {
     fn sweep(&mut self, now: Instant, budget: usize) -> u64 {
         let mut removed = 0;
         for _ in 0..budget {
-            match self.expiries.peek() {
+            match self.expiries.heap.peek() {
                 Some(Reverse(e)) if e.at <= now => {}
                 _ => break,
             }
-            let Some(Reverse(expiry)) = self.expiries.pop() else {
+            let Some(Reverse(expiry)) = self.expiries.heap.pop() else {
                 break;
             };
             let current = self
@@ -134,46 +159,25 @@ impl State {
         removed
     }
 
-    /// The live entry under `key`; an expired one is removed on the spot.
+    /// The live entry under `key`. An expired entry reads as absent; it stays in the map
+    /// until swept or overwritten, so the hot path is a single lookup.
     fn live(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
-        if self.records.get(key).is_some_and(|e| e.is_expired(now)) {
-            if let Some(entry) = self.records.remove(key) {
-                entry.wake();
-            }
-            return None;
-        }
-        self.records.get_mut(key)
+        self.records.get_mut(key).filter(|e| !e.is_expired(now))
     }
 
-    /// Sets the deadline of the entry under `key`, scheduling its removal.
-    fn schedule(&mut self, key: &str, at: Option<Instant>) {
-        self.next_generation += 1;
-        let generation = self.next_generation;
-        let Some(key) = self.records.get_key_value(key).map(|(k, _)| Arc::clone(k)) else {
-            return;
-        };
-        if let Some(at) = at {
-            self.expiries.push(Reverse(Expiry {
-                at,
-                generation,
-                key: Arc::clone(&key),
-            }));
-        }
-        if let Some(entry) = self.records.get_mut(&key) {
-            entry.deadline = at;
-            entry.generation = generation;
-        }
-    }
-
-    /// The owned, live entry under `key`, or `StaleToken`.
+    /// The owned, live entry under `key`, and the expiry schedule, or `StaleToken`.
     fn owned(
         &mut self,
         key: &str,
         token: FencingToken,
         now: Instant,
-    ) -> Result<&mut Entry, StoreError> {
-        match self.live(key, now) {
-            Some(e) if e.token == token && e.status == RecordStatus::Running => Ok(e),
+    ) -> Result<(&mut Entry, &mut Expiries), StoreError> {
+        match self.records.get_mut(key) {
+            Some(e)
+                if !e.is_expired(now) && e.token == token && e.status == RecordStatus::Running =>
+            {
+                Ok((e, &mut self.expiries))
+            }
             _ => Err(StoreError::StaleToken),
         }
     }
@@ -187,12 +191,12 @@ impl State {
         ttl: Option<Duration>,
         now: Instant,
     ) -> Result<(), StoreError> {
-        let entry = self.owned(key, token, now)?;
+        let (entry, expiries) = self.owned(key, token, now)?;
         entry.status = status;
         entry.result = Some(result.into());
         entry.wake();
         // A TTL too long to represent is no expiry at all.
-        self.schedule(key, ttl.and_then(|t| now.checked_add(t)));
+        expiries.schedule(entry, ttl.and_then(|t| now.checked_add(t)));
         Ok(())
     }
 }
@@ -235,7 +239,8 @@ impl IdempotencyStore for MemoryStore {
                 None => None,
             };
             let token = FencingToken::generate();
-            let entry = Entry {
+            let mut entry = Entry {
+                key: Arc::from(req.key),
                 status: RecordStatus::Running,
                 token,
                 fingerprint: req.fingerprint.map(Into::into),
@@ -244,8 +249,11 @@ impl IdempotencyStore for MemoryStore {
                 generation: 0,
                 waiters,
             };
-            s.records.insert(Arc::from(req.key), entry);
-            s.schedule(req.key, now.checked_add(req.lease));
+            s.expiries.schedule(&mut entry, now.checked_add(req.lease));
+            // Replaces an expired entry, if any: wake whoever waited on it.
+            if let Some(old) = s.records.insert(Arc::clone(&entry.key), entry) {
+                old.wake();
+            }
             StartOutcome::Acquired(token)
         }))
     }
@@ -277,8 +285,8 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.with_state(|s, now| {
-            s.owned(key, token, now)?;
-            s.schedule(key, now.checked_add(lease));
+            let (entry, expiries) = s.owned(key, token, now)?;
+            expiries.schedule(entry, now.checked_add(lease));
             Ok(())
         })
     }
