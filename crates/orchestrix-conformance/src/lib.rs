@@ -15,7 +15,12 @@
 //!
 //! Checks that need backend-specific access (writing garbage under a key) take a closure:
 //! [`undecodable_record_is_a_typed_error`].
+//!
+//! The multi-process duplicate storm, which re-runs the test binary as child processes,
+//! lives in [`storm`].
 #![forbid(unsafe_code)]
+
+pub mod storm;
 
 use std::future::Future;
 use std::time::Duration;

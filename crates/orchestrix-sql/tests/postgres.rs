@@ -3,8 +3,6 @@
 //! its end; the conformance suite shares one table and isolates itself by random keys.
 #![cfg(feature = "postgres")]
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -13,11 +11,18 @@ use orchestrix::store::{
     FencingToken, IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError,
 };
 use orchestrix::{Flow, RunError, RunOptions, StepError};
+use orchestrix_conformance::storm::{StormChild, StormPlan, run_storm};
 use orchestrix_conformance::{request, undecodable_record_is_a_typed_error, unique_key};
 use orchestrix_sql::PgStore;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 const CONFORMANCE_TABLE: &str = "orx_test_conformance";
+const STORM_TABLE_VAR: &str = "ORX_STORM_TABLE";
+
+/// A short random suffix for table names.
+fn random_suffix() -> String {
+    format!("{:012x}", fastrand::u64(..) >> 16)
+}
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -43,7 +48,7 @@ async fn store_in(table: &str) -> PgStore {
 
 /// A store over a table of its own.
 async fn fresh_store() -> PgStore {
-    store_in(&format!("orx_test_{}", support::random_suffix())).await
+    store_in(&format!("orx_test_{}", random_suffix())).await
 }
 
 async fn drop_table(store: &PgStore) {
@@ -152,7 +157,7 @@ async fn failed_record_of_another_version_is_never_taken_over() {
 #[tokio::test]
 async fn null_columns_are_a_decode_error() {
     // A table made by hand without the NOT NULL constraints `migrate` would add.
-    let table = format!("orx_test_{}", support::random_suffix());
+    let table = format!("orx_test_{}", random_suffix());
     let pool = pool(2).await;
     let create = format!(
         "CREATE TABLE {table} (key text PRIMARY KEY, v integer, status text, token text, \
@@ -233,7 +238,7 @@ async fn cleanup_deletes_expired_rows_in_batches_and_counts_them() {
 #[tokio::test]
 async fn concurrent_migrations_succeed() {
     let store = PgStore::new(pool(8).await)
-        .with_table(&format!("orx_test_{}", support::random_suffix()))
+        .with_table(&format!("orx_test_{}", random_suffix()))
         .expect("valid table name");
     let migrations = (0..8).map(|_| store.migrate());
     for migrated in futures_util::future::join_all(migrations).await {
@@ -302,10 +307,8 @@ async fn unreachable_server_fails_the_run_closed_without_running_a_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_storm_across_processes_executes_each_key_once() {
     let store = fresh_store().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let env = [("ORX_STORM_TABLE", store.table().to_owned())];
-    let executions = support::storm("storm_child", &env, dir.path()).await;
-    support::assert_each_key_executed_once(&executions);
+    let env = [(STORM_TABLE_VAR, store.table().to_owned())];
+    run_storm(&StormPlan::STANDARD, "storm_child", &env).await;
     drop_table(&store).await;
 }
 
@@ -313,13 +316,13 @@ async fn duplicate_storm_across_processes_executes_each_key_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "spawned by duplicate_storm_across_processes_executes_each_key_once"]
 async fn storm_child() {
-    if !support::is_storm_child() {
+    let Some(child) = StormChild::from_env() else {
         return;
-    }
-    let table = std::env::var("ORX_STORM_TABLE").expect("storm table");
-    let connections = support::STORM_CALLERS_PER_PROCESS as u32;
+    };
+    let table = std::env::var(STORM_TABLE_VAR).expect("storm table");
+    let connections = u32::try_from(child.callers()).expect("a few callers");
     let store = PgStore::new(pool(connections).await)
         .with_table(&table)
         .expect("valid table name");
-    support::storm_callers(Arc::new(store)).await;
+    child.run(Arc::new(store)).await;
 }

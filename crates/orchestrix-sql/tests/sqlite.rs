@@ -3,14 +3,14 @@
 //! keys.
 #![cfg(feature = "sqlite")]
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use orchestrix::store::{
     FencingToken, IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError,
 };
+use orchestrix_conformance::storm::{StormChild, StormPlan, run_child, run_storm};
 use orchestrix_conformance::{request, undecodable_record_is_a_typed_error, unique_key};
 use orchestrix_sql::SqliteStore;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
@@ -300,7 +300,7 @@ async fn completed_record_replays_in_another_process() {
         (REPLAY_DB_VAR, path.display().to_string()),
         (REPLAY_KEY_VAR, key),
     ];
-    support::run_child("replay_child", &env).await;
+    run_child("replay_child", &env, Duration::from_secs(60)).await;
 }
 
 /// The restarted process; runs only when spawned by the durability test.
@@ -322,24 +322,25 @@ async fn replay_child() {
     }
 }
 
+const STORM_DB_VAR: &str = "ORX_STORM_DB";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_storm_across_processes_executes_each_key_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("records.db");
     store_at(&path).await.close().await;
-    let env = [("ORX_STORM_DB", path.display().to_string())];
-    let executions = support::storm("storm_child", &env, dir.path()).await;
-    support::assert_each_key_executed_once(&executions);
+    let env = [(STORM_DB_VAR, path.display().to_string())];
+    run_storm(&StormPlan::STANDARD, "storm_child", &env).await;
 }
 
 /// One process of the storm; runs only when spawned by the storm test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "spawned by duplicate_storm_across_processes_executes_each_key_once"]
 async fn storm_child() {
-    if !support::is_storm_child() {
+    let Some(child) = StormChild::from_env() else {
         return;
-    }
-    let path = std::env::var("ORX_STORM_DB").expect("storm database");
+    };
+    let path = std::env::var(STORM_DB_VAR).expect("storm database");
     let store = SqliteStore::open(&path).await.expect("open database file");
-    support::storm_callers(Arc::new(store)).await;
+    child.run(Arc::new(store)).await;
 }
