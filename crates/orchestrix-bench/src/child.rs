@@ -1,0 +1,14 @@
+//! The hidden `child` subcommand: this binary re-executed as one process of a scenario.
+
+use anyhow::bail;
+
+use crate::args::Args;
+
+pub async fn main(args: &Args) -> anyhow::Result<()> {
+    match args.positional.first().map(String::as_str) {
+        Some("storm") => crate::storm::child(args).await,
+        Some("crash-owner") => crate::crash::child(args, true).await,
+        Some("crash-taker") => crate::crash::child(args, false).await,
+        other => bail!("unknown child role {other:?}"),
+    }
+}

@@ -1,0 +1,147 @@
+//! `orchestrix-bench`: proof under faults and load, with figures.
+//!
+//! Every scenario drives real flows (`Flow::run` with an idempotency key) against a real
+//! store on 127.0.0.1, prints its tables, and exits with status 1 when one of its
+//! invariants breaks (2 for a usage or setup error):
+//!
+//! * `storm` — P processes × C concurrent callers × K keys race for every key; each
+//!   execution of the side effect appends a line to a file opened with `O_APPEND`, an
+//!   independent counter. Invariant: exactly K executions, each key once.
+//! * `crash` — an owner process is killed with SIGKILL mid-flow; another process takes
+//!   the key over once the lease lapses; the killed owner's late writes (its stale token
+//!   replayed) are refused. Invariant: one completed record holding the new owner's
+//!   result, zero stale overwrites.
+//! * `outage` — a private `redis-server` is killed during a storm and restarted. Every
+//!   call ends within a bound, every error is a typed store error, no step runs without
+//!   an acquired record, and no key executes twice against the same server instance.
+//! * `throughput` — fresh runs/s and replays/s beside the raw round-trip rate of the same
+//!   client, and round trips per operation.
+//! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
+//!
+//! Child processes are this binary again, with the hidden `child` subcommand.
+#![forbid(unsafe_code)]
+
+mod args;
+mod child;
+mod counter;
+mod crash;
+mod machine;
+mod outage;
+mod redis_server;
+mod report;
+mod section;
+mod stores;
+mod storm;
+mod throughput;
+mod wire;
+
+use std::process::ExitCode;
+
+use args::Args;
+use section::Section;
+use stores::StoreKind;
+
+const USAGE: &str = "\
+usage: orchestrix-bench <scenario> [options]
+
+scenarios:
+  storm       --store S [--processes 4] [--callers 5] [--keys 500]
+  crash       --store S [--lease-ms 1000] [--rounds 1]
+  outage      [--store redis] [--window-keys 20] [--callers 16] [--step-ms 5]
+              [--seconds 8] [--down-at-ms 2500] [--down-for-ms 1500]
+  throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
+  report      [--output PATH] [--seconds 2]
+
+S: memory | redis | postgres | sqlite | dynamodb | all
+   (all: every store whose service answers; the others are skipped with a line)
+
+services (loopback only): REDIS_URL (redis://127.0.0.1:6379),
+  DATABASE_URL (postgres://postgres@127.0.0.1:5432/test),
+  DYNAMODB_ENDPOINT (e.g. from `source scripts/services.sh; start_dynamodb`).
+
+exit status: 0 all invariants held, 1 an invariant broke, 2 usage or setup error.";
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
+    let sections = match args.scenario.as_str() {
+        "child" => return child::main(&args).await.map(|()| ExitCode::SUCCESS),
+        "report" => return report::main(&args).await,
+        "storm" => {
+            let size = storm::StormSize::from_args(&args)?;
+            vec![storm::main(&stores_arg(&args)?, &|_| size).await?]
+        }
+        "crash" => {
+            vec![crash::main(&stores_arg(&args)?, &crash::CrashConfig::from_args(&args)?).await?]
+        }
+        "outage" => {
+            let kinds = stores_arg(&args).unwrap_or_else(|_| vec![StoreKind::Redis]);
+            if kinds != [StoreKind::Redis] {
+                anyhow::bail!("outage runs against a private redis-server only: --store redis");
+            }
+            vec![outage::main(&outage::OutageConfig::from_args(&args)?).await?]
+        }
+        "throughput" => {
+            throughput::main(
+                &stores_arg(&args)?,
+                &throughput::ThroughputConfig::from_args(&args)?,
+            )
+            .await?
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => anyhow::bail!("unknown scenario {other:?}\n\n{USAGE}"),
+    };
+    Ok(finish(&sections))
+}
+
+/// Prints the sections and turns their violations into the exit status.
+fn finish(sections: &[Section]) -> ExitCode {
+    let mut broken = false;
+    for section in sections {
+        println!("{}", section.render());
+        broken |= !section.violations.is_empty();
+    }
+    if broken {
+        println!("INVARIANT BROKEN (see above)");
+        ExitCode::from(1)
+    } else {
+        println!("all invariants held");
+        ExitCode::SUCCESS
+    }
+}
+
+fn stores_arg(args: &Args) -> anyhow::Result<Vec<StoreKind>> {
+    let name = args
+        .get("store")
+        .ok_or_else(|| anyhow::anyhow!("--store is required\n\n{USAGE}"))?;
+    StoreKind::parse_list(name)
+}

@@ -1,0 +1,114 @@
+//! The storm and crash scenarios at small sizes, so `scripts/test` checks their invariants
+//! on every run (the full sizes run from the bench binary). Each test runs the real binary,
+//! which spawns its own child processes, against the services on 127.0.0.1 (Redis at
+//! `REDIS_URL`, a temporary SQLite file); every run uses its own key prefix or file.
+//! The binary exits non-zero when an invariant breaks; the tests also read its table.
+
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orchestrix-bench"))
+        .args(args)
+        .output()
+        .expect("run orchestrix-bench")
+}
+
+/// Asserts the scenario held its invariants and its table has a `held` row for `store`.
+fn assert_held(output: &Output, store: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "invariant broken or scenario failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("| {store} ")))
+        .unwrap_or_else(|| panic!("no row for {store}:\n{stdout}\n{stderr}"));
+    assert!(row.contains("| held"), "{row}");
+    assert!(stdout.contains("all invariants held"), "{stdout}");
+}
+
+/// The storm row's "executed (file)" and "distinct keys" cells.
+fn executed_and_distinct(output: &Output, store: &str) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("| {store} ")))
+        .unwrap_or_else(|| panic!("no row for {store}:\n{stdout}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    (cells[4].to_owned(), cells[5].to_owned())
+}
+
+#[test]
+fn storm_on_the_memory_store_executes_each_key_once() {
+    let output = bench(&[
+        "storm",
+        "--store",
+        "memory",
+        "--callers",
+        "8",
+        "--keys",
+        "50",
+    ]);
+    assert_held(&output, "memory");
+    assert_eq!(
+        executed_and_distinct(&output, "memory"),
+        ("50".to_owned(), "50".to_owned())
+    );
+}
+
+#[test]
+fn storm_from_two_processes_on_redis_executes_each_key_once() {
+    let output = bench(&[
+        "storm",
+        "--store",
+        "redis",
+        "--processes",
+        "2",
+        "--callers",
+        "4",
+        "--keys",
+        "50",
+    ]);
+    assert_held(&output, "redis");
+    assert_eq!(
+        executed_and_distinct(&output, "redis"),
+        ("50".to_owned(), "50".to_owned())
+    );
+}
+
+#[test]
+fn storm_from_two_processes_on_sqlite_executes_each_key_once() {
+    let output = bench(&[
+        "storm",
+        "--store",
+        "sqlite",
+        "--processes",
+        "2",
+        "--callers",
+        "4",
+        "--keys",
+        "50",
+    ]);
+    assert_held(&output, "sqlite");
+    assert_eq!(
+        executed_and_distinct(&output, "sqlite"),
+        ("50".to_owned(), "50".to_owned())
+    );
+}
+
+#[test]
+fn crash_takeover_on_redis_refuses_the_killed_owners_stale_writes() {
+    let output = bench(&["crash", "--store", "redis", "--lease-ms", "1000"]);
+    assert_held(&output, "redis");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("| 4 of 4 "));
+}
+
+#[test]
+fn crash_takeover_on_sqlite_refuses_the_killed_owners_stale_writes() {
+    let output = bench(&["crash", "--store", "sqlite", "--lease-ms", "1000"]);
+    assert_held(&output, "sqlite");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("| 4 of 4 "));
+}
