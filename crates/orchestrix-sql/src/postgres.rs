@@ -264,11 +264,13 @@ impl Statements {
         let owned = format!(
             "key = $1 AND token = $2 AND status = 'running' AND v = {v} AND expires_at > now()"
         );
-        // StartRequest::may_take_over, in SQL: a failed record of this schema, the caller
-        // re-runs failures, and the fingerprints do not disagree.
+        // StartRequest::may_take_over, in SQL: a failed record of this schema with a
+        // well-formed token (a damaged row is reported, never freed), the caller re-runs
+        // failures, and the fingerprints do not disagree.
         let rerunnable = |r: &str| {
             format!(
                 "({r}.status = 'failed' AND {r}.v = {v} AND $5::boolean AND \
+                 {r}.token ~ '^[0-9a-f]{{32}}$' AND \
                  ($3::text IS NULL OR {r}.fingerprint IS NULL OR {r}.fingerprint = $3::text))"
             )
         };

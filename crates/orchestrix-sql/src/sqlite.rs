@@ -263,9 +263,13 @@ impl Statements {
         let owned = format!(
             "key = ?1 AND token = ?2 AND status = 'running' AND v = {v} AND expires_at > {NOW}"
         );
-        // Expired, or StartRequest::may_take_over in SQL. NULL (a damaged row) is not free.
+        // Expired, or StartRequest::may_take_over in SQL. NULL (a damaged row) is not free,
+        // and neither is a failed row whose token or fingerprint would not decode.
         let free = format!(
             "(cur.expires_at <= {NOW} OR (cur.status = 'failed' AND cur.v = {v} AND ?5 \
+              AND typeof(cur.token) = 'text' AND length(cur.token) = 32 \
+              AND cur.token NOT GLOB '*[^0-9a-f]*' \
+              AND (cur.fingerprint IS NULL OR typeof(cur.fingerprint) = 'text') \
               AND (?3 IS NULL OR cur.fingerprint IS NULL OR cur.fingerprint = ?3)))"
         );
         let keep_or_take =

@@ -56,10 +56,11 @@ impl FromStr for FencingToken {
 
     /// Parses the 32-hex-digit form written by `Display`.
     fn from_str(s: &str) -> Result<Self, StoreError> {
-        if s.len() != 32 {
+        // `from_str_radix` alone would also take a leading `+`: only the exact form that
+        // `Display` writes is a token.
+        if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(StoreError::decode(format!(
-                "fencing token must be 32 hex digits, got {} characters",
-                s.len()
+                "fencing token must be 32 hex digits, got {s:?}"
             )));
         }
         u128::from_str_radix(s, 16)
