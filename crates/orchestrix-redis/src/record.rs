@@ -1,34 +1,59 @@
-//! The record's layout in Redis: one hash per key.
+//! The record's layout in Redis: one string per key, in a compact, versioned encoding.
 //!
-//! | field    | value                                              |
-//! | -------- | -------------------------------------------------- |
-//! | `v`      | schema version ([`SCHEMA_VERSION`])                |
-//! | `status` | `running`, `completed` or `failed`                 |
-//! | `token`  | the owner's fencing token, 32 hex digits           |
-//! | `fp`     | input fingerprint (absent when fingerprinting off) |
-//! | `result` | result bytes (absent while running, or too large)  |
+//! ```text
+//! offset  length  content
+//! 0       1       schema version, one ASCII digit ('1' = SCHEMA_VERSION 1)
+//! 1       1       status: 'r' running, 'c' completed, 'f' failed
+//! 2       32      the owner's fencing token, 32 lowercase hex digits
+//! 34      4       fingerprint length, 4 lowercase hex digits; 'ffff' = no fingerprint
+//! 38      n       the fingerprint (UTF-8), n = that length (at most 65534 bytes)
+//! 38 + n  1       '-' no result (nothing follows) or '+' the result follows
+//! 39 + n  ...     the result bytes, to the end of the string
+//! ```
+//!
+//! Every field before the fingerprint sits at a fixed offset, so the Lua scripts check
+//! version, status and token with `string.sub` without parsing anything, and `start` can
+//! write a whole running record with one native `SET`.
 //!
 //! The key's own expiry is the lease (running) or the TTL (finished); no expiry means
 //! "keep until deleted".
-//!
-//! [`SCHEMA_VERSION`]: orchestrix::store::SCHEMA_VERSION
 
-use orchestrix::store::{FencingToken, Record, RecordStatus, StoreError};
+use orchestrix::store::{FencingToken, Record, RecordStatus, SCHEMA_VERSION, StoreError};
 
-/// A hash's fields, as read by `HGETALL`.
-pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+/// Offset of the fingerprint length.
+const FP_LEN_AT: usize = 34;
+/// Offset of the fingerprint.
+const FP_AT: usize = 38;
+/// The fingerprint length meaning "no fingerprint".
+const NO_FINGERPRINT: &[u8; 4] = b"ffff";
+/// The longest fingerprint the layout holds.
+pub(crate) const MAX_FINGERPRINT_LEN: usize = 0xfffe;
+/// The result flag: no result follows.
+const NO_RESULT: u8 = b'-';
+/// The result flag: the result follows.
+const HAS_RESULT: u8 = b'+';
 
 /// Why a value under a key is not a record this store can read.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UndecodableRecord {
-    #[error("the key holds a Redis {0}, not a record hash")]
+    #[error("the key holds a Redis {0}, not a record string")]
     WrongType(String),
-    #[error("the record has no `{0}` field")]
-    Missing(&'static str),
-    #[error("the record's `{0}` field is not UTF-8")]
-    NotUtf8(&'static str),
-    #[error("the record's schema version {0:?} is not a number")]
-    BadVersion(String),
+    #[error("the record is empty")]
+    Empty,
+    #[error("the record's schema version byte {0:#04x} is not a digit")]
+    BadVersion(u8),
+    #[error("the record is truncated: {0} bytes")]
+    Truncated(usize),
+    #[error("the record's status byte {0:#04x} is not 'r', 'c' or 'f'")]
+    BadStatus(u8),
+    #[error("the record's fingerprint length {0:?} is not 4 lowercase hex digits")]
+    BadFingerprintLength(String),
+    #[error("the record's fingerprint is not UTF-8")]
+    FingerprintNotUtf8,
+    #[error("the record's result flag {0:#04x} is not '-' or '+'")]
+    BadResultFlag(u8),
+    #[error("the record has {0} bytes after its '-' (no result) flag")]
+    TrailingBytes(usize),
 }
 
 impl From<UndecodableRecord> for StoreError {
@@ -37,42 +62,242 @@ impl From<UndecodableRecord> for StoreError {
     }
 }
 
-/// The record under `key` from its hash fields.
+/// The status's one-byte code.
+pub(crate) fn status_code(status: RecordStatus) -> u8 {
+    match status {
+        RecordStatus::Running => b'r',
+        RecordStatus::Completed => b'c',
+        // `RecordStatus` is non-exhaustive; only these three exist today.
+        _ => b'f',
+    }
+}
+
+/// The encoded record.
 ///
 /// # Errors
-/// [`StoreError::UnsupportedVersion`] for another schema version (checked first, so a newer
-/// layout is reported as such); [`StoreError::Decode`] for anything missing or malformed.
-pub(crate) fn decode(key: &str, fields: Fields) -> Result<Record, StoreError> {
-    let (mut version, mut status, mut token, mut fingerprint, mut result) =
-        (None, None, None, None, None);
-    for (name, value) in fields {
-        match name.as_slice() {
-            b"v" => version = Some(value),
-            b"status" => status = Some(value),
-            b"token" => token = Some(value),
-            b"fp" => fingerprint = Some(value),
-            b"result" => result = Some(value),
-            _ => {}
-        }
+/// [`StoreError::Encode`] for a fingerprint longer than [`MAX_FINGERPRINT_LEN`] bytes.
+pub(crate) fn encode(
+    status: RecordStatus,
+    token: FencingToken,
+    fingerprint: Option<&str>,
+    result: Option<&[u8]>,
+) -> Result<Vec<u8>, StoreError> {
+    let fp = fingerprint.unwrap_or("");
+    if fp.len() > MAX_FINGERPRINT_LEN {
+        return Err(StoreError::Encode(
+            format!(
+                "fingerprint of {} bytes exceeds the Redis store's limit of {MAX_FINGERPRINT_LEN}",
+                fp.len()
+            )
+            .into(),
+        ));
     }
-    let version = text("v", version)?;
-    let version = version
-        .parse()
-        .map_err(|_| UndecodableRecord::BadVersion(version))?;
-    Record::check_version(version)?;
+    let mut out = Vec::with_capacity(FP_AT + fp.len() + 1 + result.map_or(0, <[u8]>::len));
+    out.push(version_byte());
+    out.push(status_code(status));
+    out.extend_from_slice(token.to_string().as_bytes());
+    match fingerprint {
+        Some(fp) => out.extend_from_slice(format!("{:04x}", fp.len()).as_bytes()),
+        None => out.extend_from_slice(NO_FINGERPRINT),
+    }
+    out.extend_from_slice(fp.as_bytes());
+    match result {
+        Some(result) => {
+            out.push(HAS_RESULT);
+            out.extend_from_slice(result);
+        }
+        None => out.push(NO_RESULT),
+    }
+    Ok(out)
+}
+
+/// This build's schema version as its one-digit code.
+fn version_byte() -> u8 {
+    // SCHEMA_VERSION is 1; the layout reserves one digit for it.
+    b'0' + (SCHEMA_VERSION % 10) as u8
+}
+
+/// The record under `key` from its encoded value.
+///
+/// # Errors
+/// [`StoreError::UnsupportedVersion`] for another schema version digit (checked first, so a
+/// newer layout is reported as such); [`StoreError::Decode`] for anything else malformed.
+pub(crate) fn decode(key: &str, value: &[u8]) -> Result<Record, StoreError> {
+    let &version = value.first().ok_or(UndecodableRecord::Empty)?;
+    if !version.is_ascii_digit() {
+        return Err(UndecodableRecord::BadVersion(version).into());
+    }
+    Record::check_version(u32::from(version - b'0'))?;
+    if value.len() < FP_AT + 1 {
+        return Err(UndecodableRecord::Truncated(value.len()).into());
+    }
+    let status = match value[1] {
+        b'r' => RecordStatus::Running,
+        b'c' => RecordStatus::Completed,
+        b'f' => RecordStatus::Failed,
+        other => return Err(UndecodableRecord::BadStatus(other).into()),
+    };
+    let token = std::str::from_utf8(&value[2..FP_LEN_AT])
+        .map_err(|_| StoreError::decode("fencing token is not ASCII"))?
+        .parse::<FencingToken>()?;
+    let fp_len = &value[FP_LEN_AT..FP_AT];
+    let (fingerprint, rest) = if fp_len == NO_FINGERPRINT {
+        (None, &value[FP_AT..])
+    } else {
+        let len = hex_len(fp_len)?;
+        let rest = &value[FP_AT..];
+        if rest.len() < len + 1 {
+            return Err(UndecodableRecord::Truncated(value.len()).into());
+        }
+        let (fp, rest) = rest.split_at(len);
+        let fp = std::str::from_utf8(fp).map_err(|_| UndecodableRecord::FingerprintNotUtf8)?;
+        (Some(fp.to_owned()), rest)
+    };
+    let result = match rest.split_first() {
+        Some((&HAS_RESULT, result)) => Some(result.to_vec()),
+        Some((&NO_RESULT, [])) => None,
+        Some((&NO_RESULT, trailing)) => {
+            return Err(UndecodableRecord::TrailingBytes(trailing.len()).into());
+        }
+        Some((&flag, _)) => return Err(UndecodableRecord::BadResultFlag(flag).into()),
+        None => return Err(UndecodableRecord::Truncated(value.len()).into()),
+    };
     Ok(Record {
         key: key.to_owned(),
-        status: text("status", status)?.parse::<RecordStatus>()?,
-        token: text("token", token)?.parse::<FencingToken>()?,
-        fingerprint: fingerprint.map(|fp| utf8("fp", fp)).transpose()?,
+        status,
+        token,
+        fingerprint,
         result,
     })
 }
 
-fn text(field: &'static str, value: Option<Vec<u8>>) -> Result<String, UndecodableRecord> {
-    utf8(field, value.ok_or(UndecodableRecord::Missing(field))?)
+/// A fingerprint length: exactly 4 lowercase hex digits, `ffff` excluded by the caller.
+fn hex_len(digits: &[u8]) -> Result<usize, UndecodableRecord> {
+    let bad = || UndecodableRecord::BadFingerprintLength(String::from_utf8_lossy(digits).into());
+    digits.iter().try_fold(0usize, |len, &d| {
+        let digit = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return Err(bad()),
+        };
+        Ok(len * 16 + usize::from(digit))
+    })
 }
 
-fn utf8(field: &'static str, value: Vec<u8>) -> Result<String, UndecodableRecord> {
-    String::from_utf8(value).map_err(|_| UndecodableRecord::NotUtf8(field))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    fn token() -> FencingToken {
+        TOKEN.parse().unwrap()
+    }
+
+    fn is_decode(result: Result<Record, StoreError>) -> bool {
+        matches!(result, Err(StoreError::Decode(_)))
+    }
+
+    #[test]
+    fn every_shape_of_record_round_trips() {
+        let statuses = [
+            RecordStatus::Running,
+            RecordStatus::Completed,
+            RecordStatus::Failed,
+        ];
+        let fingerprints = [None, Some(""), Some("fp"), Some("ünïcode")];
+        let results: [Option<&[u8]>; 4] = [None, Some(b""), Some(b"ok"), Some(&[0, 255, b'-', 0])];
+        for status in statuses {
+            for fingerprint in fingerprints {
+                for result in results {
+                    let encoded = encode(status, token(), fingerprint, result).unwrap();
+                    let record = decode("k", &encoded).unwrap();
+                    assert_eq!(
+                        record,
+                        Record {
+                            key: "k".to_owned(),
+                            status,
+                            token: token(),
+                            fingerprint: fingerprint.map(str::to_owned),
+                            result: result.map(<[u8]>::to_vec),
+                        }
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_layout_is_the_documented_one() {
+        let encoded = encode(RecordStatus::Completed, token(), Some("fp"), Some(b"ok")).unwrap();
+        assert_eq!(encoded, format!("1c{TOKEN}0002fp+ok").into_bytes());
+        let encoded = encode(RecordStatus::Running, token(), None, None).unwrap();
+        assert_eq!(encoded, format!("1r{TOKEN}ffff-").into_bytes());
+    }
+
+    #[test]
+    fn the_longest_fingerprint_fits_and_a_longer_one_is_an_encode_error() {
+        let longest = "x".repeat(MAX_FINGERPRINT_LEN);
+        let encoded = encode(RecordStatus::Running, token(), Some(&longest), None).unwrap();
+        assert_eq!(
+            decode("k", &encoded).unwrap().fingerprint.as_deref(),
+            Some(longest.as_str())
+        );
+        let longer = "x".repeat(MAX_FINGERPRINT_LEN + 1);
+        assert!(matches!(
+            encode(RecordStatus::Running, token(), Some(&longer), None),
+            Err(StoreError::Encode(_))
+        ));
+    }
+
+    #[test]
+    fn every_truncation_of_a_record_is_a_decode_error() {
+        let encoded = encode(RecordStatus::Failed, token(), Some("fp"), None).unwrap();
+        for len in 0..encoded.len() {
+            assert!(is_decode(decode("k", &encoded[..len])), "prefix of {len}");
+        }
+    }
+
+    #[test]
+    fn another_version_digit_is_unsupported() {
+        let value = format!("9c{TOKEN}ffff-");
+        assert!(matches!(
+            decode("k", value.as_bytes()),
+            Err(StoreError::UnsupportedVersion { found: 9 })
+        ));
+        // Checked first: a newer layout need not look like this one at all.
+        assert!(matches!(
+            decode("k", b"2"),
+            Err(StoreError::UnsupportedVersion { found: 2 })
+        ));
+    }
+
+    #[test]
+    fn malformed_fields_are_decode_errors() {
+        let cases = [
+            format!("xc{TOKEN}ffff-"),
+            format!("1x{TOKEN}ffff-"),
+            format!("1c{}ffff-", TOKEN.to_uppercase()),
+            format!("1c{}ffff-", &TOKEN[..31]),
+            format!("1c{TOKEN}fffe-"),
+            format!("1c{TOKEN}00A1x-"),
+            format!("1c{TOKEN}+001-"),
+            format!("1c{TOKEN}0003ab-"),
+            format!("1c{TOKEN}ffff"),
+            format!("1c{TOKEN}ffff*"),
+            format!("1c{TOKEN}ffff-x"),
+            format!("1c{TOKEN}0002fp"),
+            "not a record".to_owned(),
+        ];
+        for case in cases {
+            assert!(is_decode(decode("k", case.as_bytes())), "{case:?}");
+        }
+        let mut bad_fp = format!("1c{TOKEN}0002").into_bytes();
+        bad_fp.extend_from_slice(&[0xff, 0xfe, b'-']);
+        assert!(is_decode(decode("k", &bad_fp)));
+        let mut bad_token = b"1c".to_vec();
+        bad_token.extend_from_slice(&[0xc3; 32]);
+        bad_token.extend_from_slice(b"ffff-");
+        assert!(is_decode(decode("k", &bad_token)));
+    }
 }

@@ -1,22 +1,25 @@
-//! The Lua scripts, one per store operation, and the shape of their replies.
+//! The Lua scripts, for the operations no native command can do in one step, and the shape
+//! of their replies.
 //!
-//! Each script reads, decides and writes inside Redis, so every operation is one `EVALSHA`
-//! (the `redis` crate reloads a script the server lost and retries, answering `NOSCRIPT`).
-//! Every script touches exactly one key, which keeps each operation inside one hash slot.
+//! `get`, `delete` and the common `start` are native commands (see the crate docs). The
+//! fenced writes (`complete`, `fail`, `renew`, `release`) and a `start` that re-runs
+//! failures must read, decide and write atomically, so each is one script called with
+//! `EVALSHA` (the `redis` crate reloads a script the server lost and retries, answering
+//! `NOSCRIPT`). Every script touches exactly one key, which keeps each operation inside one
+//! hash slot.
 
 use std::sync::LazyLock;
 
 use orchestrix::store::StoreError;
 use redis::{Script, Value};
 
-use crate::record::{Fields, UndecodableRecord};
+use crate::record::UndecodableRecord;
 
 /// The scripts, hashed once per process.
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::new);
 
 pub(crate) struct Scripts {
-    pub(crate) read: Script,
-    pub(crate) start: Script,
+    pub(crate) start_rerun: Script,
     pub(crate) finish: Script,
     pub(crate) renew: Script,
     pub(crate) release: Script,
@@ -25,8 +28,7 @@ pub(crate) struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            read: Script::new(include_str!("lua/read.lua")),
-            start: Script::new(include_str!("lua/start.lua")),
+            start_rerun: Script::new(include_str!("lua/start_rerun.lua")),
             finish: Script::new(concat!(
                 include_str!("lua/fence.lua"),
                 include_str!("lua/finish.lua")
@@ -48,16 +50,17 @@ impl Scripts {
 pub(crate) enum Reply {
     /// `start` acquired the key.
     Acquired,
-    /// The record's hash fields, for `get` and for a `start` that did not acquire.
-    Record(Fields),
-    /// No record under the key.
-    Absent,
+    /// The encoded value under the key, for a `start` that did not acquire.
+    Record(Vec<u8>),
     /// An owner's write was applied.
     Ok,
     /// An owner's write was refused: the token is not the running record's.
     Stale,
     /// The key holds another Redis type (named here), written by something else.
     WrongType(String),
+    /// The running record carries the caller's token but the rest of it is malformed: it
+    /// was not written by this store, so nothing was written.
+    Garbled,
 }
 
 impl Reply {
@@ -72,10 +75,10 @@ impl Reply {
         };
         match (tag.as_slice(), items.next()) {
             (b"acquired", None) => Ok(Self::Acquired),
-            (b"absent", None) => Ok(Self::Absent),
             (b"ok", None) => Ok(Self::Ok),
             (b"stale", None) => Ok(Self::Stale),
-            (b"record", Some(Value::Array(flat))) => fields(flat).map(Self::Record),
+            (b"garbled", None) => Ok(Self::Garbled),
+            (b"record", Some(Value::BulkString(value))) => Ok(Self::Record(value)),
             (b"wrongtype", Some(Value::BulkString(kind))) => {
                 Ok(Self::WrongType(String::from_utf8_lossy(&kind).into_owned()))
             }
@@ -87,22 +90,10 @@ impl Reply {
     pub(crate) fn into_error(self) -> StoreError {
         match self {
             Self::WrongType(kind) => UndecodableRecord::WrongType(kind).into(),
+            Self::Garbled => StoreError::decode("the running record under the key is malformed"),
             other => unexpected(&other),
         }
     }
-}
-
-/// HGETALL's flat `field, value, field, value, ...` list as pairs.
-fn fields(flat: Vec<Value>) -> Result<Fields, StoreError> {
-    let mut pairs = Vec::with_capacity(flat.len() / 2);
-    let mut flat = flat.into_iter();
-    while let Some(name) = flat.next() {
-        match (name, flat.next()) {
-            (Value::BulkString(name), Some(Value::BulkString(value))) => pairs.push((name, value)),
-            other => return Err(unexpected(&other)),
-        }
-    }
-    Ok(pairs)
 }
 
 /// A reply our own scripts cannot produce: the server is not running these scripts
@@ -111,4 +102,18 @@ fn unexpected(what: &impl std::fmt::Debug) -> StoreError {
     StoreError::backend_msg(format_args!(
         "unexpected reply from a Redis script: {what:?}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use orchestrix::store::SCHEMA_VERSION;
+
+    /// The scripts check the version digit of `record.rs` literally.
+    #[test]
+    fn the_scripts_check_this_builds_schema_version() {
+        assert_eq!(SCHEMA_VERSION, 1, "update the '1' in the Lua scripts");
+        assert!(include_str!("lua/fence.lua").contains("~= '1r'"));
+        assert!(include_str!("lua/finish.lua").contains("'1' .. ARGV[2]"));
+        assert!(include_str!("lua/start_rerun.lua").contains("~= '1f'"));
+    }
 }

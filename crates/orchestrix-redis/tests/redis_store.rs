@@ -35,33 +35,62 @@ async fn a_string_under_the_key_is_a_decode_error() {
     .await;
 }
 
+/// Writes `value` as a string under `prefix` + `key`, the way another program might.
+async fn write_string(prefix: &str, key: &str, value: &str) {
+    let mut raw = common::raw().await;
+    let _: () = raw.set(format!("{prefix}{key}"), value).await.unwrap();
+}
+
 #[tokio::test]
-async fn a_hash_with_a_malformed_token_is_a_decode_error() {
-    let prefix = common::unique_prefix("bad-token");
+async fn a_hash_under_the_key_is_a_decode_error() {
+    let prefix = common::unique_prefix("hash");
     let store = common::store_with_prefix(&prefix).await;
     orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
-        let fields = [("v", "1"), ("status", "completed"), ("token", "nope")];
+        // The layout of earlier versions of this crate is a foreign type now, too.
+        let fields = [("v", "1"), ("status", "completed"), ("token", GOOD_TOKEN)];
         write_hash(&prefix, &key, &fields).await;
     })
     .await;
 }
 
 #[tokio::test]
-async fn a_hash_missing_fields_is_a_decode_error() {
-    let prefix = common::unique_prefix("missing");
+async fn a_list_under_the_key_is_a_decode_error() {
+    let prefix = common::unique_prefix("list");
     let store = common::store_with_prefix(&prefix).await;
     orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
-        write_hash(&prefix, &key, &[("v", "1"), ("token", GOOD_TOKEN)]).await;
+        let mut raw = common::raw().await;
+        let _: () = raw.rpush(format!("{prefix}{key}"), "item").await.unwrap();
     })
     .await;
 }
 
 #[tokio::test]
-async fn a_hash_of_unrelated_fields_is_a_decode_error_not_an_absent_record() {
-    let prefix = common::unique_prefix("unrelated");
+async fn a_record_with_a_malformed_token_is_a_decode_error() {
+    let prefix = common::unique_prefix("bad-token");
     let store = common::store_with_prefix(&prefix).await;
     orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
-        write_hash(&prefix, &key, &[("name", "somebody else's hash")]).await;
+        let value = format!("1c{}ffff-", GOOD_TOKEN.to_uppercase());
+        write_string(&prefix, &key, &value).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_truncated_record_is_a_decode_error() {
+    let prefix = common::unique_prefix("truncated");
+    let store = common::store_with_prefix(&prefix).await;
+    orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
+        write_string(&prefix, &key, &format!("1c{GOOD_TOKEN}0004fp")).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_record_with_a_malformed_fingerprint_length_is_a_decode_error() {
+    let prefix = common::unique_prefix("bad-fp-len");
+    let store = common::store_with_prefix(&prefix).await;
+    orchestrix_conformance::undecodable_record_is_a_typed_error(&store, |key| async move {
+        write_string(&prefix, &key, &format!("1c{GOOD_TOKEN}00x2fp-")).await;
     })
     .await;
 }
@@ -70,21 +99,25 @@ async fn a_hash_of_unrelated_fields_is_a_decode_error_not_an_absent_record() {
 async fn a_record_of_another_schema_version_is_unsupported() {
     let prefix = common::unique_prefix("version");
     let store = common::store_with_prefix(&prefix).await;
-    let key = unique_key("v99");
-    let fields = [("v", "99"), ("status", "failed"), ("token", GOOD_TOKEN)];
-    write_hash(&prefix, &key, &fields).await;
+    let key = unique_key("v9");
+    write_string(&prefix, &key, &format!("9f{GOOD_TOKEN}ffff-")).await;
     let rerun = StartRequest {
         rerun_failed: true,
         ..request(&key, None)
     };
     let started = store.start(rerun).await;
     assert!(
-        matches!(started, Err(StoreError::UnsupportedVersion { found: 99 })),
+        matches!(started, Err(StoreError::UnsupportedVersion { found: 9 })),
+        "{started:?}"
+    );
+    let started = store.start(request(&key, None)).await;
+    assert!(
+        matches!(started, Err(StoreError::UnsupportedVersion { found: 9 })),
         "{started:?}"
     );
     let got = store.get(&key).await;
     assert!(
-        matches!(got, Err(StoreError::UnsupportedVersion { found: 99 })),
+        matches!(got, Err(StoreError::UnsupportedVersion { found: 9 })),
         "{got:?}"
     );
 }
@@ -94,8 +127,8 @@ async fn a_failed_record_with_a_malformed_token_is_never_taken_over() {
     let prefix = common::unique_prefix("no-takeover");
     let store = common::store_with_prefix(&prefix).await;
     let key = unique_key("garbage-failed");
-    let fields = [("v", "1"), ("status", "failed"), ("token", "xyz")];
-    write_hash(&prefix, &key, &fields).await;
+    let value = format!("1f{}ffff-", "x".repeat(32));
+    write_string(&prefix, &key, &value).await;
     let rerun = StartRequest {
         rerun_failed: true,
         ..request(&key, None)
@@ -103,17 +136,36 @@ async fn a_failed_record_with_a_malformed_token_is_never_taken_over() {
     let started = store.start(rerun).await;
     assert!(matches!(started, Err(StoreError::Decode(_))), "{started:?}");
     let mut raw = common::raw().await;
-    let token: String = raw.hget(format!("{prefix}{key}"), "token").await.unwrap();
-    assert_eq!(token, "xyz", "start must not overwrite what it cannot read");
+    let stored: String = raw.get(format!("{prefix}{key}")).await.unwrap();
+    assert_eq!(
+        stored, value,
+        "start must not overwrite what it cannot read"
+    );
 }
 
 #[tokio::test]
-async fn fenced_writes_on_a_foreign_value_are_decode_errors_and_leave_it_alone() {
+async fn a_well_formed_failed_record_is_taken_over_by_a_rerun() {
+    let prefix = common::unique_prefix("takeover");
+    let store = common::store_with_prefix(&prefix).await;
+    let key = unique_key("failed");
+    write_string(&prefix, &key, &format!("1f{GOOD_TOKEN}0002fp+boom")).await;
+    let rerun = StartRequest {
+        rerun_failed: true,
+        ..request(&key, Some("fp"))
+    };
+    let started = store.start(rerun).await;
+    assert!(
+        matches!(started, Ok(StartOutcome::Acquired(_))),
+        "{started:?}"
+    );
+}
+
+#[tokio::test]
+async fn fenced_writes_on_a_foreign_type_are_decode_errors_and_leave_it_alone() {
     let prefix = common::unique_prefix("foreign");
     let store = common::store_with_prefix(&prefix).await;
     let key = unique_key("foreign");
-    let mut raw = common::raw().await;
-    let _: () = raw.set(format!("{prefix}{key}"), "theirs").await.unwrap();
+    write_hash(&prefix, &key, &[("owner", "theirs")]).await;
     let token = orchestrix::store::FencingToken::generate();
     let completed = store.complete(&key, token, b"x", None).await;
     assert!(
@@ -125,12 +177,35 @@ async fn fenced_writes_on_a_foreign_value_are_decode_errors_and_leave_it_alone()
         matches!(released, Err(StoreError::Decode(_))),
         "{released:?}"
     );
+    let mut raw = common::raw().await;
+    let owner: String = raw.hget(format!("{prefix}{key}"), "owner").await.unwrap();
+    assert_eq!(owner, "theirs");
+}
+
+#[tokio::test]
+async fn fenced_writes_on_a_foreign_string_are_stale_and_leave_it_alone() {
+    let prefix = common::unique_prefix("foreign-string");
+    let store = common::store_with_prefix(&prefix).await;
+    let key = unique_key("foreign");
+    write_string(&prefix, &key, "theirs").await;
+    let token = orchestrix::store::FencingToken::generate();
+    let completed = store.complete(&key, token, b"x", None).await;
+    assert!(
+        matches!(completed, Err(StoreError::StaleToken)),
+        "{completed:?}"
+    );
+    let renewed = store.renew(&key, token, LONG).await;
+    assert!(
+        matches!(renewed, Err(StoreError::StaleToken)),
+        "{renewed:?}"
+    );
+    let mut raw = common::raw().await;
     let value: String = raw.get(format!("{prefix}{key}")).await.unwrap();
     assert_eq!(value, "theirs");
 }
 
 #[tokio::test]
-async fn records_live_in_one_hash_under_the_prefixed_key() {
+async fn records_live_in_one_string_under_the_prefixed_key() {
     let prefix = common::unique_prefix("layout");
     let store = common::store_with_prefix(&prefix).await;
     let key = unique_key("layout");
@@ -144,13 +219,12 @@ async fn records_live_in_one_hash_under_the_prefixed_key() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert_eq!(kind, "hash");
-    let fields: std::collections::HashMap<String, String> =
-        raw.hgetall(format!("{prefix}{key}")).await.unwrap();
-    assert_eq!(fields.get("v").map(String::as_str), Some("1"));
-    assert_eq!(fields.get("status").map(String::as_str), Some("running"));
-    assert_eq!(fields.get("token"), Some(&token.to_string()));
-    assert_eq!(fields.get("fp").map(String::as_str), Some("fp"));
+    assert_eq!(kind, "string");
+    let value: Vec<u8> = raw.get(format!("{prefix}{key}")).await.unwrap();
+    assert_eq!(value, format!("1r{token}0002fp-").into_bytes());
+    store.fail(&key, token, b"\0boom", None).await.unwrap();
+    let value: Vec<u8> = raw.get(format!("{prefix}{key}")).await.unwrap();
+    assert_eq!(value, format!("1f{token}0002fp+\0boom").into_bytes());
 }
 
 #[tokio::test]

@@ -1,10 +1,9 @@
 -- Fencing, shared by every script only the owner may run: unless ARGV[1] is the token of
--- the running record under KEYS[1], the script stops here and touches nothing.
-local function refusal(key, token)
-  local owner = redis.pcall('HMGET', key, 'status', 'token')
-  if owner.err then return {'wrongtype', redis.call('TYPE', key).ok} end
-  if owner[1] ~= 'running' or owner[2] ~= token then return {'stale'} end
-  return nil
+-- the running record under KEYS[1] (schema version '1', status 'r', the token at bytes
+-- 3..34 of the string; see record.rs), the script stops here and touches nothing.
+local key = KEYS[1]
+local value = redis.pcall('GET', key)
+if type(value) == 'table' then return {'wrongtype', redis.call('TYPE', key).ok} end
+if not value or string.sub(value, 1, 2) ~= '1r' or string.sub(value, 3, 34) ~= ARGV[1] then
+  return {'stale'}
 end
-local refused = refusal(KEYS[1], ARGV[1])
-if refused then return refused end
