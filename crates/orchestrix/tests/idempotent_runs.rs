@@ -117,6 +117,23 @@ async fn ok<O: std::fmt::Debug>(
     }
 }
 
+/// Acquires `payment:k` for `input` straight from the store, as another owner would.
+async fn acquire_directly(store: &Arc<dyn IdempotencyStore>, input: &Payment) -> FencingToken {
+    let fp = orchestrix::fingerprint_of(input).ok();
+    let acquired = store
+        .start(StartRequest {
+            key: "payment:k",
+            fingerprint: fp.as_deref(),
+            lease: Duration::from_secs(30),
+            rerun_failed: false,
+        })
+        .await;
+    match acquired {
+        Ok(StartOutcome::Acquired(token)) => token,
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
 /// Waits until the gated step has started `n` times in total.
 async fn until_started(charges: &Charges, n: u32) {
     while charges.count() < n {
@@ -283,18 +300,7 @@ async fn a_crashed_owners_key_is_taken_over_after_its_lease() {
     let charges = Charges::default();
     let flow = charges.flow(Arc::clone(&store));
     // An owner acquires the key and dies without renewing or finishing.
-    let fp = orchestrix::fingerprint_of(&payment(4200)).ok();
-    let crashed = store
-        .start(StartRequest {
-            key: "payment:k",
-            fingerprint: fp.as_deref(),
-            lease: Duration::from_secs(30),
-            rerun_failed: false,
-        })
-        .await;
-    let Ok(StartOutcome::Acquired(stale)) = crashed else {
-        panic!("expected to acquire")
-    };
+    let stale = acquire_directly(&store, &payment(4200)).await;
     let early = ok(flow.run(payment(4200), RunOptions::key("k")).await).await;
     assert_eq!(early.status, Status::Running);
     tokio::time::sleep(Duration::from_secs(31)).await;
@@ -635,18 +641,7 @@ async fn an_undecodable_stored_result_is_a_typed_error_and_runs_nothing() {
     let store = memory();
     let charges = Charges::default();
     let flow = charges.flow(Arc::clone(&store));
-    let fp = orchestrix::fingerprint_of(&payment(4200)).ok();
-    let acquired = store
-        .start(StartRequest {
-            key: "payment:k",
-            fingerprint: fp.as_deref(),
-            lease: Duration::from_secs(30),
-            rerun_failed: false,
-        })
-        .await;
-    let Ok(StartOutcome::Acquired(token)) = acquired else {
-        panic!("acquire")
-    };
+    let token = acquire_directly(&store, &payment(4200)).await;
     assert!(
         store
             .complete("payment:k", token, b"\xff not json", None)
