@@ -366,15 +366,16 @@ async fn crash_round(
             record.status, record.token
         ));
     }
-    // The stored result is the engine's compact JSON; its `output` field is the run's
-    // output. (The replay below checks the same through the engine.)
-    let stored: serde_json::Value =
-        serde_json::from_slice(record.result.as_deref().unwrap_or_default())
-            .context("the final record's result is not a stored flow result")?;
-    if stored.get("output").and_then(serde_json::Value::as_str) != Some(taker_output.as_str()) {
+    // The stored result is the engine's binary envelope, which ends with the run's output
+    // as JSON. (The replay below checks the same through the engine.)
+    let output_json = serde_json::to_vec(&taker_output)?;
+    if !record
+        .result
+        .as_deref()
+        .is_some_and(|stored| stored.ends_with(&output_json))
+    {
         problems.push(format!(
-            "final record holds output {:?}, the taker returned {taker_output:?}",
-            stored.get("output")
+            "final record does not hold the taker's output {taker_output:?}"
         ));
     }
     let replay_log = ExecutionLog::open(&log_file.path)?;

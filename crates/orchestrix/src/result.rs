@@ -1,6 +1,5 @@
 //! What a run reports: [`FlowResult`], per-step [`StepResult`]s and [`FlowError`].
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,63 +165,193 @@ impl<O> FlowResult<O> {
     }
 }
 
-/// A step in the stored form: name, status, attempts, duration in ns, error.
-type StoredStep<'a> = (Cow<'a, str>, Status, u32, u64, Option<Cow<'a, str>>);
+/// The stored form of a finished run, as [`FlowResult::to_stored`] writes it (version 2):
+/// a compact binary envelope, so a replay reads it back with a few bounds checks instead of
+/// a parse. Every integer is little-endian; `str` is a `u32` byte length and UTF-8 bytes;
+/// `opt` is a byte `0` (absent) or `1` followed by the value.
+///
+/// ```text
+/// 0x02  status  ns:u64  steps:u32  { name:str status attempts:u32 ns:u64 error:opt<str> }*
+///       error:opt<u32 length + FlowError as JSON>  compensation_failures:u32 { step:str message:str }*
+///       output:opt<O as JSON, to the end>
+/// ```
+///
+/// The output stays JSON (any `O: Serialize` fits, and a changed output type is a decode
+/// error, not silent garbage). Version 1, written by earlier builds, was a JSON object; it
+/// is still read (its first byte is `{`).
+const STORED_VERSION: u8 = 2;
 
-/// The stored form of a finished run: compact JSON, versioned, self-describing (so a
-/// changed output type is a decode error, not silent garbage). Durations are whole
-/// nanoseconds and steps are arrays, which keeps records small and replays cheap.
-#[derive(Serialize, Deserialize)]
-struct Stored<'a, O> {
-    /// Payload version.
-    v: u8,
-    status: Status,
-    ns: u64,
-    steps: Vec<StoredStep<'a>>,
-    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
-    output: Option<O>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<FlowError>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    compensation_failures: Vec<CompensationFailure>,
-}
-
-fn none<O>() -> Option<O> {
-    None
-}
-
-const STORED_VERSION: u8 = 1;
+/// The JSON object of version 1.
+const LEGACY_JSON: u8 = b'{';
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn status_code(status: Status) -> u8 {
+    match status {
+        Status::Pending => b'p',
+        Status::Running => b'r',
+        Status::Completed => b'c',
+        Status::Failed => b'f',
+        Status::Cancelled => b'x',
+    }
+}
+
+fn status_of(code: u8) -> Option<Status> {
+    Some(match code {
+        b'p' => Status::Pending,
+        b'r' => Status::Running,
+        b'c' => Status::Completed,
+        b'f' => Status::Failed,
+        b'x' => Status::Cancelled,
+        _ => return None,
+    })
+}
+
+/// Appends the pieces of the stored form.
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+
+    fn u32(&mut self, v: usize) {
+        // Lengths and counts beyond u32 cannot occur in a result a store would accept; they
+        // saturate, which the reader then refuses as malformed rather than misreading.
+        self.0
+            .extend_from_slice(&u32::try_from(v).unwrap_or(u32::MAX).to_le_bytes());
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.u32(s.len());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+            None => self.u8(0),
+        }
+    }
+}
+
+/// Reads the pieces of the stored form; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoredError> {
+        if self.0.len() < n {
+            return Err(StoredError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoredError> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoredError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn len(&mut self) -> Result<usize, StoredError> {
+        let n = u32::from_le_bytes(self.array()?);
+        // Every counted item takes at least one byte: a count larger than what is left is
+        // garbage, refused before anything is allocated for it.
+        let n = usize::try_from(n).map_err(|_| StoredError::Truncated)?;
+        if n > self.0.len() {
+            return Err(StoredError::Truncated);
+        }
+        Ok(n)
+    }
+
+    fn u32(&mut self) -> Result<u32, StoredError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoredError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn status(&mut self) -> Result<Status, StoredError> {
+        let code = self.u8()?;
+        status_of(code).ok_or(StoredError::Status(code))
+    }
+
+    fn flag(&mut self) -> Result<bool, StoredError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(StoredError::Flag(other)),
+        }
+    }
+
+    fn str(&mut self) -> Result<&'a str, StoredError> {
+        let n = self.len()?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| StoredError::Utf8)
+    }
+
+    fn opt_str(&mut self) -> Result<Option<&'a str>, StoredError> {
+        Ok(if self.flag()? {
+            Some(self.str()?)
+        } else {
+            None
+        })
+    }
 }
 
 impl<O: Serialize> FlowResult<O> {
     /// Encodes the result for the idempotency store; `with_output: false` leaves the output
     /// out (for an output that cannot be encoded).
     pub(crate) fn to_stored(&self, with_output: bool) -> Result<Vec<u8>, serde_json::Error> {
-        let stored = Stored {
-            v: STORED_VERSION,
-            status: self.status,
-            ns: nanos(self.duration),
-            steps: self
-                .steps
-                .iter()
-                .map(|s| {
-                    (
-                        Cow::Borrowed(&*s.name),
-                        s.status,
-                        s.attempts,
-                        nanos(s.duration),
-                        s.error.as_deref().map(Cow::Borrowed),
-                    )
-                })
-                .collect(),
-            output: self.output.as_ref().filter(|_| with_output),
-            error: self.error.clone(),
-            compensation_failures: self.compensation_failures.clone(),
-        };
-        serde_json::to_vec(&stored)
+        let names: usize = self.steps.iter().map(|s| s.name.len() + 26).sum();
+        let mut w = Writer(Vec::with_capacity(32 + names));
+        w.u8(STORED_VERSION);
+        w.u8(status_code(self.status));
+        w.u64(nanos(self.duration));
+        w.u32(self.steps.len());
+        for step in &self.steps {
+            w.str(&step.name);
+            w.u8(status_code(step.status));
+            w.0.extend_from_slice(&step.attempts.to_le_bytes());
+            w.u64(nanos(step.duration));
+            w.opt_str(step.error.as_deref());
+        }
+        match &self.error {
+            Some(error) => {
+                let json = serde_json::to_vec(error)?;
+                w.u8(1);
+                w.u32(json.len());
+                w.0.extend_from_slice(&json);
+            }
+            None => w.u8(0),
+        }
+        w.u32(self.compensation_failures.len());
+        for failure in &self.compensation_failures {
+            w.str(&failure.step);
+            w.str(&failure.message);
+        }
+        match self.output.as_ref().filter(|_| with_output) {
+            Some(output) => {
+                w.u8(1);
+                serde_json::to_writer(&mut w.0, output)?;
+            }
+            None => w.u8(0),
+        }
+        Ok(w.0)
     }
 }
 
@@ -231,15 +360,106 @@ impl<O: Serialize> FlowResult<O> {
 pub(crate) enum StoredError {
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    #[error("stored result has payload version {0}, this build reads {STORED_VERSION}")]
+    #[error("stored result has payload version {0}, this build reads {STORED_VERSION} and 1")]
     Version(u8),
+    #[error("stored result is truncated or has an impossible length")]
+    Truncated,
+    #[error("stored result has an unknown status code {0:#04x}")]
+    Status(u8),
+    #[error("stored result has an invalid presence flag {0:#04x}")]
+    Flag(u8),
+    #[error("stored result has a name or message that is not UTF-8")]
+    Utf8,
 }
 
 impl<O: serde::de::DeserializeOwned> FlowResult<O> {
-    /// Decodes a result written by [`to_stored`](Self::to_stored), as a replay of `flow`.
-    pub(crate) fn from_stored(flow: &Arc<str>, bytes: &[u8]) -> Result<Self, StoredError> {
-        let stored: Stored<'_, O> = serde_json::from_slice(bytes)?;
-        if stored.v != STORED_VERSION {
+    /// Decodes a result written by [`to_stored`](Self::to_stored), as a replay of `flow`,
+    /// whose steps are `step_names` (their names are shared with the replay when they match).
+    pub(crate) fn from_stored(
+        flow: &Arc<str>,
+        step_names: &[Arc<str>],
+        bytes: &[u8],
+    ) -> Result<Self, StoredError> {
+        match bytes.first() {
+            Some(&STORED_VERSION) => {}
+            Some(&LEGACY_JSON) => return Self::from_legacy_json(flow, bytes),
+            Some(&other) => return Err(StoredError::Version(other)),
+            None => return Err(StoredError::Truncated),
+        }
+        let mut r = Reader(&bytes[1..]);
+        let status = r.status()?;
+        let duration = Duration::from_nanos(r.u64()?);
+        let count = r.len()?;
+        let mut steps = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = r.str()?;
+            let name = match step_names.get(i) {
+                Some(known) if **known == *name => Arc::clone(known),
+                _ => Arc::from(name),
+            };
+            steps.push(StepResult {
+                name,
+                status: r.status()?,
+                attempts: r.u32()?,
+                duration: Duration::from_nanos(r.u64()?),
+                error: r.opt_str()?.map(str::to_owned),
+            });
+        }
+        let error = if r.flag()? {
+            let n = r.len()?;
+            Some(serde_json::from_slice(r.take(n)?)?)
+        } else {
+            None
+        };
+        let failures = r.len()?;
+        let mut compensation_failures = Vec::with_capacity(failures);
+        for _ in 0..failures {
+            compensation_failures.push(CompensationFailure {
+                step: r.str()?.to_owned(),
+                message: r.str()?.to_owned(),
+            });
+        }
+        let output = if r.flag()? {
+            Some(serde_json::from_slice(r.0)?)
+        } else if r.0.is_empty() {
+            None
+        } else {
+            return Err(StoredError::Truncated);
+        };
+        Ok(Self {
+            flow: Arc::clone(flow),
+            status,
+            duration,
+            steps,
+            output,
+            error,
+            compensation_failures,
+            replayed: true,
+        })
+    }
+
+    /// Version 1: a JSON object, steps as arrays, durations in whole nanoseconds.
+    fn from_legacy_json(flow: &Arc<str>, bytes: &[u8]) -> Result<Self, StoredError> {
+        /// A step: name, status, attempts, duration in ns, error.
+        type LegacyStep = (String, Status, u32, u64, Option<String>);
+        #[derive(Deserialize)]
+        struct Legacy<O> {
+            v: u8,
+            status: Status,
+            ns: u64,
+            steps: Vec<LegacyStep>,
+            #[serde(default = "none")]
+            output: Option<O>,
+            #[serde(default)]
+            error: Option<FlowError>,
+            #[serde(default)]
+            compensation_failures: Vec<CompensationFailure>,
+        }
+        fn none<O>() -> Option<O> {
+            None
+        }
+        let stored: Legacy<O> = serde_json::from_slice(bytes)?;
+        if stored.v != 1 {
             return Err(StoredError::Version(stored.v));
         }
         Ok(Self {
@@ -250,11 +470,11 @@ impl<O: serde::de::DeserializeOwned> FlowResult<O> {
                 .steps
                 .into_iter()
                 .map(|(name, status, attempts, ns, error)| StepResult {
-                    name: Arc::from(name.as_ref()),
+                    name: Arc::from(name),
                     status,
                     attempts,
                     duration: Duration::from_nanos(ns),
-                    error: error.map(Cow::into_owned),
+                    error,
                 })
                 .collect(),
             output: stored.output,
@@ -309,7 +529,7 @@ mod tests {
     fn stored_results_round_trip_as_replays() {
         let original = sample();
         let bytes = original.to_stored(true).unwrap_or_default();
-        let back = FlowResult::<Vec<u32>>::from_stored(&original.flow, &bytes).ok();
+        let back = FlowResult::<Vec<u32>>::from_stored(&original.flow, &[], &bytes).ok();
         let expected = FlowResult {
             replayed: true,
             ..original
@@ -320,21 +540,81 @@ mod tests {
     #[test]
     fn stored_results_without_output_replay_without_output() {
         let bytes = sample().to_stored(false).unwrap_or_default();
-        let back = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &bytes).ok();
+        let back = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &bytes).ok();
         assert_eq!(back.map(|r| r.output), Some(None));
     }
 
     #[test]
     fn a_stored_result_of_another_payload_version_is_refused() {
-        let bytes = br#"{"v":2,"status":"completed","ns":0,"steps":[]}"#;
-        let decoded = FlowResult::<()>::from_stored(&Arc::from("f"), bytes);
+        let mut bytes = sample().to_stored(true).unwrap_or_default();
+        bytes[0] = 3;
+        let decoded = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &bytes);
+        assert!(matches!(decoded, Err(StoredError::Version(3))));
+        let legacy = br#"{"v":2,"status":"completed","ns":0,"steps":[]}"#;
+        let decoded = FlowResult::<()>::from_stored(&Arc::from("f"), &[], legacy);
         assert!(matches!(decoded, Err(StoredError::Version(2))));
     }
 
     #[test]
     fn a_stored_result_of_another_output_type_is_a_decode_error() {
         let bytes = sample().to_stored(true).unwrap_or_default();
-        let decoded = FlowResult::<String>::from_stored(&Arc::from("f"), &bytes);
+        let decoded = FlowResult::<String>::from_stored(&Arc::from("f"), &[], &bytes);
         assert!(matches!(decoded, Err(StoredError::Json(_))));
+    }
+
+    #[test]
+    fn results_stored_by_version_1_are_still_replayed() {
+        let v1 = br#"{"v":1,"status":"completed","ns":1500,"steps":[["a","completed",1,700,null],["b","failed",2,800,"x"]],"output":[7]}"#;
+        let back = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], v1).ok();
+        let back = back.map(|r| {
+            let steps: Vec<_> = r
+                .steps
+                .iter()
+                .map(|s| (s.name.to_string(), s.status, s.attempts, s.error.clone()))
+                .collect();
+            (r.status, r.duration, steps, r.output, r.replayed)
+        });
+        assert_eq!(
+            back,
+            Some((
+                Status::Completed,
+                Duration::from_nanos(1500),
+                vec![
+                    ("a".to_owned(), Status::Completed, 1, None),
+                    ("b".to_owned(), Status::Failed, 2, Some("x".to_owned())),
+                ],
+                Some(vec![7]),
+                true
+            ))
+        );
+    }
+
+    #[test]
+    fn replays_share_the_flows_step_names() {
+        let original = sample();
+        let names: Vec<Arc<str>> = original.steps.iter().map(|s| Arc::clone(&s.name)).collect();
+        let bytes = original.to_stored(true).unwrap_or_default();
+        let back = FlowResult::<Vec<u32>>::from_stored(&original.flow, &names, &bytes).ok();
+        let shared = back.is_some_and(|r| {
+            r.steps
+                .iter()
+                .zip(&names)
+                .all(|(s, n)| Arc::ptr_eq(&s.name, n))
+        });
+        assert!(shared);
+    }
+
+    #[test]
+    fn every_truncation_or_extension_of_a_stored_result_is_an_error() {
+        let bytes = sample().to_stored(true).unwrap_or_default();
+        for end in 0..bytes.len() {
+            let decoded = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &bytes[..end]);
+            assert!(decoded.is_err(), "a prefix of {end} bytes decoded");
+        }
+        let without_output = sample().to_stored(false).unwrap_or_default();
+        let mut longer = without_output.clone();
+        longer.push(0);
+        assert!(FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &longer).is_err());
+        assert!(FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &without_output).is_ok());
     }
 }

@@ -78,9 +78,9 @@ where
             if let Some(rejected) = self.validate(&input) {
                 return Ok(self.notify(rejected));
             }
-            let cancel = options.cancel.clone().unwrap_or_default();
+            let cancel = || options.cancel.clone().unwrap_or_default();
             let Some(key) = options.scoped_key(&plan.name) else {
-                let result = self.execute(input, cancel).await;
+                let result = self.execute(input, cancel()).await;
                 return Ok(self.notify(result));
             };
             let owner = match self.acquire(&key, &input, &options).await? {
@@ -95,6 +95,8 @@ where
                     ));
                 }
             };
+            // Made only now: a replay or a refused run never needs a cancellation token.
+            let cancel = cancel();
             let result = owner
                 .hold(&cancel, self.execute(input, cancel.clone()))
                 .await;
@@ -155,7 +157,7 @@ where
         let bytes = record
             .result
             .ok_or(IdempotencyError::ResultNotStored { key: record.key })?;
-        FlowResult::from_stored(&self.inner.plan.name, &bytes)
+        FlowResult::from_stored(&self.inner.plan.name, &self.inner.plan.step_names, &bytes)
             .map_err(|e| IdempotencyError::Store(StoreError::decode(e)))
     }
 

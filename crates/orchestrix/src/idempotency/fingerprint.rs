@@ -1,6 +1,6 @@
 //! Input fingerprints: a stable hash of the canonical input.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -85,7 +85,16 @@ fn feed(value: &Value, h: &mut Sha256) {
     match value {
         Value::Null => h.update([b'n']),
         Value::Bool(b) => h.update([b'b', u8::from(*b)]),
-        Value::Number(n) => bytes(h, b'#', n.to_string().as_bytes()),
+        Value::Number(n) => {
+            // A number's decimal text, formatted on the stack (the hot input of a fingerprint
+            // is often a bare id); a text too long for the buffer falls back to the heap.
+            let mut text = StackText::default();
+            if write!(text, "{n}").is_ok() {
+                bytes(h, b'#', text.as_bytes());
+            } else {
+                bytes(h, b'#', n.to_string().as_bytes());
+            }
+        }
         Value::String(s) => bytes(h, b's', s.as_bytes()),
         Value::Array(items) => {
             h.update([b'[']);
@@ -93,15 +102,53 @@ fn feed(value: &Value, h: &mut Sha256) {
             items.iter().for_each(|v| feed(v, h));
         }
         Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
             h.update([b'{']);
-            h.update((entries.len() as u64).to_le_bytes());
-            for (k, v) in entries {
+            h.update((map.len() as u64).to_le_bytes());
+            let mut entry = |(k, v): (&String, &Value)| {
                 bytes(h, b'k', k.as_bytes());
                 feed(v, h);
+            };
+            // serde_json's default map is sorted already; with its `preserve_order` feature
+            // (which any crate in the build can turn on) it keeps insertion order instead.
+            if map.keys().is_sorted() {
+                map.iter().for_each(&mut entry);
+            } else {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                entries.into_iter().for_each(entry);
             }
         }
+    }
+}
+
+/// Up to 40 bytes of text on the stack: any integer, and most floats, in decimal.
+struct StackText {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl Default for StackText {
+    fn default() -> Self {
+        Self {
+            buf: [0; 40],
+            len: 0,
+        }
+    }
+}
+
+impl StackText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -145,6 +192,56 @@ mod tests {
         let fp = fingerprint_of(&42).unwrap_or_default();
         assert_eq!(fp.len(), 32);
         assert!(fp.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    /// Fingerprints are stored with records: a build that computed them differently would
+    /// report `KeyReused` for every replay of a record an earlier build wrote. These values
+    /// were computed by the first released encoding.
+    #[test]
+    fn fingerprints_are_stable_across_builds() {
+        #[derive(Serialize)]
+        struct Payment {
+            order: u64,
+            amount_cents: i64,
+            currency: &'static str,
+            tags: Vec<&'static str>,
+            note: Option<String>,
+            ratio: f64,
+        }
+        let payment = Payment {
+            order: 42,
+            amount_cents: -1999,
+            currency: "EUR",
+            tags: vec!["a", "b"],
+            note: None,
+            ratio: 0.25,
+        };
+        let object = serde_json::json!({"z": 1, "a": [true, null, "x"]});
+        let pinned = [
+            (
+                fingerprint_of(&payment).ok(),
+                "629cb95a399aa4d9a83cf44ed759679a",
+            ),
+            (
+                fingerprint_of(&7u64).ok(),
+                "d68ebc60e56a5c340c09e921dc9b0beb",
+            ),
+            (
+                fingerprint_of(&u64::MAX).ok(),
+                "02d3c10ded88e6b5fc60e180a4b57723",
+            ),
+            (
+                fingerprint_of(&1.5e300f64).ok(),
+                "e7ebf1fb1524316c67c466b2e62124e4",
+            ),
+            (
+                fingerprint_of(&object).ok(),
+                "806d253ccfaf3bb1ebb6dac00d07f701",
+            ),
+        ];
+        for (computed, expected) in pinned {
+            assert_eq!(computed.as_deref(), Some(expected));
+        }
     }
 
     #[test]

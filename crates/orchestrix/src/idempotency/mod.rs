@@ -122,7 +122,8 @@ pub async fn admit(
     store: &Arc<dyn IdempotencyStore>,
     req: AdmitRequest<'_>,
 ) -> Result<Admission, IdempotencyError> {
-    let waiting_since = Instant::now();
+    // Set when the first wait begins: a caller that never waits never reads the clock.
+    let mut waiting_since = None;
     loop {
         let start = StartRequest {
             key: req.key,
@@ -157,7 +158,7 @@ pub async fn admit(
                 });
             }
             OnRunning::Wait { timeout } => {
-                let waited = waiting_since.elapsed();
+                let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
                 let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
                     return Err(IdempotencyError::WaitTimedOut {
                         key: req.key.to_owned(),

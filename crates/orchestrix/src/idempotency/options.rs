@@ -272,7 +272,13 @@ impl RunOptions {
     pub(crate) fn scoped_key(&self, flow: &str) -> Option<String> {
         let key = self.key.as_deref()?;
         Some(match self.scope {
-            KeyScope::Flow => format!("{flow}:{key}"),
+            KeyScope::Flow => {
+                let mut scoped = String::with_capacity(flow.len() + 1 + key.len());
+                scoped.push_str(flow);
+                scoped.push(':');
+                scoped.push_str(key);
+                scoped
+            }
             KeyScope::Global => key.to_owned(),
         })
     }
