@@ -3,3 +3,117 @@
 use orchestrix::store::MemoryStore;
 
 orchestrix_conformance::store_conformance_tests!(async { MemoryStore::new() });
+
+mod memory_only {
+    use std::time::Duration;
+
+    use orchestrix::store::{
+        FencingToken, IdempotencyStore, MemoryStore, RecordStatus, StartOutcome, StartRequest,
+    };
+
+    fn request<'a>(key: &'a str, fingerprint: &'a str) -> StartRequest<'a> {
+        StartRequest {
+            key,
+            fingerprint: Some(fingerprint),
+            lease: Duration::from_secs(60),
+            rerun_failed: false,
+        }
+    }
+
+    async fn acquire(store: &MemoryStore, key: &str, fingerprint: &str) -> Option<FencingToken> {
+        match store.start(request(key, fingerprint)).await {
+            Ok(StartOutcome::Acquired(token)) => Some(token),
+            _ => None,
+        }
+    }
+
+    /// The table is rebuilt several times while 20,000 records go in; every one must still
+    /// be found afterwards, with its own status, fingerprint and result.
+    #[tokio::test]
+    async fn records_stay_reachable_as_the_table_grows() {
+        let store = MemoryStore::new();
+        for i in 0..20_000u32 {
+            let (key, fp) = (format!("grow-{i}"), format!("fp-{i}"));
+            let token = acquire(&store, &key, &fp).await;
+            assert!(token.is_some(), "{key} was not free");
+            let Some(token) = token else { return };
+            let result = i.to_le_bytes();
+            let finished = match i % 3 {
+                0 => store.complete(&key, token, &result, None).await,
+                1 => store.fail(&key, token, &result, None).await,
+                _ => Ok(()), // left running
+            };
+            assert!(finished.is_ok(), "{key}: {finished:?}");
+        }
+        assert_eq!(store.len(), 20_000);
+        for i in 0..20_000u32 {
+            let (key, fp) = (format!("grow-{i}"), format!("fp-{i}"));
+            let record = match store.start(request(&key, &fp)).await {
+                Ok(StartOutcome::Existing(record)) => record,
+                other => panic!("{key}: expected the stored record, got {other:?}"),
+            };
+            let (status, result) = match i % 3 {
+                0 => (RecordStatus::Completed, Some(i.to_le_bytes().to_vec())),
+                1 => (RecordStatus::Failed, Some(i.to_le_bytes().to_vec())),
+                _ => (RecordStatus::Running, None),
+            };
+            assert_eq!(record.key, key);
+            assert_eq!(record.status, status, "{key}");
+            assert_eq!(record.fingerprint.as_deref(), Some(fp.as_str()));
+            assert_eq!(record.result, result, "{key}");
+        }
+        assert_eq!(store.len(), 20_000);
+    }
+
+    /// Bounded memory with a TTL: expired records are removed a couple per operation, by
+    /// whatever operations follow, without a scan of the whole table.
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_are_swept_by_later_operations() {
+        let store = MemoryStore::new();
+        let ttl = Some(Duration::from_secs(1));
+        for i in 0..1_000 {
+            let key = format!("old-{i}");
+            if let Some(token) = acquire(&store, &key, "fp").await {
+                assert!(store.complete(&key, token, b"r", ttl).await.is_ok());
+            }
+        }
+        assert_eq!(store.len(), 1_000);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // 500 operations on other keys (each also schedules its own expiry) remove the
+        // 1,000 expired records: two per operation.
+        for i in 0..500 {
+            let key = format!("new-{i}");
+            if let Some(token) = acquire(&store, &key, "fp").await {
+                assert!(store.complete(&key, token, b"r", ttl).await.is_ok());
+            }
+        }
+        assert_eq!(store.len(), 500, "only the live records remain");
+        for i in 0..1_000 {
+            assert!(matches!(store.get(&format!("old-{i}")).await, Ok(None)));
+        }
+    }
+
+    /// A record whose lease was renewed is not removed by its earlier, outdated expiry.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_record_outlives_its_first_deadline() {
+        let store = MemoryStore::new();
+        let token = acquire(&store, "renewed", "fp").await;
+        let Some(token) = token else {
+            panic!("key not acquired")
+        };
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(
+            store
+                .renew("renewed", token, Duration::from_secs(60))
+                .await
+                .is_ok()
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(matches!(store.cleanup().await, Ok(0)));
+        let record = store.get("renewed").await.ok().flatten();
+        assert_eq!(
+            record.map(|r| (r.status, r.token)),
+            Some((RecordStatus::Running, token))
+        );
+    }
+}

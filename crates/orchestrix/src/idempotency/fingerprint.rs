@@ -67,10 +67,11 @@ pub fn fingerprint_of<T: Serialize + ?Sized>(value: &T) -> Result<String, serde_
     let mut hasher = Sha256::new();
     feed(&value, &mut hasher);
     let digest = hasher.finalize();
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(32);
     for byte in &digest[..16] {
-        hex.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
-        hex.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
     Ok(hex)
 }

@@ -1,12 +1,15 @@
 //! The embedded, in-process store.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -21,11 +24,17 @@ const SWEEP_PER_OPERATION: usize = 2;
 
 /// The embedded default store: a map in this process's memory.
 ///
-/// Every operation is one hash-map access under a mutex plus amortised expiry work, so its
-/// cost does not grow with the number of stored records: expiries are kept in a min-heap
-/// and each call removes at most a couple of expired records (deadlines are pushed mostly in
-/// increasing order, which keeps pushes O(1); each record is popped once). Expired records
-/// are also ignored on access, so a lapsed lease frees a key at once.
+/// Every operation is one hash-table access under a mutex plus amortised expiry work, so
+/// its cost does not grow with the number of stored records: expiries are kept in a
+/// min-heap and each call removes at most a couple of expired records (deadlines are pushed
+/// mostly in increasing order, which keeps pushes O(1); each record is popped once).
+/// Expired records are also ignored on access, so a lapsed lease frees a key at once.
+///
+/// Each record is one 64-byte table slot plus one allocation holding its token, key,
+/// fingerprint and result side by side, so a lookup in a large store touches few cache
+/// lines. Keys are hashed with the standard library's randomly keyed SipHash, since they
+/// often come from outside (an `Idempotency-Key` header) and must not be able to collide
+/// on purpose.
 ///
 /// [`wait_for_change`](IdempotencyStore::wait_for_change) is woken by notification the
 /// moment a running record finishes or is released, with no polling.
@@ -47,7 +56,8 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
-    records: HashMap<Arc<str>, Entry>,
+    records: HashTable<Entry>,
+    hasher: RandomState,
     expiries: Expiries,
 }
 
@@ -58,24 +68,30 @@ struct Expiries {
     next_generation: u64,
 }
 
+/// One record. `data` holds the token (16 bytes, little-endian), the key, the fingerprint
+/// and the result, in that order; the lengths below cut it apart.
 struct Entry {
-    /// The map's own key, shared with the entry's pending expiries.
-    key: Arc<str>,
-    status: RecordStatus,
-    token: FencingToken,
-    fingerprint: Option<Box<str>>,
-    result: Option<Box<[u8]>>,
+    data: Box<[u8]>,
     deadline: Option<Instant>,
     /// Matches the heap entry that may remove this record; older heap entries are ignored.
     generation: u64,
     waiters: Option<Arc<Notify>>,
+    key_len: u32,
+    /// [`NO_FINGERPRINT`] when the record has none.
+    fingerprint_len: u32,
+    status: RecordStatus,
+    has_result: bool,
 }
 
+const TOKEN_BYTES: usize = 16;
+const NO_FINGERPRINT: u32 = u32::MAX;
+
+/// A scheduled removal: the record's hash finds it, its generation proves it is the same.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Expiry {
     at: Instant,
     generation: u64,
-    key: Arc<str>,
+    hash: u64,
 }
 
 impl MemoryStore {
@@ -100,12 +116,14 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Locks, sweeps a little, and hands the state to `f`.
-    fn with_state<T>(&self, f: impl FnOnce(&mut State, Instant) -> T) -> T {
+    /// Locks, sweeps a little, and hands the state, the key's hash and the time to `f`.
+    fn with_state<T>(&self, key: &str, f: impl FnOnce(&mut State, u64, Instant) -> T) -> T {
         let mut state = self.lock();
         let now = Instant::now();
         state.sweep(now, SWEEP_PER_OPERATION);
-        f(&mut state, now)
+        // Hashed as bytes, like the stored keys when the table grows (`str` hashes differently).
+        let hash = state.hasher.hash_one(key.as_bytes());
+        f(&mut state, hash, now)
     }
 }
 
@@ -120,7 +138,7 @@ impl fmt::Debug for MemoryStore {
 impl Expiries {
     /// Sets `entry`'s deadline and schedules its removal then; earlier schedules of the
     /// entry become stale.
-    fn schedule(&mut self, entry: &mut Entry, at: Option<Instant>) {
+    fn schedule(&mut self, entry: &mut Entry, hash: u64, at: Option<Instant>) {
         self.next_generation += 1;
         entry.generation = self.next_generation;
         entry.deadline = at;
@@ -128,7 +146,7 @@ impl Expiries {
             self.heap.push(Reverse(Expiry {
                 at,
                 generation: entry.generation,
-                key: Arc::clone(&entry.key),
+                hash,
             }));
         }
     }
@@ -145,65 +163,147 @@ impl State {
             let Some(Reverse(expiry)) = self.expiries.heap.pop() else {
                 break;
             };
-            let current = self
+            let found = self
                 .records
-                .get(&expiry.key)
-                .is_some_and(|e| e.generation == expiry.generation && e.is_expired(now));
-            if current {
-                if let Some(entry) = self.records.remove(&expiry.key) {
-                    entry.wake();
-                }
+                .find_entry(expiry.hash, |e| e.generation == expiry.generation);
+            if let Ok(slot) = found
+                && slot.get().is_expired(now)
+            {
+                slot.remove().0.wake();
                 removed += 1;
             }
         }
         removed
     }
 
-    /// The live entry under `key`. An expired entry reads as absent; it stays in the map
+    /// The live entry under `key`. An expired entry reads as absent; it stays in the table
     /// until swept or overwritten, so the hot path is a single lookup.
-    fn live(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
-        self.records.get_mut(key).filter(|e| !e.is_expired(now))
+    fn live(&mut self, key: &str, hash: u64, now: Instant) -> Option<&mut Entry> {
+        self.records
+            .find_mut(hash, |e| e.key() == key.as_bytes())
+            .filter(|e| !e.is_expired(now))
     }
 
     /// The owned, live entry under `key`, and the expiry schedule, or `StaleToken`.
     fn owned(
         &mut self,
         key: &str,
+        hash: u64,
         token: FencingToken,
         now: Instant,
     ) -> Result<(&mut Entry, &mut Expiries), StoreError> {
-        match self.records.get_mut(key) {
-            Some(e)
-                if !e.is_expired(now) && e.token == token && e.status == RecordStatus::Running =>
-            {
-                Ok((e, &mut self.expiries))
-            }
+        match self.records.find_mut(hash, |e| e.key() == key.as_bytes()) {
+            Some(e) if e.is_owned_by(token, now) => Ok((e, &mut self.expiries)),
             _ => Err(StoreError::StaleToken),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
         key: &str,
+        hash: u64,
         token: FencingToken,
         status: RecordStatus,
         result: &[u8],
         ttl: Option<Duration>,
         now: Instant,
     ) -> Result<(), StoreError> {
-        let (entry, expiries) = self.owned(key, token, now)?;
+        let (entry, expiries) = self.owned(key, hash, token, now)?;
+        let mut data = Vec::with_capacity(entry.data.len() + result.len());
+        data.extend_from_slice(&entry.data);
+        data.extend_from_slice(result);
+        entry.data = data.into_boxed_slice();
+        entry.has_result = true;
         entry.status = status;
-        entry.result = Some(result.into());
         entry.wake();
         // A TTL too long to represent is no expiry at all.
-        expiries.schedule(entry, ttl.and_then(|t| now.checked_add(t)));
+        expiries.schedule(entry, hash, ttl.and_then(|t| now.checked_add(t)));
         Ok(())
     }
 }
 
 impl Entry {
+    /// A running record for `req`, without a schedule yet.
+    fn running(req: &StartRequest<'_>, token: FencingToken) -> Result<Self, StoreError> {
+        let length = |len: usize| {
+            u32::try_from(len)
+                .ok()
+                .filter(|&n| n != NO_FINGERPRINT)
+                .ok_or(StoreError::TooLarge {
+                    size: len,
+                    limit: NO_FINGERPRINT as usize - 1,
+                })
+        };
+        let key_len = length(req.key.len())?;
+        let fingerprint_len = match req.fingerprint {
+            Some(fp) => length(fp.len())?,
+            None => NO_FINGERPRINT,
+        };
+        let fingerprint = req.fingerprint.unwrap_or_default();
+        let mut data = Vec::with_capacity(TOKEN_BYTES + req.key.len() + fingerprint.len());
+        data.extend_from_slice(&token.as_u128().to_le_bytes());
+        data.extend_from_slice(req.key.as_bytes());
+        data.extend_from_slice(fingerprint.as_bytes());
+        Ok(Self {
+            data: data.into_boxed_slice(),
+            deadline: None,
+            generation: 0,
+            waiters: None,
+            key_len,
+            fingerprint_len,
+            status: RecordStatus::Running,
+            has_result: false,
+        })
+    }
+
+    fn key_end(&self) -> usize {
+        TOKEN_BYTES + self.key_len as usize
+    }
+
+    fn key(&self) -> &[u8] {
+        self.data
+            .get(TOKEN_BYTES..self.key_end())
+            .unwrap_or_default()
+    }
+
+    fn token(&self) -> FencingToken {
+        let mut raw = [0; TOKEN_BYTES];
+        if let Some(bytes) = self.data.get(..TOKEN_BYTES) {
+            raw.copy_from_slice(bytes);
+        }
+        FencingToken::from_u128(u128::from_le_bytes(raw))
+    }
+
+    /// Where the fingerprint ends (and the result begins).
+    fn fingerprint_end(&self) -> usize {
+        match self.fingerprint_len {
+            NO_FINGERPRINT => self.key_end(),
+            len => self.key_end() + len as usize,
+        }
+    }
+
+    fn fingerprint(&self) -> Option<&str> {
+        if self.fingerprint_len == NO_FINGERPRINT {
+            return None;
+        }
+        // Written from a `&str` by `running`, so always UTF-8.
+        let bytes = self.data.get(self.key_end()..self.fingerprint_end())?;
+        std::str::from_utf8(bytes).ok()
+    }
+
+    fn result(&self) -> Option<&[u8]> {
+        self.has_result
+            .then(|| self.data.get(self.fingerprint_end()..))
+            .flatten()
+    }
+
     fn is_expired(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|d| d <= now)
+    }
+
+    fn is_owned_by(&self, token: FencingToken, now: Instant) -> bool {
+        !self.is_expired(now) && self.status == RecordStatus::Running && self.token() == token
     }
 
     fn wake(&self) {
@@ -216,9 +316,9 @@ impl Entry {
         Record {
             key: key.to_owned(),
             status: self.status,
-            token: self.token,
-            fingerprint: self.fingerprint.as_deref().map(str::to_owned),
-            result: self.result.as_deref().map(<[u8]>::to_vec),
+            token: self.token(),
+            fingerprint: self.fingerprint().map(str::to_owned),
+            result: self.result().map(<[u8]>::to_vec),
         }
     }
 }
@@ -226,36 +326,48 @@ impl Entry {
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        Ok(self.with_state(|s, now| s.live(key, now).map(|e| e.to_record(key))))
+        Ok(self.with_state(key, |s, hash, now| {
+            s.live(key, hash, now).map(|e| e.to_record(key))
+        }))
     }
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
-        Ok(self.with_state(|s, now| {
-            let waiters = match s.live(req.key, now) {
-                Some(e) if !req.may_take_over(e.status, e.fingerprint.as_deref()) => {
-                    return StartOutcome::Existing(e.to_record(req.key));
+        self.with_state(req.key, |s, hash, now| {
+            let State {
+                records,
+                hasher,
+                expiries,
+            } = s;
+            let slot = records.entry(
+                hash,
+                |e| e.key() == req.key.as_bytes(),
+                |e| hasher.hash_one(e.key()),
+            );
+            if let Slot::Occupied(slot) = &slot {
+                let held = slot.get();
+                if !held.is_expired(now) && !req.may_take_over(held.status, held.fingerprint()) {
+                    return Ok(StartOutcome::Existing(held.to_record(req.key)));
                 }
-                Some(e) => e.waiters.take(),
-                None => None,
-            };
-            let token = FencingToken::generate();
-            let mut entry = Entry {
-                key: Arc::from(req.key),
-                status: RecordStatus::Running,
-                token,
-                fingerprint: req.fingerprint.map(Into::into),
-                result: None,
-                deadline: None,
-                generation: 0,
-                waiters,
-            };
-            s.expiries.schedule(&mut entry, now.checked_add(req.lease));
-            // Replaces an expired entry, if any: wake whoever waited on it.
-            if let Some(old) = s.records.insert(Arc::clone(&entry.key), entry) {
-                old.wake();
             }
-            StartOutcome::Acquired(token)
-        }))
+            let token = FencingToken::generate();
+            let mut entry = Entry::running(&req, token)?;
+            expiries.schedule(&mut entry, hash, now.checked_add(req.lease));
+            match slot {
+                Slot::Occupied(mut slot) => {
+                    let held = slot.get_mut();
+                    // A failure taken over keeps its waiters, who now wait for the new owner;
+                    // an expired record's waiters are woken to look again.
+                    if !held.is_expired(now) {
+                        entry.waiters = held.waiters.take();
+                    }
+                    std::mem::replace(held, entry).wake();
+                }
+                Slot::Vacant(slot) => {
+                    slot.insert(entry);
+                }
+            }
+            Ok(StartOutcome::Acquired(token))
+        })
     }
 
     async fn complete(
@@ -265,7 +377,9 @@ impl IdempotencyStore for MemoryStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.with_state(|s, now| s.finish(key, token, RecordStatus::Completed, result, ttl, now))
+        self.with_state(key, |s, hash, now| {
+            s.finish(key, hash, token, RecordStatus::Completed, result, ttl, now)
+        })
     }
 
     async fn fail(
@@ -275,7 +389,9 @@ impl IdempotencyStore for MemoryStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.with_state(|s, now| s.finish(key, token, RecordStatus::Failed, result, ttl, now))
+        self.with_state(key, |s, hash, now| {
+            s.finish(key, hash, token, RecordStatus::Failed, result, ttl, now)
+        })
     }
 
     async fn renew(
@@ -284,38 +400,40 @@ impl IdempotencyStore for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.with_state(|s, now| {
-            let (entry, expiries) = s.owned(key, token, now)?;
-            expiries.schedule(entry, now.checked_add(lease));
+        self.with_state(key, |s, hash, now| {
+            let (entry, expiries) = s.owned(key, hash, token, now)?;
+            expiries.schedule(entry, hash, now.checked_add(lease));
             Ok(())
         })
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
-        self.with_state(|s, now| {
-            s.owned(key, token, now)?;
-            if let Some(entry) = s.records.remove(key) {
-                entry.wake();
+        self.with_state(key, |s, hash, now| {
+            match s.records.find_entry(hash, |e| e.key() == key.as_bytes()) {
+                Ok(slot) if slot.get().is_owned_by(token, now) => {
+                    slot.remove().0.wake();
+                    Ok(())
+                }
+                _ => Err(StoreError::StaleToken),
             }
-            Ok(())
         })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.with_state(|s, _| {
-            if let Some(entry) = s.records.remove(key) {
-                entry.wake();
+        self.with_state(key, |s, hash, _| {
+            if let Ok(slot) = s.records.find_entry(hash, |e| e.key() == key.as_bytes()) {
+                slot.remove().0.wake();
             }
         });
         Ok(())
     }
 
     async fn cleanup(&self) -> Result<u64, StoreError> {
-        Ok(self.with_state(|s, now| s.sweep(now, usize::MAX)))
+        Ok(self.with_state("", |s, _, now| s.sweep(now, usize::MAX)))
     }
 
     async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
-        let watched = self.with_state(|s, now| match s.live(key, now) {
+        let watched = self.with_state(key, |s, hash, now| match s.live(key, hash, now) {
             Some(e) if e.status == RecordStatus::Running => {
                 let notify = Arc::clone(e.waiters.get_or_insert_with(Default::default));
                 Some((notify, e.deadline))
@@ -330,8 +448,8 @@ impl IdempotencyStore for MemoryStore {
         // Register before re-checking, so a wake-up between the check above and the await
         // below is not missed.
         notified.as_mut().enable();
-        let still_running = self.with_state(|s, now| {
-            s.live(key, now)
+        let still_running = self.with_state(key, |s, hash, now| {
+            s.live(key, hash, now)
                 .is_some_and(|e| e.status == RecordStatus::Running)
         });
         if still_running {
