@@ -18,9 +18,10 @@
 //!
 //! # Why it is built this way
 //!
-//! * **One round trip per operation, native where possible.** Redis runs a Lua script an
-//!   order of magnitude slower than a native command (an `EVALSHA` costs the server
-//!   ~15–25 µs, a simple command ~1 µs), and under load Redis's CPU is the limit. So the
+//! * **One round trip per operation, native where possible.** Redis runs a Lua script
+//!   several times slower than a native command (even a lean fenced script costs the
+//!   server 3–6 µs per `EVALSHA`, a simple command ~1 µs), and under load Redis's CPU is
+//!   the limit. So the
 //!   operations that make up almost all traffic are native: `get` is one `GET`, `delete`
 //!   one `DEL`, and `start` (unless it re-runs failures) one
 //!   `SET key <running record> NX PX <lease> GET`, which writes the running record only
@@ -29,7 +30,9 @@
 //! * **Scripts only for fenced writes and re-runs of failures.** `complete`, `fail`,
 //!   `renew`, `release` and a `start` that may take over a failed record must read, decide
 //!   and write atomically: each is one Lua script, called with `EVALSHA` (reloaded
-//!   automatically if the server answers `NOSCRIPT`).
+//!   automatically if the server answers `NOSCRIPT`). The fenced scripts are written for
+//!   Redis's CPU: one comparison fences, integer replies, every argument written once
+//!   into the command, no per-call allocation for the token.
 //! * **Redis's clock decides expiry.** A running record's key expires after its lease and a
 //!   finished record's after its TTL (`PX`; no TTL is a `SET` without expiry). Redis removes
 //!   expired records itself, so [`cleanup`](IdempotencyStore::cleanup) has nothing to do,
@@ -48,7 +51,9 @@
 //!   exception: a re-run without a fingerprint takes over a failed record whose stored
 //!   fingerprint is not UTF-8, which the script cannot check; it is replaced by a
 //!   well-formed record, never read). A fenced write that finds a foreign *string* under
-//!   the key answers [`StoreError::StaleToken`] and writes nothing.
+//!   the key answers [`StoreError::StaleToken`] and writes nothing; `complete` or `fail`
+//!   of a running record that carries the caller's token but is otherwise not what this
+//!   store writes is [`StoreError::Decode`], and writes nothing either.
 //! * **Fail closed, in bounded time.** Connections time out (1 s to connect, 2 s per reply
 //!   by default) and reconnect in the background; while Redis is unreachable every
 //!   operation is [`StoreError::Backend`], so no run executes without an acquired record.
@@ -62,6 +67,7 @@ mod record;
 mod scripts;
 
 use std::fmt;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,7 +76,7 @@ use orchestrix::store::{
     FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StoreError,
 };
 use redis::aio::ConnectionManager;
-use redis::{IntoConnectionInfo, Script, ScriptInvocation, Value};
+use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisWrite, Script, ServerErrorKind, Value};
 
 pub use builder::{
     DEFAULT_KEY_PREFIX, DEFAULT_MAX_RESULT_SIZE, RedisStoreBuilder, RedisStoreError,
@@ -85,6 +91,9 @@ use scripts::{Reply, SCRIPTS};
 /// Redis rejects expiry times that overflow its clock (and would do so after the script
 /// has already written).
 const MAX_EXPIRY_MS: u128 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+/// The most digits a `u64` argument (an expiry in milliseconds) takes, for sizing commands.
+const U64_DIGITS: usize = 20;
 
 /// An [`IdempotencyStore`] in Redis ≥ 7.0 (standalone, or any server speaking its protocol
 /// with Lua scripting and `SET ... NX GET`, such as Valkey).
@@ -111,42 +120,81 @@ impl RedisStore {
         &self.key_prefix
     }
 
-    fn redis_key(&self, key: &str) -> String {
-        let mut full = String::with_capacity(self.key_prefix.len() + key.len());
-        full.push_str(&self.key_prefix);
-        full.push_str(key);
-        full
+    /// A command: `head`, the Redis key of `key`, then room for `args` more arguments of
+    /// `arg_bytes` bytes in all. Every argument is copied once, straight into the command's
+    /// buffer (a `redis::ScriptInvocation` would first copy each into a `Vec` of its own,
+    /// and the key would be a `String` of its own).
+    fn command(
+        &self,
+        head: &[&str],
+        key: &str,
+        args: usize,
+        arg_bytes: usize,
+    ) -> Result<Cmd, StoreError> {
+        let head_bytes: usize = head.iter().map(|arg| arg.len()).sum();
+        let key_bytes = self.key_prefix.len() + key.len();
+        let mut cmd = Cmd::with_capacity(head.len() + 1 + args, head_bytes + key_bytes + arg_bytes);
+        for arg in head {
+            cmd.arg(*arg);
+        }
+        push_joined(&mut cmd, &[self.key_prefix.as_bytes(), key.as_bytes()])?;
+        Ok(cmd)
     }
 
-    async fn call(&self, invocation: &ScriptInvocation<'_>) -> Result<Reply, StoreError> {
+    /// `EVALSHA` of `script` on `key` (every script takes exactly that one key); see
+    /// [`command`](Self::command).
+    fn evalsha(
+        &self,
+        script: &Script,
+        key: &str,
+        args: usize,
+        arg_bytes: usize,
+    ) -> Result<Cmd, StoreError> {
+        self.command(&["EVALSHA", script.get_hash(), "1"], key, args, arg_bytes)
+    }
+
+    /// Runs an [`evalsha`](Self::evalsha) command of `script`. A server that lost its
+    /// scripts (restart, failover, `SCRIPT FLUSH`) answers `NOSCRIPT`: the script is loaded
+    /// and the command sent once more, as `redis::ScriptInvocation::invoke_async` does.
+    async fn eval(&self, script: &Script, cmd: &Cmd) -> Result<Reply, StoreError> {
         let mut conn = self.conn.clone();
-        let value: Value = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(StoreError::backend)?;
-        Reply::parse(value)
+        let value = match cmd.query_async::<Value>(&mut conn).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(StoreError::backend)?;
+                cmd.query_async(&mut conn).await
+            }
+            value => value,
+        };
+        Reply::parse(value.map_err(StoreError::backend)?)
     }
 
     /// `complete` and `fail`: one fenced script that finishes the record.
     async fn finish(
         &self,
+        script: &Script,
         key: &str,
         token: FencingToken,
-        status: RecordStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         let fits = result.len() <= self.max_result_size;
-        let mut invocation = SCRIPTS.finish.prepare_invoke();
-        invocation
-            .key(self.redis_key(key))
-            .arg(token.to_string())
-            .arg(&[record::status_code(status)][..])
-            .arg(ttl.map_or(0, millis));
+        let fence = record::running_prefix(token);
+        let stored = if fits { result.len() } else { 0 };
+        let mut cmd = self.evalsha(script, key, 3, fence.len() + 1 + stored + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
+        // The finished record's tail, with its flag: the result, or none when it is too large.
         if fits {
-            invocation.arg(result);
+            push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
+        } else {
+            cmd.arg(&[record::NO_RESULT][..]);
         }
-        match self.call(&invocation).await? {
+        if let Some(ttl) = ttl {
+            cmd.arg(millis(ttl));
+        }
+        match self.eval(script, &cmd).await? {
             Reply::Ok if fits => Ok(()),
             Reply::Ok => Err(StoreError::TooLarge {
                 size: result.len(),
@@ -164,12 +212,13 @@ impl RedisStore {
         token: FencingToken,
         lease: Option<Duration>,
     ) -> Result<(), StoreError> {
-        let mut invocation = script.prepare_invoke();
-        invocation.key(self.redis_key(key)).arg(token.to_string());
+        let fence = record::running_prefix(token);
+        let mut cmd = self.evalsha(script, key, 2, fence.len() + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
         if let Some(lease) = lease {
-            invocation.arg(millis(lease));
+            cmd.arg(millis(lease));
         }
-        match self.call(&invocation).await? {
+        match self.eval(script, &cmd).await? {
             Reply::Ok => Ok(()),
             reply => Err(fenced_error(reply)),
         }
@@ -196,6 +245,17 @@ fn native_error(err: redis::RedisError) -> StoreError {
     }
 }
 
+/// Appends `parts` to `cmd` as one argument, copying each once.
+fn push_joined(cmd: &mut Cmd, parts: &[&[u8]]) -> Result<(), StoreError> {
+    let mut arg = cmd.writer_for_next_arg();
+    // Writing to the command's buffer cannot fail; should it, the command is dropped with
+    // this error rather than sent with a truncated argument.
+    parts
+        .iter()
+        .try_for_each(|part| arg.write_all(part))
+        .map_err(|err| StoreError::Encode(err.into()))
+}
+
 /// The error of a fenced write that was not applied.
 fn fenced_error(reply: Reply) -> StoreError {
     match reply {
@@ -215,8 +275,8 @@ fn millis(d: Duration) -> u64 {
 impl IdempotencyStore for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
         let mut conn = self.conn.clone();
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.redis_key(key))
+        let value: Option<Vec<u8>> = self
+            .command(&["GET"], key, 0, 0)?
             .query_async(&mut conn)
             .await
             .map_err(native_error)?;
@@ -227,15 +287,19 @@ impl IdempotencyStore for RedisStore {
         let token = FencingToken::generate();
         let running = record::encode(RecordStatus::Running, token, req.fingerprint, None)?;
         let existing = if req.rerun_failed {
-            let mut invocation = SCRIPTS.start_rerun.prepare_invoke();
-            invocation
-                .key(self.redis_key(req.key))
-                .arg(running)
-                .arg(millis(req.lease));
+            let script = &SCRIPTS.start_rerun;
+            let fingerprint = req.fingerprint.unwrap_or("");
+            let mut cmd = self.evalsha(
+                script,
+                req.key,
+                3,
+                running.len() + U64_DIGITS + fingerprint.len(),
+            )?;
+            cmd.arg(&running[..]).arg(millis(req.lease));
             if let Some(fingerprint) = req.fingerprint {
-                invocation.arg(fingerprint);
+                cmd.arg(fingerprint);
             }
-            match self.call(&invocation).await? {
+            match self.eval(script, &cmd).await? {
                 Reply::Acquired => None,
                 Reply::Record(value) => Some(value),
                 reply => return Err(reply.into_error()),
@@ -244,9 +308,8 @@ impl IdempotencyStore for RedisStore {
             // Redis >= 7.0: NX with GET sets only an absent key and answers the value that
             // holds it (nil when it set), in one native command.
             let mut conn = self.conn.clone();
-            redis::cmd("SET")
-                .arg(self.redis_key(req.key))
-                .arg(running)
+            self.command(&["SET"], req.key, 5, running.len() + 8 + U64_DIGITS)?
+                .arg(&running[..])
                 .arg("NX")
                 .arg("PX")
                 .arg(millis(req.lease))
@@ -268,7 +331,7 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Completed, result, ttl)
+        self.finish(&SCRIPTS.complete, key, token, result, ttl)
             .await
     }
 
@@ -279,8 +342,7 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Failed, result, ttl)
-            .await
+        self.finish(&SCRIPTS.fail, key, token, result, ttl).await
     }
 
     async fn renew(
@@ -298,8 +360,7 @@ impl IdempotencyStore for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("DEL")
-            .arg(self.redis_key(key))
+        self.command(&["DEL"], key, 0, 0)?
             .exec_async(&mut conn)
             .await
             .map_err(StoreError::backend)

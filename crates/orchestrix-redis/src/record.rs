@@ -11,9 +11,10 @@
 //! 39 + n  ...     the result bytes, to the end of the string
 //! ```
 //!
-//! Every field before the fingerprint sits at a fixed offset, so the Lua scripts check
-//! version, status and token with `string.sub` without parsing anything, and `start` can
-//! write a whole running record with one native `SET`.
+//! Every field before the fingerprint sits at a fixed offset, so the fenced scripts check
+//! version, status and token at once, comparing the first 34 bytes with the
+//! [`running_prefix`] the caller sends, and `start` can write a whole running record with
+//! one native `SET`.
 //!
 //! The key's own expiry is the lease (running) or the TTL (finished); no expiry means
 //! "keep until deleted".
@@ -29,9 +30,9 @@ const NO_FINGERPRINT: &[u8; 4] = b"ffff";
 /// The longest fingerprint the layout holds.
 pub(crate) const MAX_FINGERPRINT_LEN: usize = 0xfffe;
 /// The result flag: no result follows.
-const NO_RESULT: u8 = b'-';
+pub(crate) const NO_RESULT: u8 = b'-';
 /// The result flag: the result follows.
-const HAS_RESULT: u8 = b'+';
+pub(crate) const HAS_RESULT: u8 = b'+';
 
 /// Why a value under a key is not a record this store can read.
 #[derive(Debug, thiserror::Error)]
@@ -95,9 +96,10 @@ pub(crate) fn encode(
     let mut out = Vec::with_capacity(FP_AT + fp.len() + 1 + result.map_or(0, <[u8]>::len));
     out.push(version_byte());
     out.push(status_code(status));
-    out.extend_from_slice(token.to_string().as_bytes());
+    out.extend_from_slice(&hex::<32>(token.as_u128()));
     match fingerprint {
-        Some(fp) => out.extend_from_slice(format!("{:04x}", fp.len()).as_bytes()),
+        // At most MAX_FINGERPRINT_LEN (checked above), so 4 digits hold it.
+        Some(fp) => out.extend_from_slice(&hex::<4>(fp.len() as u128)),
         None => out.extend_from_slice(NO_FINGERPRINT),
     }
     out.extend_from_slice(fp.as_bytes());
@@ -109,6 +111,25 @@ pub(crate) fn encode(
         None => out.push(NO_RESULT),
     }
     Ok(out)
+}
+
+/// How a running record owned by `token` starts: version, status `r` and the token. The
+/// fenced scripts compare it with the first bytes of the stored value, so one comparison
+/// checks all three.
+pub(crate) fn running_prefix(token: FencingToken) -> [u8; FP_LEN_AT] {
+    let mut prefix = [0; FP_LEN_AT];
+    prefix[0] = version_byte();
+    prefix[1] = status_code(RecordStatus::Running);
+    prefix[2..].copy_from_slice(&hex::<32>(token.as_u128()));
+    prefix
+}
+
+/// The low `N` hex digits of `value`, lowercase and zero-padded as `{:0N$x}` writes them,
+/// on the stack rather than in a new `String`.
+fn hex<const N: usize>(value: u128) -> [u8; N] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    const { assert!(N <= 32, "a u128 has 32 hex digits") };
+    std::array::from_fn(|i| DIGITS[((value >> (4 * (N - 1 - i))) & 0xf) as usize])
 }
 
 /// This build's schema version as its one-digit code.
@@ -233,6 +254,32 @@ mod tests {
         assert_eq!(encoded, format!("1c{TOKEN}0002fp+ok").into_bytes());
         let encoded = encode(RecordStatus::Running, token(), None, None).unwrap();
         assert_eq!(encoded, format!("1r{TOKEN}ffff-").into_bytes());
+    }
+
+    #[test]
+    fn hex_digits_are_those_display_writes() {
+        for raw in [
+            0,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_0000_0000_ffff_0001,
+        ] {
+            let token = FencingToken::from_u128(raw);
+            assert_eq!(hex::<32>(raw), token.to_string().as_bytes());
+        }
+        assert_eq!(&hex::<4>(0), b"0000");
+        assert_eq!(&hex::<4>(0xfffe), b"fffe");
+    }
+
+    #[test]
+    fn a_running_record_starts_with_its_running_prefix() {
+        let prefix = running_prefix(token());
+        assert_eq!(prefix, format!("1r{TOKEN}").as_bytes());
+        for fingerprint in [None, Some("fp")] {
+            let encoded = encode(RecordStatus::Running, token(), fingerprint, None).unwrap();
+            assert!(encoded.starts_with(&prefix));
+        }
     }
 
     #[test]

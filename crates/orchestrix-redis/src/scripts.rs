@@ -4,9 +4,12 @@
 //! `get`, `delete` and the common `start` are native commands (see the crate docs). The
 //! fenced writes (`complete`, `fail`, `renew`, `release`) and a `start` that re-runs
 //! failures must read, decide and write atomically, so each is one script called with
-//! `EVALSHA` (the `redis` crate reloads a script the server lost and retries, answering
-//! `NOSCRIPT`). Every script touches exactly one key, which keeps each operation inside one
-//! hash slot.
+//! `EVALSHA` (reloaded and retried when the server answers `NOSCRIPT`). Every script touches
+//! exactly one key, which keeps each operation inside one hash slot.
+//!
+//! The fenced scripts run on every finished run, so they are written for Redis's CPU: one
+//! comparison fences (`fence.lua`), as few Lua string operations as the checks allow, and
+//! integer replies on every common path.
 
 use std::sync::LazyLock;
 
@@ -20,7 +23,8 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::new);
 
 pub(crate) struct Scripts {
     pub(crate) start_rerun: Script,
-    pub(crate) finish: Script,
+    pub(crate) complete: Script,
+    pub(crate) fail: Script,
     pub(crate) renew: Script,
     pub(crate) release: Script,
 }
@@ -29,8 +33,16 @@ impl Scripts {
     fn new() -> Self {
         Self {
             start_rerun: Script::new(include_str!("lua/start_rerun.lua")),
-            finish: Script::new(concat!(
+            // The final status is part of the script rather than an argument, which would
+            // cost Redis one more Lua string per call.
+            complete: Script::new(concat!(
                 include_str!("lua/fence.lua"),
+                "local status = 'c'\n",
+                include_str!("lua/finish.lua")
+            )),
+            fail: Script::new(concat!(
+                include_str!("lua/fence.lua"),
+                "local status = 'f'\n",
                 include_str!("lua/finish.lua")
             )),
             renew: Script::new(concat!(
@@ -45,7 +57,8 @@ impl Scripts {
     }
 }
 
-/// What a script answered. Every reply is an array whose first element names its kind.
+/// What a script answered: an integer for the fenced writes' common outcomes (see
+/// `fence.lua`), otherwise an array whose first element names its kind.
 #[derive(Debug)]
 pub(crate) enum Reply {
     /// `start` acquired the key.
@@ -65,8 +78,12 @@ pub(crate) enum Reply {
 
 impl Reply {
     pub(crate) fn parse(value: Value) -> Result<Self, StoreError> {
-        let Value::Array(items) = value else {
-            return Err(unexpected(&value));
+        let items = match value {
+            Value::Int(1) => return Ok(Self::Ok),
+            Value::Int(0) => return Ok(Self::Stale),
+            Value::Int(-1) => return Ok(Self::Garbled),
+            Value::Array(items) => items,
+            other => return Err(unexpected(&other)),
         };
         let mut items = items.into_iter();
         let tag = match items.next() {
@@ -75,9 +92,6 @@ impl Reply {
         };
         match (tag.as_slice(), items.next()) {
             (b"acquired", None) => Ok(Self::Acquired),
-            (b"ok", None) => Ok(Self::Ok),
-            (b"stale", None) => Ok(Self::Stale),
-            (b"garbled", None) => Ok(Self::Garbled),
             (b"record", Some(Value::BulkString(value))) => Ok(Self::Record(value)),
             (b"wrongtype", Some(Value::BulkString(kind))) => {
                 Ok(Self::WrongType(String::from_utf8_lossy(&kind).into_owned()))
@@ -108,12 +122,71 @@ fn unexpected(what: &impl std::fmt::Debug) -> StoreError {
 mod tests {
     use orchestrix::store::SCHEMA_VERSION;
 
-    /// The scripts check the version digit of `record.rs` literally.
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// The scripts check the version digit of `record.rs` literally (the fence compares
+    /// with a prefix the client builds from it, see `record::running_prefix`).
     #[test]
     fn the_scripts_check_this_builds_schema_version() {
         assert_eq!(SCHEMA_VERSION, 1, "update the '1' in the Lua scripts");
-        assert!(include_str!("lua/fence.lua").contains("~= '1r'"));
-        assert!(include_str!("lua/finish.lua").contains("'1' .. ARGV[2]"));
+        assert!(include_str!("lua/finish.lua").contains("'1' .. status"));
         assert!(include_str!("lua/start_rerun.lua").contains("~= '1f'"));
+    }
+
+    #[test]
+    fn integer_replies_are_the_fenced_outcomes() {
+        assert!(matches!(Reply::parse(Value::Int(1)), Ok(Reply::Ok)));
+        assert!(matches!(Reply::parse(Value::Int(0)), Ok(Reply::Stale)));
+        assert!(matches!(Reply::parse(Value::Int(-1)), Ok(Reply::Garbled)));
+    }
+
+    #[test]
+    fn tagged_replies_are_parsed() {
+        assert!(matches!(
+            Reply::parse(Value::Array(vec![bulk("acquired")])),
+            Ok(Reply::Acquired)
+        ));
+        assert!(matches!(
+            Reply::parse(Value::Array(vec![bulk("record"), bulk("1c…")])),
+            Ok(Reply::Record(value)) if value == "1c…".as_bytes()
+        ));
+        assert!(matches!(
+            Reply::parse(Value::Array(vec![bulk("wrongtype"), bulk("hash")])),
+            Ok(Reply::WrongType(kind)) if kind == "hash"
+        ));
+    }
+
+    #[test]
+    fn any_other_reply_is_a_backend_error() {
+        let replies = [
+            Value::Int(2),
+            Value::Nil,
+            Value::Okay,
+            bulk("ok"),
+            Value::Array(vec![]),
+            Value::Array(vec![bulk("ok")]),
+            Value::Array(vec![bulk("record")]),
+            Value::Array(vec![bulk("acquired"), bulk("extra")]),
+        ];
+        for reply in replies {
+            let parsed = Reply::parse(reply.clone());
+            assert!(
+                matches!(parsed, Err(StoreError::Backend(_))),
+                "{reply:?}: {parsed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbled_and_wrongtype_replies_are_decode_errors() {
+        assert!(matches!(Reply::Garbled.into_error(), StoreError::Decode(_)));
+        assert!(matches!(
+            Reply::WrongType("list".to_owned()).into_error(),
+            StoreError::Decode(_)
+        ));
     }
 }

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use orchestrix::store::{IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError};
+use orchestrix::store::{
+    FencingToken, IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError,
+};
 use orchestrix_conformance::{LONG, request, unique_key};
 use orchestrix_redis::redis::{self, AsyncCommands};
 use orchestrix_redis::{RedisStore, RedisStoreError};
@@ -172,6 +174,8 @@ async fn fenced_writes_on_a_foreign_type_are_decode_errors_and_leave_it_alone() 
         matches!(completed, Err(StoreError::Decode(_))),
         "{completed:?}"
     );
+    let renewed = store.renew(&key, token, LONG).await;
+    assert!(matches!(renewed, Err(StoreError::Decode(_))), "{renewed:?}");
     let released = store.release(&key, token).await;
     assert!(
         matches!(released, Err(StoreError::Decode(_))),
@@ -202,6 +206,93 @@ async fn fenced_writes_on_a_foreign_string_are_stale_and_leave_it_alone() {
     let mut raw = common::raw().await;
     let value: String = raw.get(format!("{prefix}{key}")).await.unwrap();
     assert_eq!(value, "theirs");
+}
+
+/// A running record that carries the caller's token but is not what this store writes:
+/// finishing it would make a record nobody can read, so `complete` and `fail` refuse it
+/// and write nothing.
+#[tokio::test]
+async fn finishing_a_garbled_running_record_with_the_callers_token_is_a_decode_error() {
+    let prefix = common::unique_prefix("garbled");
+    let store = common::store_with_prefix(&prefix).await;
+    let token: FencingToken = GOOD_TOKEN.parse().unwrap();
+    let mut raw = common::raw().await;
+    // Everything after "1r<token>".
+    let rests = [
+        "",
+        "ffff",
+        "ffff+",
+        "ffff-x",
+        "0003fp-",
+        "0001fp-",
+        "0x02fp-",
+        "+002fp-",
+        "000Aabcdefghij-",
+        "0002fp",
+        "0002fp*",
+        "0002fp+x",
+    ];
+    for rest in rests {
+        let key = unique_key("garbled");
+        let value = format!("1r{GOOD_TOKEN}{rest}");
+        write_string(&prefix, &key, &value).await;
+        let completed = store.complete(&key, token, b"x", None).await;
+        assert!(
+            matches!(completed, Err(StoreError::Decode(_))),
+            "{value:?}: {completed:?}"
+        );
+        let failed = store.fail(&key, token, b"x", None).await;
+        assert!(
+            matches!(failed, Err(StoreError::Decode(_))),
+            "{value:?}: {failed:?}"
+        );
+        let stored: String = raw.get(format!("{prefix}{key}")).await.unwrap();
+        assert_eq!(stored, value, "a garbled record must be left as it is");
+        store.delete(&key).await.unwrap();
+    }
+}
+
+/// Redis forgets its scripts on a restart, a failover or `SCRIPT FLUSH`; every scripted
+/// operation loads its script again and succeeds.
+#[tokio::test]
+async fn scripted_operations_work_after_the_server_forgets_its_scripts() {
+    let store = common::store("noscript").await;
+    let mut raw = common::raw().await;
+    let mut flush = async || {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    };
+    let acquire = async |key: &str| match store.start(request(key, None)).await {
+        Ok(StartOutcome::Acquired(token)) => token,
+        other => panic!("a fresh key must be acquired: {other:?}"),
+    };
+
+    let key = unique_key("noscript");
+    let token = acquire(&key).await;
+    flush().await;
+    store.renew(&key, token, LONG).await.unwrap();
+    flush().await;
+    store.complete(&key, token, b"done", None).await.unwrap();
+    store.delete(&key).await.unwrap();
+
+    let key = unique_key("noscript");
+    let token = acquire(&key).await;
+    flush().await;
+    store.fail(&key, token, b"boom", None).await.unwrap();
+    flush().await;
+    let rerun = StartRequest {
+        rerun_failed: true,
+        ..request(&key, None)
+    };
+    let Ok(StartOutcome::Acquired(token)) = store.start(rerun).await else {
+        panic!("a re-run must take over the failed record");
+    };
+    flush().await;
+    store.release(&key, token).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), None);
 }
 
 #[tokio::test]

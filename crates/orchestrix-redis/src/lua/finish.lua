@@ -1,20 +1,29 @@
--- complete / fail (after fence.lua): ARGV[2] the final status code ('c' or 'f'), ARGV[3]
--- the TTL (ms; '0' keeps the record until deleted), ARGV[4] the result (absent when it is
--- too large to store). Version, token and fingerprint are kept as they are.
+-- complete / fail, after fence.lua and a line setting `status` to 'c' or 'f' (a literal,
+-- not an argument: every argument costs Redis a Lua string). ARGV[2] the finished record's
+-- tail: '+' .. result, or '-' when the result is too large to store; ARGV[3] the TTL (ms),
+-- absent to keep the record until deleted.
+--
+-- Only a running record exactly as record.rs writes it is finished: its length field
+-- spells the length of what lies between the header and the closing '-' (no result) flag.
+-- Anything else that carries the caller's token was not written by this store: it is
+-- refused, never turned into a finished record nobody can read.
 local fp_len = string.sub(value, 35, 38)
-local header_end = 38
-if fp_len ~= 'ffff' then
-  if not string.find(fp_len, '^[0-9a-f][0-9a-f][0-9a-f][0-9a-f]$') then return {'garbled'} end
-  header_end = 38 + tonumber(fp_len, 16)
-end
-if #value <= header_end then return {'garbled'} end
-local result = '-'
-if ARGV[4] then result = '+' .. ARGV[4] end
-local finished = '1' .. ARGV[2] .. string.sub(value, 3, header_end) .. result
--- SET without KEEPTTL replaces the lease: PX sets the TTL, its absence means no expiry.
-if ARGV[3] == '0' then
-  redis.call('SET', key, finished)
+local room = #value - 39
+local well_formed
+if fp_len == 'ffff' then
+  well_formed = room == 0
 else
-  redis.call('SET', key, finished, 'PX', ARGV[3])
+  -- The exact spelling record.rs writes: tonumber(fp_len, 16) would also take a '0x'
+  -- prefix, signs, spaces and capitals, which decoding refuses.
+  well_formed = fp_len == string.format('%04x', room)
 end
-return {'ok'}
+if not well_formed or string.sub(value, -1) ~= '-' then return -1 end
+-- Version, token and fingerprint are kept as they are; the status and the tail change.
+local finished = '1' .. status .. string.sub(value, 3, -2) .. ARGV[2]
+-- SET without KEEPTTL replaces the lease: PX sets the TTL, its absence means no expiry.
+if ARGV[3] then
+  redis.call('SET', key, finished, 'PX', ARGV[3])
+else
+  redis.call('SET', key, finished)
+end
+return 1

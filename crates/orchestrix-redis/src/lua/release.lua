@@ -1,3 +1,3 @@
 -- release (after fence.lua): the owner gives the key back.
 redis.call('DEL', key)
-return {'ok'}
+return 1
