@@ -299,9 +299,13 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn str(&mut self) -> Result<&'a str, StoredError> {
+    fn bytes(&mut self) -> Result<&'a [u8], StoredError> {
         let n = self.len()?;
-        std::str::from_utf8(self.take(n)?).map_err(|_| StoredError::Utf8)
+        self.take(n)
+    }
+
+    fn str(&mut self) -> Result<&'a str, StoredError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| StoredError::Utf8)
     }
 
     fn opt_str(&mut self) -> Result<Option<&'a str>, StoredError> {
@@ -392,10 +396,11 @@ impl<O: serde::de::DeserializeOwned> FlowResult<O> {
         let count = r.len()?;
         let mut steps = Vec::with_capacity(count);
         for i in 0..count {
-            let name = r.str()?;
+            // A name equal to the flow's own is shared, and needs no UTF-8 check.
+            let name = r.bytes()?;
             let name = match step_names.get(i) {
-                Some(known) if **known == *name => Arc::clone(known),
-                _ => Arc::from(name),
+                Some(known) if known.as_bytes() == name => Arc::clone(known),
+                _ => Arc::from(std::str::from_utf8(name).map_err(|_| StoredError::Utf8)?),
             };
             steps.push(StepResult {
                 name,

@@ -143,7 +143,7 @@ where
             &self.inner.store,
             AdmitRequest {
                 key,
-                fingerprint: fingerprint.as_deref(),
+                fingerprint: fingerprint.as_ref().map(|f| f.as_str()),
                 lease: options.lease,
                 cache_result: options.cache_result,
                 on_running: options.on_running,

@@ -25,14 +25,30 @@ impl<I> Fingerprint<I> {
         Self::Custom(Arc::new(f))
     }
 
-    pub(crate) fn of(&self, input: &I) -> Result<Option<String>, serde_json::Error>
+    pub(crate) fn of(&self, input: &I) -> Result<Option<Computed>, serde_json::Error>
     where
         I: Serialize,
     {
         match self {
-            Self::Input => fingerprint_of(input).map(Some),
+            Self::Input => digest_hex(input).map(|hex| Some(Computed::Hex(hex))),
             Self::Off => Ok(None),
-            Self::Custom(f) => Ok(Some(f(input))),
+            Self::Custom(f) => Ok(Some(Computed::Custom(f(input)))),
+        }
+    }
+}
+
+/// A fingerprint as computed for one run: the default one stays on the stack.
+pub(crate) enum Computed {
+    Hex([u8; 32]),
+    Custom(String),
+}
+
+impl Computed {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            // Hex digits are ASCII: the check cannot fail.
+            Self::Hex(hex) => std::str::from_utf8(hex).unwrap_or_default(),
+            Self::Custom(text) => text,
         }
     }
 }
@@ -63,15 +79,20 @@ impl<I> fmt::Debug for Fingerprint<I> {
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 pub fn fingerprint_of<T: Serialize + ?Sized>(value: &T) -> Result<String, serde_json::Error> {
+    digest_hex(value).map(|hex| hex.iter().copied().map(char::from).collect())
+}
+
+/// [`fingerprint_of`], as its 32 ASCII hex digits.
+fn digest_hex<T: Serialize + ?Sized>(value: &T) -> Result<[u8; 32], serde_json::Error> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let value = serde_json::to_value(value)?;
     let mut hasher = Sha256::new();
     feed(&value, &mut hasher);
     let digest = hasher.finalize();
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(32);
-    for byte in &digest[..16] {
-        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    let mut hex = [0; 32];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(&digest[..16]) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
     Ok(hex)
 }
@@ -86,9 +107,20 @@ fn feed(value: &Value, h: &mut Sha256) {
     match value {
         Value::Null => h.update([b'n']),
         Value::Bool(b) => h.update([b'b', u8::from(*b)]),
+        // Integers as serde_json writes them (it uses `itoa` too), without the formatting
+        // machinery: the hot input of a fingerprint is often a bare id.
+        Value::Number(n) if n.is_u64() || n.is_i64() => {
+            let mut digits = itoa::Buffer::new();
+            let text = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => digits.format(u),
+                (None, Some(i)) => digits.format(i),
+                (None, None) => "",
+            };
+            bytes(h, b'#', text.as_bytes());
+        }
         Value::Number(n) => {
-            // A number's decimal text, formatted on the stack (the hot input of a fingerprint
-            // is often a bare id); a text too long for the buffer falls back to the heap.
+            // A float's decimal text, formatted on the stack; a text too long for the
+            // buffer falls back to the heap.
             let mut text = StackText::default();
             if write!(text, "{n}").is_ok() {
                 bytes(h, b'#', text.as_bytes());

@@ -86,6 +86,11 @@ pub fn validate_key(key: &str) -> Result<(), KeyError> {
     if key.len() > MAX_KEY_BYTES {
         return Err(KeyError::TooLong { len: key.len() });
     }
+    // The common key is printable ASCII, checked a byte at a time; anything else gets the
+    // full Unicode check.
+    if key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
     match key.char_indices().find(|(_, c)| c.is_control()) {
         Some((at, _)) => Err(KeyError::ControlCharacter { at }),
         None => Ok(()),
