@@ -275,6 +275,46 @@ impl Backend {
         }
     }
 
+    /// Whether [`native_pair`](Self::native_pair) measures anything (Redis).
+    pub fn has_native_pair(&self) -> bool {
+        matches!(self, Self::Redis { .. })
+    }
+
+    /// Redis only: the floor of any design that needs two round trips per fresh run, on
+    /// this client. Two native commands in sequence with the payloads a fresh run sends:
+    /// `SET <key> <running record> NX PX <lease> GET`, then `SET <key> <finished record>
+    /// PX <ttl>`. No fencing, no script, no engine: what is left is the client and
+    /// the server handling two commands. `None` for the other stores.
+    pub async fn native_pair(&self, key: String) -> Option<anyhow::Result<()>> {
+        let Self::Redis { store, raw } = self else {
+            return None;
+        };
+        let mut conn = raw.clone();
+        let key = format!("{}{key}", store.key_prefix());
+        Some(
+            async {
+                let _: Option<Vec<u8>> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(NATIVE_RUNNING)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .arg("GET")
+                    .query_async(&mut conn)
+                    .await?;
+                let _: () = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(NATIVE_FINISHED)
+                    .arg("PX")
+                    .arg(3_600_000)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(())
+            }
+            .await,
+        )
+    }
+
     /// A short description of the service, for reports.
     pub async fn service_version(&self) -> String {
         let version = match self {
@@ -302,6 +342,17 @@ impl Backend {
         version.unwrap_or_else(|e| format!("unknown ({e})"))
     }
 }
+
+/// A running record of the size the store writes (version, status, token, a 32-digit
+/// fingerprint), for the native floor.
+const NATIVE_RUNNING: &str =
+    "1r0123456789abcdef0123456789abcdef00200123456789abcdef0123456789abcdef-";
+/// A finished record of the size the store writes for the benchmark's no-op flow (its
+/// stored result is about 80 bytes).
+const NATIVE_FINISHED: &str = concat!(
+    "1c0123456789abcdef0123456789abcdef00200123456789abcdef0123456789abcdef+",
+    "............................................................................"
+);
 
 /// A multiplexed, self-reconnecting connection configured as `RedisStore` configures its
 /// own (1 s connect, 2 s response, 2 reconnection attempts).

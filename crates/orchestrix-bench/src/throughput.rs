@@ -80,14 +80,27 @@ impl Rate {
     }
 }
 
-/// Runs `op(n)` for n = 0, 1, 2, … from `concurrency` tasks until `duration` has passed.
-async fn measure<F, Fut>(concurrency: u64, duration: Duration, op: F) -> Rate
+impl std::ops::AddAssign for Rate {
+    /// Sums two slices of one phase; `attempted` is the later slice's, since slices of a
+    /// phase number their operations on from where the previous one stopped.
+    fn add_assign(&mut self, later: Self) {
+        self.ops += later.ops;
+        self.wrong += later.wrong;
+        self.errors += later.errors;
+        self.attempted = later.attempted;
+        self.secs += later.secs;
+    }
+}
+
+/// Runs `op(n)` for n = `first`, `first` + 1, … from `concurrency` tasks until `duration`
+/// has passed. The rate's `attempted` is the next unused n.
+async fn measure<F, Fut>(concurrency: u64, duration: Duration, first: u64, op: F) -> Rate
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<bool>> + Send + 'static,
 {
     let op = Arc::new(op);
-    let next = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(first));
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..concurrency)
@@ -229,9 +242,9 @@ async fn memory(config: &ThroughputConfig) -> anyhow::Result<Section> {
             }
             _ => "-".to_owned(),
         };
-        let fresh_rate = measure(1, config.phase, fresh(&flow, format!("new{records}"))).await;
+        let fresh_rate = measure(1, config.phase, 0, fresh(&flow, format!("new{records}"))).await;
         let replay_flow = flow.clone();
-        let replays = measure(1, config.phase, move |n| {
+        let replays = measure(1, config.phase, 0, move |n| {
             let flow = replay_flow.clone();
             async move {
                 let i = n.wrapping_mul(7919) % records.max(1);
@@ -289,6 +302,9 @@ struct PerOp {
 struct Level {
     concurrency: u64,
     raw: Rate,
+    /// Redis: two native commands in sequence, the floor of a fresh run (see
+    /// `Backend::native_pair`).
+    pair: Option<Rate>,
     fresh: Rate,
     replays: Rate,
     /// (all, sent by the client) commands or requests per fresh run and per replay, when
@@ -301,7 +317,9 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
     let mut section = Section::new("Throughput: shared stores");
     section.about(format!(
         "A 3-step no-op flow, at concurrency 1 and 50 (Redis) or 32 (SQL, DynamoDB), each phase \
-         {:?}: fresh runs use new keys, replays repeat keys of the fresh phase. Beside them, the \
+         {:?} in all, run as {ROUNDS} alternating slices of raw, fresh and replay so that noise \
+         on the shared machine falls on all three alike: fresh runs use new keys, replays \
+         repeat keys of the fresh slices so far. Beside them, the \
          raw round-trip rate of the **same client in the same run**: Redis `PING` through a \
          multiplexed `ConnectionManager` configured like the store's, `SELECT 1` on the store's \
          own pool (PostgreSQL; SQLite: its one-connection pool), DynamoDB `GetItem` on the \
@@ -321,6 +339,15 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
         "target (fresh/raw, replay/raw)",
     ]);
     let mut ops_table = Table::new(["store", "counted", "per fresh run", "per replay", "target"]);
+    let mut floor_table = Table::new([
+        "store",
+        "concurrency",
+        "PING/s",
+        "two native commands/s",
+        "native pair/PING",
+        "fresh runs/s",
+        "fresh/native pair",
+    ]);
     for &kind in kinds {
         let high = if kind == StoreKind::Redis { 50 } else { 32 };
         let connections = u32::try_from(high + 2).unwrap_or(34);
@@ -364,6 +391,33 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
                 (StoreKind::Redis, _) => "≥ 0.30, ≥ 0.60",
                 _ => "-",
             };
+            if let Some(pair) = &level.pair {
+                let pair_rate = pair.per_sec();
+                let of = |x: f64, y: f64| {
+                    if y > 0.0 {
+                        format!("{:.2}", x / y)
+                    } else {
+                        "-".to_owned()
+                    }
+                };
+                floor_table.row([
+                    kind.name().to_owned(),
+                    level.concurrency.to_string(),
+                    format!("{raw:.0}"),
+                    format!("{pair_rate:.0}"),
+                    of(pair_rate, raw),
+                    format!("{:.0}", level.fresh.per_sec()),
+                    of(level.fresh.per_sec(), pair_rate),
+                ]);
+                if pair.errors > 0 || pair.wrong > 0 {
+                    section.violation(format!(
+                        "{} (concurrency {}): native floor: {} errors",
+                        kind.name(),
+                        level.concurrency,
+                        pair.errors + pair.wrong
+                    ));
+                }
+            }
             table.row([
                 kind.name().to_owned(),
                 level.concurrency.to_string(),
@@ -444,7 +498,19 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
         }
     }
     section.tables.push(table);
+    if !floor_table.is_empty() {
+        section.tables.push(floor_table);
+    }
     section.tables.push(ops_table);
+    section.note(
+        "The floor table (Redis) measures, in the same rounds, two native commands in \
+         sequence with a fresh run's payloads (`SET key <running record> NX PX … GET`, then \
+         `SET key <finished record> PX …`) on the same kind of connection: no fencing, no \
+         script, no engine. It is the most any design needing two round trips per fresh run \
+         gets out of this client on this machine, so `native pair/PING` is the real ceiling \
+         of `fresh/raw` (the 0.5 of the targets assumes a second command costs no more than \
+         a `PING`), and `fresh/native pair` is how close the store comes to it.",
+    );
     section.note(
         "Redis `INFO commandstats` is server-wide (other clients of the same Redis would \
          inflate it) and counts the commands a Lua script runs inside Redis as well as the \
@@ -457,9 +523,9 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
     );
     section.note(
         "Redis runs one command at a time: a script call costs Redis its own time in the \
-         script (the µs row) where a `PING` costs well under a microsecond, so at concurrency \
-         50 Redis's CPU for the scripts, not the round trip, bounds fresh runs (one script \
-         call each); replays run no script.",
+         script (the µs row; a few µs when Redis is busy, more at concurrency 1, where every \
+         call finds its caches cold after an idle wait) where a `PING` costs well under a \
+         microsecond. Replays run no script.",
     );
     section.note(
         "PostgreSQL statements and round trips are counted on the wire by a loopback proxy \
@@ -478,6 +544,11 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
     Ok(section)
 }
 
+/// Slices each concurrency level is measured in: the raw, fresh and replay phases take
+/// turns, so a burst of noise on the shared machine falls on all three alike and the
+/// ratios between them stay fair.
+const ROUNDS: u32 = 5;
+
 async fn measure_store(
     backend: &Backend,
     namespace: &Namespace,
@@ -489,45 +560,98 @@ async fn measure_store(
     let warm = measure(
         4,
         Duration::from_millis(300),
+        0,
         fresh(&flow, "warm".to_owned()),
     )
     .await;
     measure(
         4,
         Duration::from_millis(300),
+        0,
         replay(&flow, "warm".to_owned(), warm.attempted),
     )
     .await;
+    let slice = phase / ROUNDS;
     let mut levels = Vec::new();
     for concurrency in [1, high] {
-        let raw_backend = backend.clone();
-        let raw = measure(concurrency, phase, move |_| {
-            let backend = raw_backend.clone();
-            async move { backend.round_trip().await.map(|()| true) }
-        })
-        .await;
         let tag = format!("c{concurrency}");
-        let before = op_counter(backend).await;
-        let fresh_rate = measure(concurrency, phase, fresh(&flow, tag.clone())).await;
-        let middle = op_counter(backend).await;
-        let replays = measure(concurrency, phase, replay(&flow, tag, fresh_rate.attempted)).await;
-        let after = op_counter(backend).await;
-        let per_op = match (before, middle, after) {
-            (Some(b), Some(m), Some(a)) if fresh_rate.ops > 0 && replays.ops > 0 => {
-                let per =
-                    |from: u64, to: u64, ops: u64| to.saturating_sub(from) as f64 / ops as f64;
-                let phase = |from: (u64, u64, u64), to: (u64, u64, u64), ops: u64| PerOp {
-                    all: per(from.0, to.0, ops),
-                    sent: per(from.1, to.1, ops),
-                    server_us: per(from.2, to.2, ops),
+        let (mut raw, mut fresh_rate, mut replays) =
+            (Rate::default(), Rate::default(), Rate::default());
+        let mut pair: Option<Rate> = None;
+        // Counter deltas over the fresh and the replay slices: (all, sent, server µs).
+        let mut counted = Some(([0u64; 3], [0u64; 3]));
+        for _ in 0..ROUNDS {
+            let raw_backend = backend.clone();
+            raw += measure(concurrency, slice, 0, move |_| {
+                let backend = raw_backend.clone();
+                async move { backend.round_trip().await.map(|()| true) }
+            })
+            .await;
+            if backend.has_native_pair() {
+                let pair_backend = backend.clone();
+                let pair_tag = format!("floor-c{concurrency}");
+                let first = pair.map_or(0, |p| p.attempted);
+                let slice_rate = measure(concurrency, slice, first, move |n| {
+                    let (backend, key) = (pair_backend.clone(), format!("{pair_tag}-{n}"));
+                    async move {
+                        match backend.native_pair(key).await {
+                            Some(done) => done.map(|()| true),
+                            None => Ok(false),
+                        }
+                    }
+                })
+                .await;
+                *pair.get_or_insert_with(Rate::default) += slice_rate;
+            }
+            let before = op_counter(backend).await;
+            fresh_rate += measure(
+                concurrency,
+                slice,
+                fresh_rate.attempted,
+                fresh(&flow, tag.clone()),
+            )
+            .await;
+            let middle = op_counter(backend).await;
+            replays += measure(
+                concurrency,
+                slice,
+                0,
+                replay(&flow, tag.clone(), fresh_rate.attempted),
+            )
+            .await;
+            let after = op_counter(backend).await;
+            counted = match (counted, before, middle, after) {
+                (Some((mut f, mut r)), Some(b), Some(m), Some(a)) => {
+                    let delta = |from: (u64, u64, u64), to: (u64, u64, u64)| {
+                        [
+                            to.0.saturating_sub(from.0),
+                            to.1.saturating_sub(from.1),
+                            to.2.saturating_sub(from.2),
+                        ]
+                    };
+                    for (sum, d) in [(&mut f, delta(b, m)), (&mut r, delta(m, a))] {
+                        sum.iter_mut().zip(d).for_each(|(s, d)| *s += d);
+                    }
+                    Some((f, r))
+                }
+                _ => None,
+            };
+        }
+        let per_op = match counted {
+            Some((f, r)) if fresh_rate.ops > 0 && replays.ops > 0 => {
+                let phase = |sums: [u64; 3], ops: u64| PerOp {
+                    all: sums[0] as f64 / ops as f64,
+                    sent: sums[1] as f64 / ops as f64,
+                    server_us: sums[2] as f64 / ops as f64,
                 };
-                Some((phase(b, m, fresh_rate.ops), phase(m, a, replays.ops)))
+                Some((phase(f, fresh_rate.ops), phase(r, replays.ops)))
             }
             _ => None,
         };
         levels.push(Level {
             concurrency,
             raw,
+            pair,
             fresh: fresh_rate,
             replays,
             per_op,
