@@ -66,14 +66,15 @@ pub struct RedisStoreBuilder {
 #[derive(Debug)]
 enum Source {
     /// A URL is parsed when the builder is made, but its error is reported by `connect`,
-    /// so a builder chain never needs `?` half-way.
-    Client(Result<Client, RedisError>),
+    /// so a builder chain never needs `?` half-way. Boxed: with TLS settings a client is
+    /// a few hundred bytes, and a builder is moved at every call of the chain.
+    Client(Box<Result<Client, RedisError>>),
     Manager(ConnectionManager),
 }
 
 impl RedisStoreBuilder {
     pub(crate) fn new(info: impl IntoConnectionInfo) -> Self {
-        Self::with_source(Source::Client(Client::open(info)))
+        Self::with_source(Source::Client(Box::new(Client::open(info))))
     }
 
     fn with_source(source: Source) -> Self {
@@ -130,7 +131,7 @@ impl RedisStoreBuilder {
         let manager = match self.source {
             Source::Manager(manager) => manager,
             Source::Client(client) => {
-                let client = client.map_err(RedisStoreError::InvalidSettings)?;
+                let client = (*client).map_err(RedisStoreError::InvalidSettings)?;
                 let config = manager_config(self.connection_timeout, self.response_timeout);
                 ConnectionManager::new_with_config(client, config)
                     .await
@@ -151,7 +152,7 @@ impl RedisStoreBuilder {
         let manager = match self.source {
             Source::Manager(manager) => manager,
             Source::Client(client) => {
-                let client = client.map_err(RedisStoreError::InvalidSettings)?;
+                let client = (*client).map_err(RedisStoreError::InvalidSettings)?;
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(RedisStoreError::NoRuntime);
                 }
@@ -167,7 +168,7 @@ impl RedisStoreBuilder {
 impl From<Client> for RedisStoreBuilder {
     /// A builder over an existing client (its URL, credentials and TLS settings).
     fn from(client: Client) -> Self {
-        Self::with_source(Source::Client(Ok(client)))
+        Self::with_source(Source::Client(Box::new(Ok(client))))
     }
 }
 
