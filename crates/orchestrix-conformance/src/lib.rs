@@ -26,7 +26,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StoreError,
+    FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StartSeen,
+    StoreError,
 };
 
 /// A lease or TTL short enough to watch expire in a test.
@@ -147,6 +148,38 @@ pub async fn complete_stores_the_result(store: &(impl IdempotencyStore + ?Sized)
     assert_eq!(record.result.as_deref(), Some(&result[..]));
     let got = store.get(&key).await.ok().flatten();
     assert_eq!(got.map(|r| r.result), Some(Some(result.to_vec())));
+}
+
+/// `start_seen` decides as `start` does: a free key is acquired without calling the
+/// visitor; a held key is shown to it exactly once, as the record `start` returns.
+pub async fn start_seen_shows_what_start_returns(store: &(impl IdempotencyStore + ?Sized)) {
+    let key = unique_key("seen");
+    let mut shown = Vec::new();
+    let acquired = store
+        .start_seen(request(&key, Some("fp")), &mut |r| {
+            shown.push(r.to_record())
+        })
+        .await;
+    let token = match acquired {
+        Ok(StartSeen::Acquired(token)) => token,
+        other => panic!("a free key was not acquired: {other:?}"),
+    };
+    assert!(
+        shown.is_empty(),
+        "an acquisition showed a record: {shown:?}"
+    );
+    let result = [0u8, 1, 2, 255];
+    assert!(store.complete(&key, token, &result, None).await.is_ok());
+    let seen = store
+        .start_seen(request(&key, Some("fp")), &mut |r| {
+            shown.push(r.to_record())
+        })
+        .await;
+    assert!(matches!(seen, Ok(StartSeen::Existing)), "{seen:?}");
+    let returned = existing(store, request(&key, Some("fp"))).await;
+    assert_eq!(shown, vec![returned]);
+    assert_eq!(shown[0].result.as_deref(), Some(&result[..]));
+    assert_eq!(shown[0].token, token);
 }
 
 /// Results are opaque bytes: every byte value, NUL included, round-trips.
@@ -417,6 +450,7 @@ macro_rules! store_conformance_tests {
             concurrent_starts_acquire_exactly_once,
             every_acquire_issues_a_fresh_token,
             complete_stores_the_result,
+            start_seen_shows_what_start_returns,
             binary_results_round_trip,
             failed_record_is_kept,
             failed_record_is_rerun_only_when_asked_and_fingerprint_agrees,

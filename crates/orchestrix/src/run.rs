@@ -9,10 +9,10 @@ use crate::context::Context;
 use crate::flow::Flow;
 use crate::hooks::Event;
 use crate::idempotency::{
-    Admission, AdmitRequest, IdempotencyError, Ownership, RunOptions, Settlement, admit,
+    AdmitRequest, Decided, IdempotencyError, Ownership, RunOptions, Settlement, admit_with,
 };
 use crate::result::{FlowError, FlowResult, Status};
-use crate::store::{Record, StoreError};
+use crate::store::{RecordView, StoreError};
 
 /// Why [`Flow::run`] returned no result, or returned one that could not be persisted.
 ///
@@ -84,9 +84,9 @@ where
                 return Ok(self.notify(result));
             };
             let owner = match self.acquire(&key, &input, &options).await? {
-                Admission::Acquired(owner) => owner,
-                Admission::Finished(record) => return Ok(self.replay(record)?),
-                Admission::Running => {
+                Decided::Acquired(owner) => owner,
+                Decided::Finished(replay) => return Ok(replay?),
+                Decided::Running => {
                     return Ok(FlowResult::without_steps(
                         &plan.name,
                         Status::Running,
@@ -127,19 +127,20 @@ where
         ))
     }
 
-    /// Stage 2: one atomic store operation decides whether this caller runs.
+    /// Stage 2: one atomic store operation decides whether this caller runs. A finished
+    /// record's result is decoded where the store holds it, as the replay.
     async fn acquire(
         &self,
         key: &str,
         input: &I,
         options: &RunOptions,
-    ) -> Result<Admission, IdempotencyError> {
+    ) -> Result<Decided<Result<FlowResult<O>, IdempotencyError>>, IdempotencyError> {
         let fingerprint = self
             .inner
             .fingerprint
             .of(input)
             .map_err(IdempotencyError::Fingerprint)?;
-        admit(
+        admit_with(
             &self.inner.store,
             AdmitRequest {
                 key,
@@ -148,16 +149,20 @@ where
                 cache_result: options.cache_result,
                 on_running: options.on_running,
             },
+            |record| self.replay(record),
         )
         .await
     }
 
     /// A finished record's result, as a replay.
-    fn replay(&self, record: Record) -> Result<FlowResult<O>, IdempotencyError> {
+    fn replay(&self, record: RecordView<'_>) -> Result<FlowResult<O>, IdempotencyError> {
         let bytes = record
             .result
-            .ok_or(IdempotencyError::ResultNotStored { key: record.key })?;
-        FlowResult::from_stored(&self.inner.plan.name, &self.inner.plan.step_names, &bytes)
+            .ok_or_else(|| IdempotencyError::ResultNotStored {
+                key: record.key.to_owned(),
+            })?;
+        let plan = &self.inner.plan;
+        FlowResult::from_stored(&plan.name, &plan.step_names, bytes)
             .map_err(|e| IdempotencyError::Store(StoreError::decode(e)))
     }
 

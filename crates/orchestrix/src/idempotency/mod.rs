@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::result::Status;
 use crate::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StoreError,
-    fingerprints_agree,
+    FencingToken, IdempotencyStore, Record, RecordStatus, RecordView, StartRequest, StartSeen,
+    StoreError, fingerprints_agree,
 };
 
 pub use fingerprint::{Fingerprint, fingerprint_of};
@@ -122,6 +122,37 @@ pub async fn admit(
     store: &Arc<dyn IdempotencyStore>,
     req: AdmitRequest<'_>,
 ) -> Result<Admission, IdempotencyError> {
+    Ok(
+        match admit_with(store, req, |record| record.to_record()).await? {
+            Decided::Acquired(owner) => Admission::Acquired(owner),
+            Decided::Finished(record) => Admission::Finished(record),
+            Decided::Running => Admission::Running,
+        },
+    )
+}
+
+/// [`admit`]'s decision, with a finished record already read by the caller's `read`.
+pub(crate) enum Decided<T> {
+    Acquired(Ownership),
+    Finished(T),
+    Running,
+}
+
+/// What the decision table makes of the record `start` found.
+enum Seen<T> {
+    Reused,
+    Finished(T),
+    Running,
+}
+
+/// [`admit`], reading a finished record in place with `read` (through
+/// [`IdempotencyStore::start_seen`]) instead of copying it out of the store: a replay
+/// decodes its result straight from where the store keeps it.
+pub(crate) async fn admit_with<T: Send>(
+    store: &Arc<dyn IdempotencyStore>,
+    req: AdmitRequest<'_>,
+    mut read: impl FnMut(RecordView<'_>) -> T + Send,
+) -> Result<Decided<T>, IdempotencyError> {
     // Set when the first wait begins: a caller that never waits never reads the clock.
     let mut waiting_since = None;
     loop {
@@ -131,27 +162,47 @@ pub async fn admit(
             lease: req.lease,
             rerun_failed: !req.cache_result,
         };
-        let record = match store.start(start).await? {
-            StartOutcome::Acquired(token) => {
-                return Ok(Admission::Acquired(Ownership {
+        let mut seen = None;
+        let outcome = store
+            .start_seen(start, &mut |record| {
+                seen = Some(
+                    if !fingerprints_agree(req.fingerprint, record.fingerprint) {
+                        Seen::Reused
+                    } else if record.status != RecordStatus::Running {
+                        Seen::Finished(read(record))
+                    } else {
+                        Seen::Running
+                    },
+                );
+            })
+            .await?;
+        let seen = match (outcome, seen) {
+            (StartSeen::Acquired(token), _) => {
+                return Ok(Decided::Acquired(Ownership {
                     store: Arc::clone(store),
                     key: req.key.to_owned(),
                     token,
                     lease: req.lease,
                 }));
             }
-            StartOutcome::Existing(record) => record,
+            (StartSeen::Existing, Some(seen)) => seen,
+            (StartSeen::Existing, None) => {
+                return Err(IdempotencyError::Store(StoreError::backend_msg(
+                    "the store reported an existing record without showing it",
+                )));
+            }
         };
-        if !fingerprints_agree(req.fingerprint, record.fingerprint.as_deref()) {
-            return Err(IdempotencyError::KeyReused {
-                key: req.key.to_owned(),
-            });
-        }
-        if record.status != RecordStatus::Running {
-            return Ok(Admission::Finished(record));
+        match seen {
+            Seen::Reused => {
+                return Err(IdempotencyError::KeyReused {
+                    key: req.key.to_owned(),
+                });
+            }
+            Seen::Finished(read) => return Ok(Decided::Finished(read)),
+            Seen::Running => {}
         }
         match req.on_running {
-            OnRunning::ReturnRunning => return Ok(Admission::Running),
+            OnRunning::ReturnRunning => return Ok(Decided::Running),
             OnRunning::Error => {
                 return Err(IdempotencyError::AlreadyRunning {
                     key: req.key.to_owned(),

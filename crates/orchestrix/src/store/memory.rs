@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StoreError,
+    FencingToken, IdempotencyStore, Record, RecordStatus, RecordView, RecordVisitor, StartOutcome,
+    StartRequest, StartSeen, StoreError,
 };
 
 /// How many expired records one store operation removes at most. Each operation schedules
@@ -312,13 +313,14 @@ impl Entry {
         }
     }
 
-    fn to_record(&self, key: &str) -> Record {
-        Record {
-            key: key.to_owned(),
+    /// The record under `key` (this entry's own key), in place.
+    fn view<'a>(&'a self, key: &'a str) -> RecordView<'a> {
+        RecordView {
+            key,
             status: self.status,
             token: self.token(),
-            fingerprint: self.fingerprint().map(str::to_owned),
-            result: self.result().map(<[u8]>::to_vec),
+            fingerprint: self.fingerprint(),
+            result: self.result(),
         }
     }
 }
@@ -327,11 +329,31 @@ impl Entry {
 impl IdempotencyStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
         Ok(self.with_state(key, |s, hash, now| {
-            s.live(key, hash, now).map(|e| e.to_record(key))
+            s.live(key, hash, now).map(|e| e.view(key).to_record())
         }))
     }
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
+        let mut existing = None;
+        let seen = self
+            .start_seen(req, &mut |record| existing = Some(record.to_record()))
+            .await?;
+        match (seen, existing) {
+            (StartSeen::Acquired(token), _) => Ok(StartOutcome::Acquired(token)),
+            (StartSeen::Existing, Some(record)) => Ok(StartOutcome::Existing(record)),
+            // `start_seen` below shows every existing record before it reports one.
+            (StartSeen::Existing, None) => Err(StoreError::backend_msg(
+                "the memory store reported a record it did not show",
+            )),
+        }
+    }
+
+    /// The record is read under the lock, where it lies: a replay copies nothing out.
+    async fn start_seen(
+        &self,
+        req: StartRequest<'_>,
+        visit: &mut RecordVisitor<'_>,
+    ) -> Result<StartSeen, StoreError> {
         self.with_state(req.key, |s, hash, now| {
             let State {
                 records,
@@ -346,7 +368,8 @@ impl IdempotencyStore for MemoryStore {
             if let Slot::Occupied(slot) = &slot {
                 let held = slot.get();
                 if !held.is_expired(now) && !req.may_take_over(held.status, held.fingerprint()) {
-                    return Ok(StartOutcome::Existing(held.to_record(req.key)));
+                    visit(held.view(req.key));
+                    return Ok(StartSeen::Existing);
                 }
             }
             let token = FencingToken::generate();
@@ -366,7 +389,7 @@ impl IdempotencyStore for MemoryStore {
                     slot.insert(entry);
                 }
             }
-            Ok(StartOutcome::Acquired(token))
+            Ok(StartSeen::Acquired(token))
         })
     }
 

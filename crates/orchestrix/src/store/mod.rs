@@ -21,6 +21,11 @@
 //!   [`StoreError::UnsupportedVersion`], never a panic and never "free".
 //! * **One round trip** per operation for remote backends.
 //!
+//! The engine admits runs through [`IdempotencyStore::start_seen`], which by default is
+//! `start` with the existing record shown to a visitor. A store whose records live in its
+//! own memory can override it to show a record where it lies, so that a replay decodes its
+//! result without a copy: the memory store does.
+//!
 //! The shared conformance suite (`orchestrix-conformance`) checks all of this; every
 //! backend runs it.
 //!
@@ -114,7 +119,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use memory::MemoryStore;
-pub use record::{FencingToken, Record, RecordStatus, SCHEMA_VERSION};
+pub use record::{FencingToken, Record, RecordStatus, RecordView, SCHEMA_VERSION};
 
 /// A boxed error from a backend's client library, kept as the source of a [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -218,6 +223,19 @@ pub enum StartOutcome {
     Existing(Record),
 }
 
+/// What [`IdempotencyStore::start_seen`] found: like [`StartOutcome`], with the existing
+/// record already shown to the visitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartSeen {
+    /// The caller owns the key now, as for [`StartOutcome::Acquired`].
+    Acquired(FencingToken),
+    /// A live record holds the key; the visitor has seen it.
+    Existing,
+}
+
+/// The visitor of [`IdempotencyStore::start_seen`].
+pub type RecordVisitor<'v> = dyn FnMut(RecordView<'_>) + Send + 'v;
+
 /// The storage contract behind idempotent runs.
 ///
 /// Implementations must be cheap to share (`Arc<dyn IdempotencyStore>`) and safe to call
@@ -243,6 +261,31 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// As for [`get`](Self::get): an undecodable record is an error, never "free".
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError>;
+
+    /// [`start`](Self::start), with an existing record shown to `visit` in place rather
+    /// than returned: the engine reads what it needs (fingerprint, status, the stored
+    /// result) without the record being copied out first. `visit` is called at most once,
+    /// exactly when the outcome is [`StartSeen::Existing`], and may run while the store
+    /// holds a lock, so it must be short and must not call the store.
+    ///
+    /// The default calls `start` and shows the returned record; a store that holds its
+    /// records in memory overrides it to skip the copy.
+    ///
+    /// # Errors
+    /// As for [`start`](Self::start).
+    async fn start_seen(
+        &self,
+        req: StartRequest<'_>,
+        visit: &mut RecordVisitor<'_>,
+    ) -> Result<StartSeen, StoreError> {
+        Ok(match self.start(req).await? {
+            StartOutcome::Acquired(token) => StartSeen::Acquired(token),
+            StartOutcome::Existing(record) => {
+                visit(record.view());
+                StartSeen::Existing
+            }
+        })
+    }
 
     /// Marks the owned record `Completed` with the encoded result, kept for `ttl`.
     ///

@@ -129,7 +129,47 @@ pub struct Record {
     pub result: Option<Vec<u8>>,
 }
 
+/// A record seen in place, without copying it out of the store: what
+/// [`IdempotencyStore::start_seen`](super::IdempotencyStore::start_seen) shows its visitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    /// The full key.
+    pub key: &'a str,
+    /// Where the operation stands.
+    pub status: RecordStatus,
+    /// The token of the owner that acquired the record.
+    pub token: FencingToken,
+    /// Fingerprint of the input that acquired the record, if fingerprinting is on.
+    pub fingerprint: Option<&'a str>,
+    /// The encoded result of a finished record, if stored.
+    pub result: Option<&'a [u8]>,
+}
+
+impl RecordView<'_> {
+    /// The record, copied out.
+    pub fn to_record(&self) -> Record {
+        Record {
+            key: self.key.to_owned(),
+            status: self.status,
+            token: self.token,
+            fingerprint: self.fingerprint.map(str::to_owned),
+            result: self.result.map(<[u8]>::to_vec),
+        }
+    }
+}
+
 impl Record {
+    /// The record, seen in place.
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView {
+            key: &self.key,
+            status: self.status,
+            token: self.token,
+            fingerprint: self.fingerprint.as_deref(),
+            result: self.result.as_deref(),
+        }
+    }
+
     /// A freshly acquired, running record.
     pub fn running(key: &str, token: FencingToken, fingerprint: Option<&str>) -> Self {
         Self {
