@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, Record, StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, StartOutcome, StartRequest, StoreError,
 };
 use orchestrix::{Context, Flow, KeyScope, RunOptions, StepError};
 use orchestrix_redis::RedisStore;
@@ -159,26 +159,16 @@ impl IdempotencyStore for ObservedStore {
         outcome
     }
 
-    async fn complete(
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         self.held.settled(key, token);
-        self.inner.complete(key, token, result, ttl).await
-    }
-
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.held.settled(key, token);
-        self.inner.fail(key, token, result, ttl).await
+        self.inner.finish(key, token, status, result, ttl).await
     }
 
     async fn renew(

@@ -17,8 +17,8 @@ use aws_sdk_dynamodb::types::{
     TimeToLiveStatus,
 };
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION, StartOutcome,
-    StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
+    StartOutcome, StartRequest, StoreError,
 };
 
 use crate::item::{
@@ -191,49 +191,6 @@ impl DynamoStore {
             self.options.key_attribute_name().to_owned(),
             AttributeValue::S(key.to_owned()),
         )
-    }
-
-    /// Marks the owned record finished, storing the result if the item can hold it and
-    /// otherwise storing the status alone (so the operation never runs again) and
-    /// returning [`StoreError::TooLarge`].
-    ///
-    /// A result that cannot fit by size alone is caught before sending, still in one
-    /// request. One that fits only by this estimate (the item's fingerprint is not known
-    /// here) is refused by DynamoDB, and then a second request stores the status: the
-    /// only case where an operation takes two round trips.
-    async fn finish(
-        &self,
-        key: &str,
-        token: FencingToken,
-        status: RecordStatus,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        let room = MAX_ITEM_BYTES.saturating_sub(item::finished_item_overhead(
-            self.options.key_attribute_name(),
-            key,
-            self.options.ttl_attribute_name(),
-            status,
-        ));
-        if result.len() <= room {
-            match self
-                .write_finished(key, token, status, Some(result), ttl)
-                .await
-            {
-                Err(StoreError::TooLarge { .. }) => {}
-                stored => return stored,
-            }
-        }
-        tracing::warn!(
-            key,
-            size = result.len(),
-            "result too large for DynamoDB; record kept finished without it"
-        );
-        self.write_finished(key, token, status, None, ttl).await?;
-        Err(StoreError::TooLarge {
-            size: result.len(),
-            limit: room,
-        })
     }
 
     async fn write_finished(
@@ -418,26 +375,48 @@ impl IdempotencyStore for DynamoStore {
         Err(request_failed("PutItem", err))
     }
 
-    async fn complete(
+    // Marks the owned record finished, storing the result if the item can hold it and
+    // otherwise storing the status alone (so the operation never runs again) and
+    // returning `StoreError::TooLarge`.
+    //
+    // A result that cannot fit by size alone is caught before sending, still in one
+    // request. One that fits only by this estimate (the item's fingerprint is not known
+    // here) is refused by DynamoDB, and then a second request stores the status: the
+    // only case where an operation takes two round trips.
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Completed, result, ttl)
-            .await
-    }
-
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Failed, result, ttl)
-            .await
+        let status = RecordStatus::from(status);
+        let room = MAX_ITEM_BYTES.saturating_sub(item::finished_item_overhead(
+            self.options.key_attribute_name(),
+            key,
+            self.options.ttl_attribute_name(),
+            status,
+        ));
+        if result.len() <= room {
+            match self
+                .write_finished(key, token, status, Some(result), ttl)
+                .await
+            {
+                Err(StoreError::TooLarge { .. }) => {}
+                stored => return stored,
+            }
+        }
+        tracing::warn!(
+            key,
+            size = result.len(),
+            "result too large for DynamoDB; record kept finished without it"
+        );
+        self.write_finished(key, token, status, None, ttl).await?;
+        Err(StoreError::TooLarge {
+            size: result.len(),
+            limit: room,
+        })
     }
 
     async fn renew(

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, MemoryStore, Record, StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, MemoryStore, Record, StartOutcome, StartRequest,
+    StoreError,
 };
 
 async fn memory_store() -> Arc<dyn IdempotencyStore> {
@@ -32,19 +33,11 @@ impl IdempotencyStore for UnreachableStore {
     async fn start(&self, _: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
         Err(down())
     }
-    async fn complete(
+    async fn finish(
         &self,
         _: &str,
         _: FencingToken,
-        _: &[u8],
-        _: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        Err(down())
-    }
-    async fn fail(
-        &self,
-        _: &str,
-        _: FencingToken,
+        _: FinalStatus,
         _: &[u8],
         _: Option<Duration>,
     ) -> Result<(), StoreError> {

@@ -73,7 +73,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
+    StoreError,
 };
 use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisWrite, Script, ServerErrorKind, Value};
@@ -169,39 +170,6 @@ impl RedisStore {
             value => value,
         };
         Reply::parse(value.map_err(StoreError::backend)?)
-    }
-
-    /// `complete` and `fail`: one fenced script that finishes the record.
-    async fn finish(
-        &self,
-        script: &Script,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        let fits = result.len() <= self.max_result_size;
-        let fence = record::running_prefix(token);
-        let stored = if fits { result.len() } else { 0 };
-        let mut cmd = self.evalsha(script, key, 3, fence.len() + 1 + stored + U64_DIGITS)?;
-        cmd.arg(&fence[..]);
-        // The finished record's tail, with its flag: the result, or none when it is too large.
-        if fits {
-            push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
-        } else {
-            cmd.arg(&[record::NO_RESULT][..]);
-        }
-        if let Some(ttl) = ttl {
-            cmd.arg(millis(ttl));
-        }
-        match self.eval(script, &cmd).await? {
-            Reply::Ok if fits => Ok(()),
-            Reply::Ok => Err(StoreError::TooLarge {
-                size: result.len(),
-                limit: self.max_result_size,
-            }),
-            reply => Err(fenced_error(reply)),
-        }
     }
 
     /// `renew` (with the new lease) and `release` (without): one fenced script.
@@ -324,25 +292,42 @@ impl IdempotencyStore for RedisStore {
         }
     }
 
-    async fn complete(
+    // One fenced script that finishes the record: one per final status, so the status
+    // is a literal in the script rather than an argument.
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.finish(&SCRIPTS.complete, key, token, result, ttl)
-            .await
-    }
-
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.finish(&SCRIPTS.fail, key, token, result, ttl).await
+        let script = match status {
+            FinalStatus::Completed => &SCRIPTS.complete,
+            FinalStatus::Failed => &SCRIPTS.fail,
+        };
+        let fits = result.len() <= self.max_result_size;
+        let fence = record::running_prefix(token);
+        let stored = if fits { result.len() } else { 0 };
+        let mut cmd = self.evalsha(script, key, 3, fence.len() + 1 + stored + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
+        // The finished record's tail, with its flag: the result, or none when it is too large.
+        if fits {
+            push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
+        } else {
+            cmd.arg(&[record::NO_RESULT][..]);
+        }
+        if let Some(ttl) = ttl {
+            cmd.arg(millis(ttl));
+        }
+        match self.eval(script, &cmd).await? {
+            Reply::Ok if fits => Ok(()),
+            Reply::Ok => Err(StoreError::TooLarge {
+                size: result.len(),
+                limit: self.max_result_size,
+            }),
+            reply => Err(fenced_error(reply)),
+        }
     }
 
     async fn renew(

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION, StartOutcome,
-    StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
+    StartOutcome, StartRequest, StoreError,
 };
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, SqlStr};
@@ -223,26 +223,6 @@ impl PgStore {
             decode_record(&row, req.key).map(|r| Some(StartOutcome::Existing(r)))
         }
     }
-
-    async fn finish(
-        &self,
-        key: &str,
-        token: FencingToken,
-        status: RecordStatus,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        let (stored, too_large) = fit_result(result, self.max_result_bytes);
-        let update = sqlx::query(self.sql.finish.clone())
-            .bind(key)
-            .bind(token.to_string())
-            .bind(status.as_str())
-            .bind(stored)
-            .bind(ttl.map(micros))
-            .execute(&self.pool);
-        owned(self.bounded(update).await?.rows_affected())?;
-        too_large.map_or(Ok(()), Err)
-    }
 }
 
 impl fmt::Debug for PgStore {
@@ -386,26 +366,25 @@ impl IdempotencyStore for PgStore {
         )))
     }
 
-    async fn complete(
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Completed, result, ttl)
-            .await
-    }
-
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Failed, result, ttl)
-            .await
+        let status = RecordStatus::from(status);
+        let (stored, too_large) = fit_result(result, self.max_result_bytes);
+        let update = sqlx::query(self.sql.finish.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .bind(status.as_str())
+            .bind(stored)
+            .bind(ttl.map(micros))
+            .execute(&self.pool);
+        owned(self.bounded(update).await?.rows_affected())?;
+        too_large.map_or(Ok(()), Err)
     }
 
     async fn renew(

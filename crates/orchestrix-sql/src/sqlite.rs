@@ -43,8 +43,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION, StartOutcome,
-    StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
+    StartOutcome, StartRequest, StoreError,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -222,25 +222,6 @@ impl SqliteStore {
             Ok(())
         }
     }
-
-    async fn finish(
-        &self,
-        key: &str,
-        token: FencingToken,
-        status: RecordStatus,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        let (stored, too_large) = fit_result(result, self.max_result_bytes);
-        let update = sqlx::query(self.sql.finish.clone())
-            .bind(key)
-            .bind(token.to_string())
-            .bind(status.as_str())
-            .bind(stored)
-            .bind(ttl.map(|t| t.as_secs_f64()));
-        self.fenced(update).await?;
-        too_large.map_or(Ok(()), Err)
-    }
 }
 
 type FencedQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
@@ -358,26 +339,24 @@ impl IdempotencyStore for SqliteStore {
         }
     }
 
-    async fn complete(
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Completed, result, ttl)
-            .await
-    }
-
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.finish(key, token, RecordStatus::Failed, result, ttl)
-            .await
+        let status = RecordStatus::from(status);
+        let (stored, too_large) = fit_result(result, self.max_result_bytes);
+        let update = sqlx::query(self.sql.finish.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .bind(status.as_str())
+            .bind(stored)
+            .bind(ttl.map(|t| t.as_secs_f64()));
+        self.fenced(update).await?;
+        too_large.map_or(Ok(()), Err)
     }
 
     async fn renew(

@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrix::idempotency::{IdempotencyError, KeyError, OnRunning};
 use orchestrix::store::{
-    FencingToken, IdempotencyStore, MemoryStore, Record, StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, MemoryStore, Record, StartOutcome, StartRequest,
+    StoreError,
 };
 use orchestrix::{
     CancellationToken, Context, Fingerprint, Flow, FlowError, KeyScope, RunError, RunOptions,
@@ -781,25 +782,16 @@ impl IdempotencyStore for CountingStore {
         self.check(false)?;
         self.inner.start(req).await
     }
-    async fn complete(
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         self.check(true)?;
-        self.inner.complete(key, token, result, ttl).await
-    }
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.check(true)?;
-        self.inner.fail(key, token, result, ttl).await
+        self.inner.finish(key, token, status, result, ttl).await
     }
     async fn renew(
         &self,

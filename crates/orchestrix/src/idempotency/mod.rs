@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::result::Status;
 use crate::store::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, RecordView, StartRequest, StartSeen,
-    StoreError, fingerprints_agree,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, RecordView, StartRequest,
+    StartSeen, StoreError, fingerprints_agree,
 };
 
 pub use fingerprint::{Fingerprint, fingerprint_of};
@@ -331,13 +331,13 @@ impl Ownership {
     ) -> Result<(), StoreError> {
         let mut attempt = 1;
         loop {
+            let finish = |status| {
+                self.store
+                    .finish(&self.key, self.token, status, result, ttl)
+            };
             let outcome = match settlement {
-                Settlement::Complete => {
-                    self.store
-                        .complete(&self.key, self.token, result, ttl)
-                        .await
-                }
-                Settlement::Fail => self.store.fail(&self.key, self.token, result, ttl).await,
+                Settlement::Complete => finish(FinalStatus::Completed).await,
+                Settlement::Fail => finish(FinalStatus::Failed).await,
                 Settlement::Release => self.store.release(&self.key, self.token).await,
             };
             match outcome {

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    FencingToken, IdempotencyStore, Record, RecordStatus, RecordView, RecordVisitor, StartOutcome,
-    StartRequest, StartSeen, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, RecordView, RecordVisitor,
+    StartOutcome, StartRequest, StartSeen, StoreError,
 };
 
 /// How many expired records one store operation removes at most. Each operation schedules
@@ -198,30 +198,6 @@ impl State {
             _ => Err(StoreError::StaleToken),
         }
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        key: &str,
-        hash: u64,
-        token: FencingToken,
-        status: RecordStatus,
-        result: &[u8],
-        ttl: Option<Duration>,
-        now: Instant,
-    ) -> Result<(), StoreError> {
-        let (entry, expiries) = self.owned(key, hash, token, now)?;
-        let mut data = Vec::with_capacity(entry.data.len() + result.len());
-        data.extend_from_slice(&entry.data);
-        data.extend_from_slice(result);
-        entry.data = data.into_boxed_slice();
-        entry.has_result = true;
-        entry.status = status;
-        entry.wake();
-        // A TTL too long to represent is no expiry at all.
-        expiries.schedule(entry, hash, ttl.and_then(|t| now.checked_add(t)));
-        Ok(())
-    }
 }
 
 impl Entry {
@@ -393,27 +369,26 @@ impl IdempotencyStore for MemoryStore {
         })
     }
 
-    async fn complete(
+    async fn finish(
         &self,
         key: &str,
         token: FencingToken,
+        status: FinalStatus,
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            s.finish(key, hash, token, RecordStatus::Completed, result, ttl, now)
-        })
-    }
-
-    async fn fail(
-        &self,
-        key: &str,
-        token: FencingToken,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.with_state(key, |s, hash, now| {
-            s.finish(key, hash, token, RecordStatus::Failed, result, ttl, now)
+            let (entry, expiries) = s.owned(key, hash, token, now)?;
+            let mut data = Vec::with_capacity(entry.data.len() + result.len());
+            data.extend_from_slice(&entry.data);
+            data.extend_from_slice(result);
+            entry.data = data.into_boxed_slice();
+            entry.has_result = true;
+            entry.status = status.into();
+            entry.wake();
+            // A TTL too long to represent is no expiry at all.
+            expiries.schedule(entry, hash, ttl.and_then(|t| now.checked_add(t)));
+            Ok(())
         })
     }
 

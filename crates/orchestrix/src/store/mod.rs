@@ -36,8 +36,8 @@
 //! use std::sync::Mutex;
 //! use std::time::Duration;
 //! use orchestrix::store::{
-//!     FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
-//!     StoreError,
+//!     FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome,
+//!     StartRequest, StoreError,
 //! };
 //!
 //! /// A toy store without expiry, to show the shape of the contract.
@@ -56,16 +56,6 @@
 //!             Some(r) if r.token == token && r.status == RecordStatus::Running => Ok(f(&mut map)),
 //!             _ => Err(StoreError::StaleToken),
 //!         }
-//!     }
-//!     fn finish(&self, key: &str, token: FencingToken, status: RecordStatus, result: &[u8])
-//!         -> Result<(), StoreError>
-//!     {
-//!         self.with_owner(key, token, |map| {
-//!             if let Some(r) = map.get_mut(key) {
-//!                 r.status = status;
-//!                 r.result = Some(result.to_vec());
-//!             }
-//!         })
 //!     }
 //! }
 //!
@@ -86,15 +76,20 @@
 //!         map.insert(req.key.to_owned(), Record::running(req.key, token, req.fingerprint));
 //!         Ok(StartOutcome::Acquired(token))
 //!     }
-//!     async fn complete(&self, key: &str, token: FencingToken, result: &[u8], _ttl: Option<Duration>)
-//!         -> Result<(), StoreError>
-//!     {
-//!         self.finish(key, token, RecordStatus::Completed, result)
-//!     }
-//!     async fn fail(&self, key: &str, token: FencingToken, result: &[u8], _ttl: Option<Duration>)
-//!         -> Result<(), StoreError>
-//!     {
-//!         self.finish(key, token, RecordStatus::Failed, result)
+//!     async fn finish(
+//!         &self,
+//!         key: &str,
+//!         token: FencingToken,
+//!         status: FinalStatus,
+//!         result: &[u8],
+//!         _ttl: Option<Duration>,
+//!     ) -> Result<(), StoreError> {
+//!         self.with_owner(key, token, |map| {
+//!             if let Some(r) = map.get_mut(key) {
+//!                 r.status = status.into();
+//!                 r.result = Some(result.to_vec());
+//!             }
+//!         })
 //!     }
 //!     async fn renew(&self, key: &str, token: FencingToken, _lease: Duration) -> Result<(), StoreError> {
 //!         self.with_owner(key, token, |_| ())
@@ -223,6 +218,24 @@ pub enum StartOutcome {
     Existing(Record),
 }
 
+/// How an owned record ends: the status [`IdempotencyStore::finish`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinalStatus {
+    /// The operation completed; its result is replayed.
+    Completed,
+    /// The operation failed; its failure is replayed (or re-run, per the caller).
+    Failed,
+}
+
+impl From<FinalStatus> for RecordStatus {
+    fn from(status: FinalStatus) -> Self {
+        match status {
+            FinalStatus::Completed => Self::Completed,
+            FinalStatus::Failed => Self::Failed,
+        }
+    }
+}
+
 /// What [`IdempotencyStore::start_seen`] found: like [`StartOutcome`], with the existing
 /// record already shown to the visitor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,31 +300,51 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
         })
     }
 
-    /// Marks the owned record `Completed` with the encoded result, kept for `ttl`.
+    /// Marks the owned record finished, `Completed` or `Failed` as `status` says, with
+    /// the encoded result, kept for `ttl`.
     ///
     /// # Errors
     /// [`StoreError::StaleToken`] if `token` is not the current owner's.
     /// [`StoreError::TooLarge`] if the backend cannot hold `result`; the record must then
     /// still be marked finished without a result.
+    async fn finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError>;
+
+    /// [`finish`](Self::finish) as `Completed`.
+    ///
+    /// # Errors
+    /// As for [`finish`](Self::finish).
     async fn complete(
         &self,
         key: &str,
         token: FencingToken,
         result: &[u8],
         ttl: Option<Duration>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.finish(key, token, FinalStatus::Completed, result, ttl)
+            .await
+    }
 
-    /// Marks the owned record `Failed` with the encoded failure, kept for `ttl`.
+    /// [`finish`](Self::finish) as `Failed`.
     ///
     /// # Errors
-    /// As for [`complete`](Self::complete).
+    /// As for [`finish`](Self::finish).
     async fn fail(
         &self,
         key: &str,
         token: FencingToken,
         result: &[u8],
         ttl: Option<Duration>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.finish(key, token, FinalStatus::Failed, result, ttl)
+            .await
+    }
 
     /// Extends the owned record's lease to `lease` from now.
     ///
