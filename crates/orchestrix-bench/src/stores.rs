@@ -284,35 +284,30 @@ impl Backend {
     /// this client. Two native commands in sequence with the payloads a fresh run sends:
     /// `SET <key> <running record> NX PX <lease> GET`, then `SET <key> <finished record>
     /// PX <ttl>`. No fencing, no script, no engine: what is left is the client and
-    /// the server handling two commands. `None` for the other stores.
-    pub async fn native_pair(&self, key: String) -> Option<anyhow::Result<()>> {
+    /// the server handling two commands.
+    pub async fn native_pair(&self, key: String) -> anyhow::Result<()> {
         let Self::Redis { store, raw } = self else {
-            return None;
+            anyhow::bail!("only the Redis store has a native floor");
         };
         let mut conn = raw.clone();
         let key = format!("{}{key}", store.key_prefix());
-        Some(
-            async {
-                let _: Option<Vec<u8>> = redis::cmd("SET")
-                    .arg(&key)
-                    .arg(NATIVE_RUNNING)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(30_000)
-                    .arg("GET")
-                    .query_async(&mut conn)
-                    .await?;
-                let _: () = redis::cmd("SET")
-                    .arg(&key)
-                    .arg(NATIVE_FINISHED)
-                    .arg("PX")
-                    .arg(3_600_000)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(())
-            }
-            .await,
-        )
+        let _: Option<Vec<u8>> = redis::cmd("SET")
+            .arg(&key)
+            .arg(NATIVE_RUNNING)
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .arg("GET")
+            .query_async(&mut conn)
+            .await?;
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(NATIVE_FINISHED)
+            .arg("PX")
+            .arg(3_600_000)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// A short description of the service, for reports.

@@ -593,12 +593,7 @@ async fn measure_store(
                 let first = pair.map_or(0, |p| p.attempted);
                 let slice_rate = measure(concurrency, slice, first, move |n| {
                     let (backend, key) = (pair_backend.clone(), format!("{pair_tag}-{n}"));
-                    async move {
-                        match backend.native_pair(key).await {
-                            Some(done) => done.map(|()| true),
-                            None => Ok(false),
-                        }
-                    }
+                    async move { backend.native_pair(key).await.map(|()| true) }
                 })
                 .await;
                 *pair.get_or_insert_with(Rate::default) += slice_rate;

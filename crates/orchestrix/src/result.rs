@@ -217,11 +217,15 @@ impl Writer {
         self.0.push(v);
     }
 
-    fn u32(&mut self, v: usize) {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// A length or count, as a `u32`.
+    fn len(&mut self, v: usize) {
         // Lengths and counts beyond u32 cannot occur in a result a store would accept; they
         // saturate, which the reader then refuses as malformed rather than misreading.
-        self.0
-            .extend_from_slice(&u32::try_from(v).unwrap_or(u32::MAX).to_le_bytes());
+        self.u32(u32::try_from(v).unwrap_or(u32::MAX));
     }
 
     fn u64(&mut self, v: u64) {
@@ -229,7 +233,7 @@ impl Writer {
     }
 
     fn str(&mut self, s: &str) {
-        self.u32(s.len());
+        self.len(s.len());
         self.0.extend_from_slice(s.as_bytes());
     }
 
@@ -326,11 +330,11 @@ impl<O: Serialize> FlowResult<O> {
         w.u8(STORED_VERSION);
         w.u8(status_code(self.status));
         w.u64(nanos(self.duration));
-        w.u32(self.steps.len());
+        w.len(self.steps.len());
         for step in &self.steps {
             w.str(&step.name);
             w.u8(status_code(step.status));
-            w.0.extend_from_slice(&step.attempts.to_le_bytes());
+            w.u32(step.attempts);
             w.u64(nanos(step.duration));
             w.opt_str(step.error.as_deref());
         }
@@ -338,12 +342,12 @@ impl<O: Serialize> FlowResult<O> {
             Some(error) => {
                 let json = serde_json::to_vec(error)?;
                 w.u8(1);
-                w.u32(json.len());
+                w.len(json.len());
                 w.0.extend_from_slice(&json);
             }
             None => w.u8(0),
         }
-        w.u32(self.compensation_failures.len());
+        w.len(self.compensation_failures.len());
         for failure in &self.compensation_failures {
             w.str(&failure.step);
             w.str(&failure.message);
