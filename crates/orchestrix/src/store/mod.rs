@@ -10,8 +10,9 @@
 //!
 //! * **Atomic acquire.** Of any number of concurrent `start` calls for a free key,
 //!   exactly one returns [`StartOutcome::Acquired`]; the others see the record it wrote.
-//! * **Fencing.** Every acquire issues a fresh [`FencingToken`]. `complete`, `fail`,
-//!   `renew` and `release` succeed only for the current token and otherwise return
+//! * **Fencing.** Every acquire issues a fresh [`FencingToken`]. `finish` (and so
+//!   `complete` and `fail`), `renew` and `release` succeed only for the current token and
+//!   otherwise return
 //!   [`StoreError::StaleToken`], so an owner that lost its lease can never overwrite a
 //!   newer run.
 //! * **Expiry.** A running record whose lease has lapsed, and a finished record whose
