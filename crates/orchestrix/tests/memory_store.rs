@@ -116,4 +116,76 @@ mod memory_only {
             Some((RecordStatus::Running, token))
         );
     }
+
+    /// How long `wait_for_change` on `key` takes (on tokio's paused clock) while `act`
+    /// runs beside it.
+    async fn waited_while(
+        store: &MemoryStore,
+        key: &str,
+        act: impl std::future::Future<Output = ()>,
+    ) -> Duration {
+        let started = tokio::time::Instant::now();
+        let waiter = async {
+            assert!(
+                store
+                    .wait_for_change(key, Duration::from_secs(600))
+                    .await
+                    .is_ok()
+            );
+            started.elapsed()
+        };
+        tokio::join!(waiter, act).0
+    }
+
+    /// Waiters are woken by every way a running record ends — finish, release, delete —
+    /// at that moment, not at their timeout; and each wake-up leaves the next wait working.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_when_the_record_finishes_is_released_or_deleted() {
+        let store = MemoryStore::new();
+        let second = Duration::from_secs(1);
+        for round in 0..2 {
+            let Some(token) = acquire(&store, "w", "fp").await else {
+                panic!("round {round}: key not acquired")
+            };
+            let waited = waited_while(&store, "w", async {
+                tokio::time::sleep(second).await;
+                assert!(store.release("w", token).await.is_ok());
+            })
+            .await;
+            assert_eq!(waited, second, "round {round}: release");
+        }
+        let Some(token) = acquire(&store, "w", "fp").await else {
+            panic!("key not acquired")
+        };
+        let waited = waited_while(&store, "w", async {
+            tokio::time::sleep(second).await;
+            assert!(store.delete("w").await.is_ok());
+        })
+        .await;
+        assert_eq!(waited, second, "delete");
+        let Some(token2) = acquire(&store, "w", "fp").await else {
+            panic!("key not acquired after delete")
+        };
+        assert_ne!(token, token2);
+        let waited = waited_while(&store, "w", async {
+            tokio::time::sleep(second).await;
+            assert!(store.complete("w", token2, b"r", None).await.is_ok());
+        })
+        .await;
+        assert_eq!(waited, second, "complete");
+        // A finished record is not waited on at all.
+        let waited = waited_while(&store, "w", async {}).await;
+        assert_eq!(waited, Duration::ZERO);
+    }
+
+    /// An owner that never finishes (a crash) still frees its waiters: when its lease
+    /// lapses, not at their timeout.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wake_when_a_crashed_owners_lease_lapses() {
+        let store = MemoryStore::new();
+        assert!(acquire(&store, "crashed", "fp").await.is_some());
+        let waited = waited_while(&store, "crashed", async {}).await;
+        assert_eq!(waited, Duration::from_secs(60), "the lease of `request`");
+        assert!(matches!(store.get("crashed").await, Ok(None)));
+    }
 }

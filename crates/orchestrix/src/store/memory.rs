@@ -1,7 +1,7 @@
 //! The embedded, in-process store.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,11 +31,12 @@ const SWEEP_PER_OPERATION: usize = 2;
 /// mostly in increasing order, which keeps pushes O(1); each record is popped once).
 /// Expired records are also ignored on access, so a lapsed lease frees a key at once.
 ///
-/// Each record is one 64-byte table slot plus one allocation holding its token, key,
-/// fingerprint and result side by side, so a lookup in a large store touches few cache
-/// lines. Keys are hashed with the standard library's randomly keyed SipHash, since they
-/// often come from outside (an `Idempotency-Key` header) and must not be able to collide
-/// on purpose.
+/// Each record is a single allocation (header, key, fingerprint and result side by side)
+/// behind a 16-byte table slot. The table itself stays small enough to live in the CPU's
+/// caches for hundreds of thousands of records, so a lookup in a large store costs one
+/// trip to memory, for the record it finds. Keys are hashed with the standard library's
+/// randomly keyed SipHash, since they often come from outside (an `Idempotency-Key`
+/// header) and must not be able to collide on purpose.
 ///
 /// [`wait_for_change`](IdempotencyStore::wait_for_change) is woken by notification the
 /// moment a running record finishes or is released, with no polling.
@@ -50,9 +51,19 @@ const SWEEP_PER_OPERATION: usize = 2;
 /// let store: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::new());
 /// # let _ = store;
 /// ```
-#[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Deadlines are kept as nanoseconds since this instant.
+    epoch: Instant,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -60,6 +71,9 @@ struct State {
     records: HashTable<Entry>,
     hasher: RandomState,
     expiries: Expiries,
+    /// Callers waiting for a running record to change, by key. Kept beside the table
+    /// (waiting is rare) and emptied whenever the record finishes or goes.
+    waiters: HashMap<Box<[u8]>, Arc<Notify>>,
 }
 
 /// Pending removals, soonest first.
@@ -69,28 +83,35 @@ struct Expiries {
     next_generation: u64,
 }
 
-/// One record. `data` holds the token (16 bytes, little-endian), the key, the fingerprint
-/// and the result, in that order; the lengths below cut it apart.
-struct Entry {
-    data: Box<[u8]>,
-    deadline: Option<Instant>,
-    /// Matches the heap entry that may remove this record; older heap entries are ignored.
-    generation: u64,
-    waiters: Option<Arc<Notify>>,
-    key_len: u32,
-    /// [`NO_FINGERPRINT`] when the record has none.
-    fingerprint_len: u32,
-    status: RecordStatus,
-    has_result: bool,
-}
+/// A point in time, as nanoseconds since the store's epoch; [`NEVER`] is no deadline.
+type Tick = u64;
+const NEVER: Tick = Tick::MAX;
 
-const TOKEN_BYTES: usize = 16;
+/// One record, in one allocation: a fixed header, then the key, the fingerprint and the
+/// result. All integers are little-endian.
+///
+/// ```text
+/// deadline:u64  generation:u64  token:u128  key_len:u32  fingerprint_len:u32  status:u8  has_result:u8
+/// key  fingerprint  result
+/// ```
+struct Entry(Box<[u8]>);
+
+const DEADLINE: usize = 0;
+/// Matches the heap entry that may remove this record; older heap entries are ignored.
+const GENERATION: usize = 8;
+const TOKEN: usize = 16;
+const KEY_LEN: usize = 32;
+/// [`NO_FINGERPRINT`] when the record has none.
+const FINGERPRINT_LEN: usize = 36;
+const STATUS: usize = 40;
+const HAS_RESULT: usize = 41;
+const HEADER: usize = 42;
 const NO_FINGERPRINT: u32 = u32::MAX;
 
 /// A scheduled removal: the record's hash finds it, its generation proves it is the same.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Expiry {
-    at: Instant,
+    at: Tick,
     generation: u64,
     hash: u64,
 }
@@ -117,15 +138,29 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `at` on the store's clock.
+    fn tick(&self, at: Instant) -> Tick {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        Tick::try_from(nanos).unwrap_or(NEVER - 1).min(NEVER - 1)
+    }
+
     /// Locks, sweeps a little, and hands the state, the key's hash and the time to `f`.
-    fn with_state<T>(&self, key: &str, f: impl FnOnce(&mut State, u64, Instant) -> T) -> T {
+    fn with_state<T>(&self, key: &str, f: impl FnOnce(&mut State, u64, Tick) -> T) -> T {
         let mut state = self.lock();
-        let now = Instant::now();
+        let now = self.tick(Instant::now());
         state.sweep(now, SWEEP_PER_OPERATION);
         // Hashed as bytes, like the stored keys when the table grows (`str` hashes differently).
         let hash = state.hasher.hash_one(key.as_bytes());
         f(&mut state, hash, now)
     }
+}
+
+/// `lease` (or TTL) from `now`; a span too long to represent is no deadline at all.
+fn after(now: Tick, span: Option<Duration>) -> Tick {
+    span.and_then(|d| Tick::try_from(d.as_nanos()).ok())
+        .and_then(|d| now.checked_add(d))
+        .filter(|&at| at != NEVER)
+        .unwrap_or(NEVER)
 }
 
 impl fmt::Debug for MemoryStore {
@@ -139,14 +174,14 @@ impl fmt::Debug for MemoryStore {
 impl Expiries {
     /// Sets `entry`'s deadline and schedules its removal then; earlier schedules of the
     /// entry become stale.
-    fn schedule(&mut self, entry: &mut Entry, hash: u64, at: Option<Instant>) {
+    fn schedule(&mut self, entry: &mut Entry, hash: u64, at: Tick) {
         self.next_generation += 1;
-        entry.generation = self.next_generation;
-        entry.deadline = at;
-        if let Some(at) = at {
+        entry.put(GENERATION, self.next_generation.to_le_bytes());
+        entry.put(DEADLINE, at.to_le_bytes());
+        if at != NEVER {
             self.heap.push(Reverse(Expiry {
                 at,
-                generation: entry.generation,
+                generation: self.next_generation,
                 hash,
             }));
         }
@@ -154,7 +189,7 @@ impl Expiries {
 }
 
 impl State {
-    fn sweep(&mut self, now: Instant, budget: usize) -> u64 {
+    fn sweep(&mut self, now: Tick, budget: usize) -> u64 {
         let mut removed = 0;
         for _ in 0..budget {
             match self.expiries.heap.peek() {
@@ -166,11 +201,12 @@ impl State {
             };
             let found = self
                 .records
-                .find_entry(expiry.hash, |e| e.generation == expiry.generation);
+                .find_entry(expiry.hash, |e| e.generation() == expiry.generation);
             if let Ok(slot) = found
                 && slot.get().is_expired(now)
             {
-                slot.remove().0.wake();
+                let (gone, _) = slot.remove();
+                wake(&mut self.waiters, gone.key());
                 removed += 1;
             }
         }
@@ -179,7 +215,7 @@ impl State {
 
     /// The live entry under `key`. An expired entry reads as absent; it stays in the table
     /// until swept or overwritten, so the hot path is a single lookup.
-    fn live(&mut self, key: &str, hash: u64, now: Instant) -> Option<&mut Entry> {
+    fn live(&mut self, key: &str, hash: u64, now: Tick) -> Option<&mut Entry> {
         self.records
             .find_mut(hash, |e| e.key() == key.as_bytes())
             .filter(|e| !e.is_expired(now))
@@ -191,12 +227,41 @@ impl State {
         key: &str,
         hash: u64,
         token: FencingToken,
-        now: Instant,
-    ) -> Result<(&mut Entry, &mut Expiries), StoreError> {
+        now: Tick,
+    ) -> Result<(&mut Entry, &mut Expiries, &mut Waiters), StoreError> {
         match self.records.find_mut(hash, |e| e.key() == key.as_bytes()) {
-            Some(e) if e.is_owned_by(token, now) => Ok((e, &mut self.expiries)),
+            Some(e) if e.is_owned_by(token, now) => Ok((e, &mut self.expiries, &mut self.waiters)),
             _ => Err(StoreError::StaleToken),
         }
+    }
+
+    /// Removes the record under `key` if `keep` allows, waking its waiters.
+    fn remove_if(
+        &mut self,
+        key: &str,
+        hash: u64,
+        keep: impl FnOnce(&Entry) -> bool,
+    ) -> Option<Entry> {
+        let slot = self
+            .records
+            .find_entry(hash, |e| e.key() == key.as_bytes())
+            .ok()
+            .filter(|slot| !keep(slot.get()))?;
+        let (gone, _) = slot.remove();
+        wake(&mut self.waiters, gone.key());
+        Some(gone)
+    }
+}
+
+type Waiters = HashMap<Box<[u8]>, Arc<Notify>>;
+
+/// Wakes whoever waits on `key`; the next change needs a new registration.
+fn wake(waiters: &mut Waiters, key: &[u8]) {
+    if waiters.is_empty() {
+        return;
+    }
+    if let Some(notify) = waiters.remove(key) {
+        notify.notify_waiters();
     }
 }
 
@@ -218,86 +283,129 @@ impl Entry {
             None => NO_FINGERPRINT,
         };
         let fingerprint = req.fingerprint.unwrap_or_default();
-        let mut data = Vec::with_capacity(TOKEN_BYTES + req.key.len() + fingerprint.len());
+        let mut data = Vec::with_capacity(HEADER + req.key.len() + fingerprint.len());
+        data.extend_from_slice(&NEVER.to_le_bytes());
+        data.extend_from_slice(&0u64.to_le_bytes());
         data.extend_from_slice(&token.as_u128().to_le_bytes());
+        data.extend_from_slice(&key_len.to_le_bytes());
+        data.extend_from_slice(&fingerprint_len.to_le_bytes());
+        data.push(status_code(RecordStatus::Running));
+        data.push(0);
         data.extend_from_slice(req.key.as_bytes());
         data.extend_from_slice(fingerprint.as_bytes());
-        Ok(Self {
-            data: data.into_boxed_slice(),
-            deadline: None,
-            generation: 0,
-            waiters: None,
-            key_len,
-            fingerprint_len,
-            status: RecordStatus::Running,
-            has_result: false,
-        })
+        Ok(Self(data.into_boxed_slice()))
     }
 
-    fn key_end(&self) -> usize {
-        TOKEN_BYTES + self.key_len as usize
+    /// The `N` header bytes at `at`. The header is always whole (see [`Entry::running`]).
+    fn get<const N: usize>(&self, at: usize) -> [u8; N] {
+        let mut out = [0; N];
+        if let Some(bytes) = self.0.get(at..at + N) {
+            out.copy_from_slice(bytes);
+        }
+        out
     }
 
-    fn key(&self) -> &[u8] {
-        self.data
-            .get(TOKEN_BYTES..self.key_end())
-            .unwrap_or_default()
+    fn put<const N: usize>(&mut self, at: usize, value: [u8; N]) {
+        if let Some(bytes) = self.0.get_mut(at..at + N) {
+            bytes.copy_from_slice(&value);
+        }
+    }
+
+    fn deadline(&self) -> Tick {
+        Tick::from_le_bytes(self.get(DEADLINE))
+    }
+
+    fn generation(&self) -> u64 {
+        u64::from_le_bytes(self.get(GENERATION))
     }
 
     fn token(&self) -> FencingToken {
-        let mut raw = [0; TOKEN_BYTES];
-        if let Some(bytes) = self.data.get(..TOKEN_BYTES) {
-            raw.copy_from_slice(bytes);
+        FencingToken::from_u128(u128::from_le_bytes(self.get(TOKEN)))
+    }
+
+    fn status(&self) -> RecordStatus {
+        match self.get::<1>(STATUS) {
+            [b'c'] => RecordStatus::Completed,
+            [b'f'] => RecordStatus::Failed,
+            _ => RecordStatus::Running,
         }
-        FencingToken::from_u128(u128::from_le_bytes(raw))
+    }
+
+    fn has_result(&self) -> bool {
+        self.get::<1>(HAS_RESULT) == [1]
+    }
+
+    fn key_end(&self) -> usize {
+        HEADER + u32::from_le_bytes(self.get(KEY_LEN)) as usize
+    }
+
+    fn key(&self) -> &[u8] {
+        self.0.get(HEADER..self.key_end()).unwrap_or_default()
+    }
+
+    fn fingerprint_len(&self) -> u32 {
+        u32::from_le_bytes(self.get(FINGERPRINT_LEN))
     }
 
     /// Where the fingerprint ends (and the result begins).
     fn fingerprint_end(&self) -> usize {
-        match self.fingerprint_len {
+        match self.fingerprint_len() {
             NO_FINGERPRINT => self.key_end(),
             len => self.key_end() + len as usize,
         }
     }
 
     fn fingerprint(&self) -> Option<&str> {
-        if self.fingerprint_len == NO_FINGERPRINT {
+        if self.fingerprint_len() == NO_FINGERPRINT {
             return None;
         }
         // Written from a `&str` by `running`, so always UTF-8.
-        let bytes = self.data.get(self.key_end()..self.fingerprint_end())?;
+        let bytes = self.0.get(self.key_end()..self.fingerprint_end())?;
         std::str::from_utf8(bytes).ok()
     }
 
     fn result(&self) -> Option<&[u8]> {
-        self.has_result
-            .then(|| self.data.get(self.fingerprint_end()..))
+        self.has_result()
+            .then(|| self.0.get(self.fingerprint_end()..))
             .flatten()
     }
 
-    fn is_expired(&self, now: Instant) -> bool {
-        self.deadline.is_some_and(|d| d <= now)
+    /// This record, finished with `result`.
+    fn finished(&self, status: FinalStatus, result: &[u8]) -> Self {
+        let mut data = Vec::with_capacity(self.0.len() + result.len());
+        data.extend_from_slice(&self.0);
+        data.extend_from_slice(result);
+        let mut entry = Self(data.into_boxed_slice());
+        entry.put(STATUS, [status_code(status.into())]);
+        entry.put(HAS_RESULT, [1]);
+        entry
     }
 
-    fn is_owned_by(&self, token: FencingToken, now: Instant) -> bool {
-        !self.is_expired(now) && self.status == RecordStatus::Running && self.token() == token
+    fn is_expired(&self, now: Tick) -> bool {
+        self.deadline() <= now
     }
 
-    fn wake(&self) {
-        if let Some(w) = &self.waiters {
-            w.notify_waiters();
-        }
+    fn is_owned_by(&self, token: FencingToken, now: Tick) -> bool {
+        !self.is_expired(now) && self.status() == RecordStatus::Running && self.token() == token
     }
 
     /// The record under `key` (this entry's own key), in place.
     fn view<'a>(&'a self, key: &'a str) -> RecordView<'a> {
         RecordView {
             key,
-            status: self.status,
+            status: self.status(),
             token: self.token(),
             fingerprint: self.fingerprint(),
             result: self.result(),
         }
+    }
+}
+
+fn status_code(status: RecordStatus) -> u8 {
+    match status {
+        RecordStatus::Completed => b'c',
+        RecordStatus::Failed => b'f',
+        _ => b'r',
     }
 }
 
@@ -335,6 +443,7 @@ impl IdempotencyStore for MemoryStore {
                 records,
                 hasher,
                 expiries,
+                waiters,
             } = s;
             let slot = records.entry(
                 hash,
@@ -343,23 +452,22 @@ impl IdempotencyStore for MemoryStore {
             );
             if let Slot::Occupied(slot) = &slot {
                 let held = slot.get();
-                if !held.is_expired(now) && !req.may_take_over(held.status, held.fingerprint()) {
+                if !held.is_expired(now) && !req.may_take_over(held.status(), held.fingerprint()) {
                     visit(held.view(req.key));
                     return Ok(StartSeen::Existing);
                 }
             }
             let token = FencingToken::generate();
             let mut entry = Entry::running(&req, token)?;
-            expiries.schedule(&mut entry, hash, now.checked_add(req.lease));
+            expiries.schedule(&mut entry, hash, after(now, Some(req.lease)));
             match slot {
                 Slot::Occupied(mut slot) => {
-                    let held = slot.get_mut();
                     // A failure taken over keeps its waiters, who now wait for the new owner;
                     // an expired record's waiters are woken to look again.
-                    if !held.is_expired(now) {
-                        entry.waiters = held.waiters.take();
+                    if slot.get().is_expired(now) {
+                        wake(waiters, req.key.as_bytes());
                     }
-                    std::mem::replace(held, entry).wake();
+                    *slot.get_mut() = entry;
                 }
                 Slot::Vacant(slot) => {
                     slot.insert(entry);
@@ -378,16 +486,11 @@ impl IdempotencyStore for MemoryStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            let (entry, expiries) = s.owned(key, hash, token, now)?;
-            let mut data = Vec::with_capacity(entry.data.len() + result.len());
-            data.extend_from_slice(&entry.data);
-            data.extend_from_slice(result);
-            entry.data = data.into_boxed_slice();
-            entry.has_result = true;
-            entry.status = status.into();
-            entry.wake();
+            let (entry, expiries, waiters) = s.owned(key, hash, token, now)?;
+            *entry = entry.finished(status, result);
+            wake(waiters, key.as_bytes());
             // A TTL too long to represent is no expiry at all.
-            expiries.schedule(entry, hash, ttl.and_then(|t| now.checked_add(t)));
+            expiries.schedule(entry, hash, after(now, ttl));
             Ok(())
         })
     }
@@ -399,30 +502,22 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            let (entry, expiries) = s.owned(key, hash, token, now)?;
-            expiries.schedule(entry, hash, now.checked_add(lease));
+            let (entry, expiries, _) = s.owned(key, hash, token, now)?;
+            expiries.schedule(entry, hash, after(now, Some(lease)));
             Ok(())
         })
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            match s.records.find_entry(hash, |e| e.key() == key.as_bytes()) {
-                Ok(slot) if slot.get().is_owned_by(token, now) => {
-                    slot.remove().0.wake();
-                    Ok(())
-                }
-                _ => Err(StoreError::StaleToken),
-            }
+            s.remove_if(key, hash, |e| !e.is_owned_by(token, now))
+                .map(drop)
+                .ok_or(StoreError::StaleToken)
         })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.with_state(key, |s, hash, _| {
-            if let Ok(slot) = s.records.find_entry(hash, |e| e.key() == key.as_bytes()) {
-                slot.remove().0.wake();
-            }
-        });
+        self.with_state(key, |s, hash, _| s.remove_if(key, hash, |_| false));
         Ok(())
     }
 
@@ -431,12 +526,13 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
-        let watched = self.with_state(key, |s, hash, now| match s.live(key, hash, now) {
-            Some(e) if e.status == RecordStatus::Running => {
-                let notify = Arc::clone(e.waiters.get_or_insert_with(Default::default));
-                Some((notify, e.deadline))
-            }
-            _ => None,
+        let watched = self.with_state(key, |s, hash, now| {
+            let lease_end = s
+                .live(key, hash, now)
+                .filter(|e| e.status() == RecordStatus::Running)?
+                .deadline();
+            let notify = s.waiters.entry(key.as_bytes().into()).or_default();
+            Some((Arc::clone(notify), lease_end))
         });
         let Some((notify, lease_end)) = watched else {
             return Ok(());
@@ -448,7 +544,7 @@ impl IdempotencyStore for MemoryStore {
         notified.as_mut().enable();
         let still_running = self.with_state(key, |s, hash, now| {
             s.live(key, hash, now)
-                .is_some_and(|e| e.status == RecordStatus::Running)
+                .is_some_and(|e| e.status() == RecordStatus::Running)
         });
         if still_running {
             // An owner that crashed never notifies: wake when its lease lapses at the latest.
@@ -456,7 +552,9 @@ impl IdempotencyStore for MemoryStore {
             let mut until = now
                 .checked_add(max)
                 .unwrap_or(now + Duration::from_secs(86_400));
-            if let Some(end) = lease_end {
+            if lease_end != NEVER
+                && let Some(end) = self.epoch.checked_add(Duration::from_nanos(lease_end))
+            {
                 until = until.min(end);
             }
             let _ = tokio::time::timeout_at(until, notified).await;
