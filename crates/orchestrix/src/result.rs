@@ -252,6 +252,7 @@ impl Writer {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], StoredError> {
         if self.0.len() < n {
             return Err(StoredError::Truncated);
@@ -261,16 +262,19 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    #[inline]
     fn array<const N: usize>(&mut self) -> Result<[u8; N], StoredError> {
         let mut out = [0; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
+    #[inline]
     fn u8(&mut self) -> Result<u8, StoredError> {
         Ok(self.array::<1>()?[0])
     }
 
+    #[inline]
     fn len(&mut self) -> Result<usize, StoredError> {
         let n = u32::from_le_bytes(self.array()?);
         // Every counted item takes at least one byte: a count larger than what is left is
@@ -282,19 +286,23 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    #[inline]
     fn u32(&mut self) -> Result<u32, StoredError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
+    #[inline]
     fn u64(&mut self) -> Result<u64, StoredError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    #[inline]
     fn status(&mut self) -> Result<Status, StoredError> {
         let code = self.u8()?;
         status_of(code).ok_or(StoredError::Status(code))
     }
 
+    #[inline]
     fn flag(&mut self) -> Result<bool, StoredError> {
         match self.u8()? {
             0 => Ok(false),
@@ -303,15 +311,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn bytes(&mut self) -> Result<&'a [u8], StoredError> {
         let n = self.len()?;
         self.take(n)
     }
 
+    #[inline]
     fn str(&mut self) -> Result<&'a str, StoredError> {
         std::str::from_utf8(self.bytes()?).map_err(|_| StoredError::Utf8)
     }
 
+    #[inline]
     fn opt_str(&mut self) -> Result<Option<&'a str>, StoredError> {
         Ok(if self.flag()? {
             Some(self.str()?)

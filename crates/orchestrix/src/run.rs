@@ -71,47 +71,65 @@ where
     /// the token given to [`RunOptions::cancellation`]: the run compensates and frees its
     /// key.
     pub async fn run(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
-        let plan = &self.inner.plan;
-        let span = tracing::info_span!("flow", flow = %plan.name, key = options.key.as_deref());
-        async move {
-            options.validate()?;
-            if let Some(rejected) = self.validate(&input) {
-                return Ok(self.notify(rejected));
-            }
-            let cancel = || options.cancel.clone().unwrap_or_default();
-            let Some(key) = options.scoped_key(&plan.name) else {
-                let result = self.execute(input, cancel()).await;
-                return Ok(self.notify(result));
-            };
-            let owner = match self.acquire(&key, &input, &options).await? {
-                Decided::Acquired(owner) => owner,
-                Decided::Finished(replay) => return Ok(replay?),
-                Decided::Running => {
-                    return Ok(FlowResult::without_steps(
-                        &plan.name,
-                        Status::Running,
-                        &plan.step_names,
-                        None,
-                    ));
-                }
-            };
-            // Made only now: a replay or a refused run never needs a cancellation token.
-            let cancel = cancel();
-            let result = owner
-                .hold(&cancel, self.execute(input, cancel.clone()))
-                .await;
-            let persisted = self.persist(owner, &result, &options).await;
-            let result = self.notify(result);
-            match persisted {
-                Ok(()) => Ok(result),
-                Err(source) => Err(RunError::NotPersisted {
-                    result: Box::new(result),
-                    source,
-                }),
+        let span = tracing::info_span!(
+            "flow",
+            flow = %self.inner.plan.name,
+            key = options.key.as_deref()
+        );
+        self.decide(input, options).instrument(span).await
+    }
+
+    /// Validates, then runs the steps unkeyed or lets the store decide.
+    ///
+    /// The execution itself is boxed ([`execute`](Self::execute), [`own`](Self::own)), so
+    /// the future every run builds, moves and awaits holds only the decision (1.1 KB instead
+    /// of 2.3 KB for the benchmarks' flow), and a replay never copies the rest.
+    async fn decide(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
+        options.validate()?;
+        if let Some(rejected) = self.validate(&input) {
+            return Ok(self.notify(rejected));
+        }
+        let Some(key) = options.scoped_key(&self.inner.plan.name) else {
+            let cancel = options.cancel.clone().unwrap_or_default();
+            let result = self.execute(input, cancel).await;
+            return Ok(self.notify(result));
+        };
+        match self.acquire(&key, &input, &options).await? {
+            Decided::Acquired(owner) => Box::pin(self.own(owner, input, &options)).await,
+            Decided::Finished(replay) => Ok(replay?),
+            Decided::Running => {
+                let plan = &self.inner.plan;
+                Ok(FlowResult::without_steps(
+                    &plan.name,
+                    Status::Running,
+                    &plan.step_names,
+                    None,
+                ))
             }
         }
-        .instrument(span)
-        .await
+    }
+
+    /// Runs the steps under an acquired key, then stores the outcome.
+    async fn own(
+        &self,
+        owner: Ownership,
+        input: I,
+        options: &RunOptions,
+    ) -> Result<FlowResult<O>, RunError<O>> {
+        // Made only now: a replay or a refused run never needs a cancellation token.
+        let cancel = options.cancel.clone().unwrap_or_default();
+        let result = owner
+            .hold(&cancel, self.execute(input, cancel.clone()))
+            .await;
+        let persisted = self.persist(owner, &result, options).await;
+        let result = self.notify(result);
+        match persisted {
+            Ok(()) => Ok(result),
+            Err(source) => Err(RunError::NotPersisted {
+                result: Box::new(result),
+                source,
+            }),
+        }
     }
 
     /// Stage 1: the input validator. `Some` is the failed result to return.
@@ -168,10 +186,12 @@ where
 
     /// Stage 3: the steps.
     async fn execute(&self, input: I, cancel: CancellationToken) -> FlowResult<O> {
-        self.inner
-            .plan
-            .execute(Context::with_cancellation(input, cancel))
-            .await
+        Box::pin(
+            self.inner
+                .plan
+                .execute(Context::with_cancellation(input, cancel)),
+        )
+        .await
     }
 
     /// Stage 4: store the outcome, or free the key.
