@@ -1,11 +1,13 @@
 //! Input fingerprints: a stable hash of the canonical input.
 
-use std::fmt::{self, Write as _};
+use std::cell::Cell;
+use std::fmt;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use super::canonical::{Encoder, encode_value};
 
 /// How a flow fingerprints its input, to detect a key reused with a different payload.
 #[derive(Default)]
@@ -85,10 +87,15 @@ pub fn fingerprint_of<T: Serialize + ?Sized>(value: &T) -> Result<String, serde_
 /// [`fingerprint_of`], as its 32 ASCII hex digits.
 fn digest_hex<T: Serialize + ?Sized>(value: &T) -> Result<[u8; 32], serde_json::Error> {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let value = serde_json::to_value(value)?;
-    let mut hasher = Sha256::new();
-    feed(&value, &mut hasher);
-    let digest = hasher.finalize();
+    let digest = with_encoder(|enc| {
+        if value.serialize(&mut *enc).is_err() {
+            // The encoder was not sure of the JSON form: go through `serde_json::Value`,
+            // which also reports inputs that have no JSON form at all.
+            enc.clear();
+            encode_value(&serde_json::to_value(value)?, &mut enc.out);
+        }
+        Ok::<_, serde_json::Error>(Sha256::digest(&enc.out))
+    })?;
     let mut hex = [0; 32];
     for (pair, byte) in hex.chunks_exact_mut(2).zip(&digest[..16]) {
         pair[0] = DIGITS[usize::from(byte >> 4)];
@@ -97,92 +104,21 @@ fn digest_hex<T: Serialize + ?Sized>(value: &T) -> Result<[u8; 32], serde_json::
     Ok(hex)
 }
 
-/// Feeds a tagged, length-prefixed encoding, so that no two values share a byte stream.
-fn feed(value: &Value, h: &mut Sha256) {
-    let bytes = |h: &mut Sha256, tag: u8, b: &[u8]| {
-        h.update([tag]);
-        h.update((b.len() as u64).to_le_bytes());
-        h.update(b);
-    };
-    match value {
-        Value::Null => h.update([b'n']),
-        Value::Bool(b) => h.update([b'b', u8::from(*b)]),
-        // Integers as serde_json writes them (it uses `itoa` too), without the formatting
-        // machinery: the hot input of a fingerprint is often a bare id.
-        Value::Number(n) if n.is_u64() || n.is_i64() => {
-            let mut digits = itoa::Buffer::new();
-            let text = match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => digits.format(u),
-                (None, Some(i)) => digits.format(i),
-                (None, None) => "",
-            };
-            bytes(h, b'#', text.as_bytes());
-        }
-        Value::Number(n) => {
-            // A float's decimal text, formatted on the stack; a text too long for the
-            // buffer falls back to the heap.
-            let mut text = StackText::default();
-            if write!(text, "{n}").is_ok() {
-                bytes(h, b'#', text.as_bytes());
-            } else {
-                bytes(h, b'#', n.to_string().as_bytes());
-            }
-        }
-        Value::String(s) => bytes(h, b's', s.as_bytes()),
-        Value::Array(items) => {
-            h.update([b'[']);
-            h.update((items.len() as u64).to_le_bytes());
-            items.iter().for_each(|v| feed(v, h));
-        }
-        Value::Object(map) => {
-            h.update([b'{']);
-            h.update((map.len() as u64).to_le_bytes());
-            let mut entry = |(k, v): (&String, &Value)| {
-                bytes(h, b'k', k.as_bytes());
-                feed(v, h);
-            };
-            // serde_json's default map is sorted already; with its `preserve_order` feature
-            // (which any crate in the build can turn on) it keeps insertion order instead.
-            if map.keys().is_sorted() {
-                map.iter().for_each(&mut entry);
-            } else {
-                let mut entries: Vec<_> = map.iter().collect();
-                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                entries.into_iter().for_each(entry);
-            }
-        }
+/// Runs `f` with this thread's (cleared) encoder, so that fingerprinting reuses its buffers
+/// instead of allocating them for every run. A nested call gets a fresh encoder.
+fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {
+    /// Buffers larger than this are not kept after use.
+    const KEEP_BYTES: usize = 64 * 1024;
+    thread_local! {
+        static ENCODER: Cell<Encoder> = Cell::default();
     }
-}
-
-/// Up to 40 bytes of text on the stack: any integer, and most floats, in decimal.
-struct StackText {
-    buf: [u8; 40],
-    len: usize,
-}
-
-impl Default for StackText {
-    fn default() -> Self {
-        Self {
-            buf: [0; 40],
-            len: 0,
-        }
+    let mut enc = ENCODER.with(Cell::take);
+    enc.clear();
+    let out = f(&mut enc);
+    if enc.out.capacity().max(enc.moved_capacity()) <= KEEP_BYTES {
+        ENCODER.with(|cell| cell.set(enc));
     }
-}
-
-impl StackText {
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl fmt::Write for StackText {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        let slot = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
-        slot.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
+    out
 }
 
 #[cfg(test)]

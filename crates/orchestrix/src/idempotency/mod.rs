@@ -11,6 +11,7 @@
 //! `Idempotency-Key` layer) use [`admit`] and [`Ownership`] directly, with their own
 //! payloads.
 
+mod canonical;
 mod fingerprint;
 mod options;
 
