@@ -72,7 +72,7 @@ struct State {
     expiries: Expiries,
     /// Callers waiting for a running record to change, by key. Kept beside the table
     /// (waiting is rare) and emptied whenever the record finishes or goes.
-    waiters: HashMap<Box<[u8]>, Arc<Notify>>,
+    waiters: Waiters,
 }
 
 /// Pending removals, soonest first.
@@ -234,21 +234,18 @@ impl State {
         }
     }
 
-    /// Removes the record under `key` if `keep` allows, waking its waiters.
-    fn remove_if(
-        &mut self,
-        key: &str,
-        hash: u64,
-        keep: impl FnOnce(&Entry) -> bool,
-    ) -> Option<Entry> {
-        let slot = self
-            .records
-            .find_entry(hash, |e| e.key() == key.as_bytes())
-            .ok()
-            .filter(|slot| !keep(slot.get()))?;
+    /// Removes the record under `key` if `remove` says so, waking its waiters. Whether it
+    /// was removed.
+    fn remove_if(&mut self, key: &str, hash: u64, remove: impl FnOnce(&Entry) -> bool) -> bool {
+        let Ok(slot) = self.records.find_entry(hash, |e| e.key() == key.as_bytes()) else {
+            return false;
+        };
+        if !remove(slot.get()) {
+            return false;
+        }
         let (gone, _) = slot.remove();
         wake(&mut self.waiters, gone.key());
-        Some(gone)
+        true
     }
 }
 
@@ -517,14 +514,14 @@ impl IdempotencyStore for MemoryStore {
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            s.remove_if(key, hash, |e| !e.is_owned_by(token, now))
-                .map(drop)
+            s.remove_if(key, hash, |e| e.is_owned_by(token, now))
+                .then_some(())
                 .ok_or(StoreError::StaleToken)
         })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.with_state(key, |s, hash, _| s.remove_if(key, hash, |_| false));
+        self.with_state(key, |s, hash, _| s.remove_if(key, hash, |_| true));
         Ok(())
     }
 
