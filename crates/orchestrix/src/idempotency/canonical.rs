@@ -125,11 +125,14 @@ impl ser::Error for Fallback {
 /// Where one object entry lies in the output, to sort the entries by key afterwards.
 #[derive(Clone, Copy)]
 struct Entry {
-    /// The entry's first byte (its key's tag).
+    /// The entry's first byte: its key's tag, then the key's length (8 bytes), the key.
     start: usize,
-    /// The key's text.
-    key: (usize, usize),
+    /// Where the key's text ends.
+    key_end: usize,
 }
+
+/// Bytes before an entry's key text: the tag and the length.
+const KEY_TEXT: usize = 1 + 8;
 
 /// Writes the canonical encoding of what is serialized into it. Reusable: [`clear`]
 /// keeps the buffers' capacity.
@@ -152,9 +155,11 @@ impl Encoder {
         self.entries.clear();
     }
 
-    /// How much the sorting scratch holds on to.
-    pub(crate) fn moved_capacity(&self) -> usize {
-        self.moved.capacity()
+    /// Whether the buffers are small enough to keep for the next value.
+    pub(crate) fn worth_keeping(&self) -> bool {
+        /// Buffers larger than this are not kept after use.
+        const KEEP_BYTES: usize = 64 * 1024;
+        self.out.capacity().max(self.moved.capacity()) <= KEEP_BYTES
     }
 
     /// A count placeholder, filled in by [`finish_count`](Self::finish_count).
@@ -225,17 +230,37 @@ impl Encoder {
     fn entry_key(&mut self, key: &str) {
         let start = self.out.len();
         tagged(&mut self.out, b'k', key.as_bytes());
-        let end = self.out.len();
         self.entries.push(Entry {
             start,
-            key: (end - key.len(), end),
+            key_end: self.out.len(),
         });
+    }
+
+    /// Opens `{variant: ` and returns where to close it.
+    fn open_variant(&mut self, variant: &str) -> (usize, usize) {
+        let at = self.open(b'{');
+        let first = self.entries.len();
+        self.entry_key(variant);
+        (at, first)
+    }
+
+    fn compound(&mut self, tag: u8, variant: Option<(usize, usize)>) -> Compound<'_> {
+        let at = self.open(tag);
+        let first = self.entries.len();
+        Compound {
+            enc: self,
+            at,
+            count: 0,
+            first,
+            variant,
+        }
     }
 }
 
 /// An entry's key text in `out`.
 fn key(out: &[u8], entry: Entry) -> &[u8] {
-    out.get(entry.key.0..entry.key.1).unwrap_or_default()
+    out.get(entry.start + KEY_TEXT..entry.key_end)
+        .unwrap_or_default()
 }
 
 /// `serde_json`'s private names for its raw values: their JSON form is not what they
@@ -264,28 +289,6 @@ impl Compound<'_> {
             self.enc.close_object(at, first)?;
         }
         Ok(())
-    }
-}
-
-impl Encoder {
-    /// Opens `{variant: ` and returns where to close it.
-    fn open_variant(&mut self, variant: &str) -> (usize, usize) {
-        let at = self.open(b'{');
-        let first = self.entries.len();
-        self.entry_key(variant);
-        (at, first)
-    }
-
-    fn compound(&mut self, tag: u8, variant: Option<(usize, usize)>) -> Compound<'_> {
-        let at = self.open(tag);
-        let first = self.entries.len();
-        Compound {
-            enc: self,
-            at,
-            count: 0,
-            first,
-            variant,
-        }
     }
 }
 

@@ -107,15 +107,13 @@ fn digest_hex<T: Serialize + ?Sized>(value: &T) -> Result<[u8; 32], serde_json::
 /// Runs `f` with this thread's (cleared) encoder, so that fingerprinting reuses its buffers
 /// instead of allocating them for every run. A nested call gets a fresh encoder.
 fn with_encoder<T>(f: impl FnOnce(&mut Encoder) -> T) -> T {
-    /// Buffers larger than this are not kept after use.
-    const KEEP_BYTES: usize = 64 * 1024;
     thread_local! {
         static ENCODER: Cell<Encoder> = Cell::default();
     }
     let mut enc = ENCODER.with(Cell::take);
     enc.clear();
     let out = f(&mut enc);
-    if enc.out.capacity().max(enc.moved_capacity()) <= KEEP_BYTES {
+    if enc.worth_keeping() {
         ENCODER.with(|cell| cell.set(enc));
     }
     out
