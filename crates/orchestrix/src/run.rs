@@ -90,8 +90,7 @@ where
             return Ok(self.notify(rejected));
         }
         let Some(key) = options.scoped_key(&self.inner.plan.name) else {
-            let cancel = options.cancel.clone().unwrap_or_default();
-            let result = self.execute(input, cancel).await;
+            let result = self.execute(input, options.cancel_token()).await;
             return Ok(self.notify(result));
         };
         match self.acquire(&key, &input, &options).await? {
@@ -117,7 +116,7 @@ where
         options: &RunOptions,
     ) -> Result<FlowResult<O>, RunError<O>> {
         // Made only now: a replay or a refused run never needs a cancellation token.
-        let cancel = options.cancel.clone().unwrap_or_default();
+        let cancel = options.cancel_token();
         let result = owner
             .hold(&cancel, self.execute(input, cancel.clone()))
             .await;

@@ -274,6 +274,11 @@ impl RunOptions {
     }
 
     /// The key as stored: scoped by `flow` unless global.
+    /// The run's cancellation token: the caller's, or a fresh one nobody else can fire.
+    pub(crate) fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone().unwrap_or_default()
+    }
+
     pub(crate) fn scoped_key(&self, flow: &str) -> Option<String> {
         let key = self.key.as_deref()?;
         Some(match self.scope {
