@@ -21,9 +21,8 @@
 //! * **One round trip per operation, native where possible.** Redis runs a Lua script
 //!   several times slower than a native command (even a lean fenced script costs the
 //!   server 3–6 µs per `EVALSHA`, a simple command ~1 µs), and under load Redis's CPU is
-//!   the limit. So the
-//!   operations that make up almost all traffic are native: `get` is one `GET`, `delete`
-//!   one `DEL`, and `start` (unless it re-runs failures) one
+//!   the limit. So the operations that make up almost all traffic are native: `get` is one
+//!   `GET`, `delete` one `DEL`, and `start` (unless it re-runs failures) one
 //!   `SET key <running record> NX PX <lease> GET`, which writes the running record only
 //!   if the key is free and otherwise answers the value holding it (Redis ≥ 7.0). A fresh
 //!   idempotent run costs two commands (`start`, `complete`) and a replay one native `SET`.

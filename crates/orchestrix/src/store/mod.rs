@@ -12,9 +12,8 @@
 //!   exactly one returns [`StartOutcome::Acquired`]; the others see the record it wrote.
 //! * **Fencing.** Every acquire issues a fresh [`FencingToken`]. `finish` (and so
 //!   `complete` and `fail`), `renew` and `release` succeed only for the current token and
-//!   otherwise return
-//!   [`StoreError::StaleToken`], so an owner that lost its lease can never overwrite a
-//!   newer run.
+//!   otherwise return [`StoreError::StaleToken`], so an owner that lost its lease can never
+//!   overwrite a newer run.
 //! * **Expiry.** A running record whose lease has lapsed, and a finished record whose
 //!   TTL has lapsed, are treated exactly like an absent record. Where the backend has a
 //!   clock of its own (Redis `TIME`, SQL `now()`), that clock decides.
