@@ -135,6 +135,7 @@ pub fn store_error_kind(error: &StoreError) -> &'static str {
         StoreError::Decode(_) => "decode",
         StoreError::UnsupportedVersion { .. } => "unsupported version",
         StoreError::TooLarge { .. } => "too large",
+        StoreError::ResultRefused { .. } => "result refused",
         StoreError::Backend(_) => "backend",
         _ => "other store error",
     }

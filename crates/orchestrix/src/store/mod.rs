@@ -149,6 +149,18 @@ pub enum StoreError {
         /// The backend's limit.
         limit: usize,
     },
+    /// The backend refused to store the result for a reason of size or resources (a
+    /// server-side value limit, out of memory, a full disk). As for
+    /// [`TooLarge`](Self::TooLarge), the record was still marked finished without its
+    /// result, so the operation never runs again under this key.
+    #[error("the store refused a result of {size} bytes ({source}); the record was finished without it")]
+    ResultRefused {
+        /// Size of the encoded result.
+        size: usize,
+        /// What the backend said.
+        #[source]
+        source: BoxError,
+    },
     /// The backend could not be reached or failed (connection refused, timeout, I/O).
     #[error("store backend failed: {0}")]
     Backend(#[source] BoxError),
@@ -168,6 +180,13 @@ impl StoreError {
     /// A [`StoreError::Decode`] from any error or message.
     pub fn decode(err: impl Into<BoxError>) -> Self {
         Self::Decode(err.into())
+    }
+
+    /// Whether a `finish` that returned this error still finished the record, without its
+    /// result ([`TooLarge`](Self::TooLarge), [`ResultRefused`](Self::ResultRefused)): the
+    /// operation will not run again, but its result cannot be replayed.
+    pub fn finished_without_result(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::ResultRefused { .. })
     }
 }
 
@@ -305,8 +324,13 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// [`StoreError::StaleToken`] if `token` is not the current owner's.
-    /// [`StoreError::TooLarge`] if the backend cannot hold `result`; the record must then
-    /// still be marked finished without a result.
+    /// [`StoreError::TooLarge`] if the backend cannot hold `result`, and
+    /// [`StoreError::ResultRefused`] if the backend refused it for size or resources (a
+    /// server-side value limit, out of memory, a full disk): in both cases the record must
+    /// still be marked finished **without** a result (fenced, in a second write if need
+    /// be), so the operation is never run again. Only a backend that cannot be reached at
+    /// all (or refuses even the small write) returns [`StoreError::Backend`] and leaves
+    /// the record running until its lease lapses.
     async fn finish(
         &self,
         key: &str,
