@@ -3,6 +3,7 @@
 //! Nothing here knows about idempotency; [`crate::run`] wraps this in the store stages.
 
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -15,7 +16,7 @@ use tracing::Instrument;
 use crate::context::Context;
 use crate::hooks::{Event, Hooks};
 use crate::result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
-use crate::step::{Step, StepError};
+use crate::step::{Step, StepError, panic_message};
 
 /// Builds the output from the context once every step completed.
 pub(crate) type OutputFn<I, O> = Box<dyn Fn(&Context<I>) -> Result<O, StepError> + Send + Sync>;
@@ -88,13 +89,16 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 break;
             }
         }
+        if error.is_none() && ctx.is_cancelled() {
+            // Checked once more after the last step, as before every other: a cancel that
+            // arrived while the last step ran cancels the run like one during any step.
+            error = Some(FlowError::Cancelled);
+        }
         let output = match (&error, &self.output) {
-            (None, Some(build)) => match build(&ctx) {
+            (None, Some(build)) => match self.build_output(build, &ctx) {
                 Ok(output) => Some(output),
                 Err(e) => {
-                    error = Some(FlowError::Output {
-                        message: e.to_string(),
-                    });
+                    error = Some(e);
                     None
                 }
             },
@@ -120,6 +124,21 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             error,
             compensation_failures,
             replayed: false,
+        }
+    }
+
+    /// The output, from the output builder. A builder that panics fails the run like a
+    /// failing step instead of unwinding through it (which would leave a keyed record
+    /// owned, and the steps runnable again once its lease lapsed).
+    fn build_output(&self, build: &OutputFn<I, O>, ctx: &Context<I>) -> Result<O, FlowError> {
+        match catch_unwind(AssertUnwindSafe(|| build(ctx))) {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(e)) => Err(FlowError::Output {
+                message: e.to_string(),
+            }),
+            Err(payload) => Err(FlowError::Output {
+                message: format!("the output builder panicked: {}", panic_message(&*payload)),
+            }),
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::context::Context;
 use crate::execute::{OutputFn, Plan, Stage};
 use crate::hooks::{ConsoleLogger, Hooks, Plugin};
-use crate::idempotency::Fingerprint;
+use crate::idempotency::{Fingerprint, flow_prefix};
 use crate::step::{Parallel, Step, StepError};
 use crate::store::{IdempotencyStore, MemoryStore};
 
@@ -61,6 +61,8 @@ pub(crate) struct FlowInner<I, O> {
     pub(crate) validator: Option<ValidatorFn<I>>,
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) fingerprint: Fingerprint<I>,
+    /// What the flow's scoped keys start with: its name, escaped, and `:`.
+    pub(crate) key_prefix: Box<str>,
 }
 
 impl<I, O> Clone for Flow<I, O> {
@@ -72,7 +74,9 @@ impl<I, O> Clone for Flow<I, O> {
 }
 
 impl<I, O> Flow<I, O> {
-    /// Starts building a flow named `name`. The name scopes its idempotency keys.
+    /// Starts building a flow named `name`. The name scopes its idempotency keys: the
+    /// record of key `k` is stored under `name:k` (a `:` or `%` in the name is escaped, so
+    /// two flows never share a record).
     pub fn builder(name: impl Into<String>) -> FlowBuilder<I, O> {
         FlowBuilder::new(name)
     }
@@ -291,6 +295,7 @@ impl<I, O> FlowBuilder<I, O> {
             }
         }
         let step_names = self.steps.iter().map(|s| Arc::clone(&s.name)).collect();
+        let key_prefix = flow_prefix(&self.name).into_boxed_str();
         Ok(Flow {
             inner: Arc::new(FlowInner {
                 plan: Plan {
@@ -305,6 +310,7 @@ impl<I, O> FlowBuilder<I, O> {
                 validator: self.validator,
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 fingerprint: self.fingerprint,
+                key_prefix,
             }),
         })
     }

@@ -55,6 +55,7 @@ mod retry;
 mod run;
 mod step;
 pub mod store;
+mod stored;
 
 pub use context::{Context, StateError};
 pub use flow::{BuildError, Flow, FlowBuilder};
@@ -66,4 +67,5 @@ pub use result::{CompensationFailure, FlowError, FlowResult, Status, StepResult}
 pub use retry::{Backoff, RetryPolicy};
 pub use run::RunError;
 pub use step::{Parallel, Step, StepError};
+pub use stored::OutputNotKept;
 pub use tokio_util::sync::CancellationToken;

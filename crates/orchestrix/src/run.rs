@@ -1,5 +1,7 @@
 //! The one entry point of a run: validate → acquire → execute → persist → notify.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -9,10 +11,12 @@ use crate::context::Context;
 use crate::flow::Flow;
 use crate::hooks::Event;
 use crate::idempotency::{
-    AdmitRequest, Decided, IdempotencyError, Ownership, RunOptions, Settlement, admit_with,
+    AdmitRequest, Decided, Ending, IdempotencyError, Ownership, RunOptions, Settlement, admit_with,
 };
 use crate::result::{FlowError, FlowResult, Status};
+use crate::step::panic_message;
 use crate::store::{RecordView, StoreError};
+use crate::stored::StoredError;
 
 /// Why [`Flow::run`] returned no result, or returned one that could not be persisted.
 ///
@@ -66,10 +70,14 @@ where
     /// the result is inside.
     ///
     /// # Cancel safety
-    /// Dropping the future mid-run stops the steps at their next await and leaves a keyed
-    /// record running until its lease lapses (like a crash). To stop a run cleanly, fire
-    /// the token given to [`RunOptions::cancellation`]: the run compensates and frees its
-    /// key.
+    /// Dropping the future mid-run (a timeout around `run`, a request handler dropped when
+    /// its client hangs up) stops the steps at their next await and leaves a keyed record
+    /// running until its lease lapses, exactly like a crash: never longer than one lease
+    /// after the last renewal, and a record dropped before its heartbeat started is
+    /// free after one lease from its acquire. The next caller then runs the flow again.
+    /// To stop a run cleanly, fire the token given to [`RunOptions::cancellation`]: the
+    /// run compensates, and frees its key when nothing it did remains (see the rule in
+    /// [`crate::idempotency`]).
     pub async fn run(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
         let span = tracing::info_span!(
             "flow",
@@ -89,7 +97,7 @@ where
         if let Some(rejected) = self.validate(&input) {
             return Ok(self.notify(rejected));
         }
-        let Some(key) = options.scoped_key(&self.inner.plan.name) else {
+        let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
             let result = self.execute(input, options.cancel_token()).await;
             return Ok(self.notify(result));
         };
@@ -131,10 +139,17 @@ where
         }
     }
 
-    /// Stage 1: the input validator. `Some` is the failed result to return.
+    /// Stage 1: the input validator. `Some` is the failed result to return. A validator
+    /// that panics rejects the input rather than unwinding through the run.
     fn validate(&self, input: &I) -> Option<FlowResult<O>> {
         let validator = self.inner.validator.as_ref()?;
-        let issues = validator(input).err()?;
+        let issues = match catch_unwind(AssertUnwindSafe(|| validator(input))) {
+            Ok(verdict) => verdict.err()?,
+            Err(payload) => vec![format!(
+                "the validator panicked: {}",
+                panic_message(&*payload)
+            )],
+        };
         let plan = &self.inner.plan;
         Some(FlowResult::without_steps(
             &plan.name,
@@ -152,10 +167,15 @@ where
         input: &I,
         options: &RunOptions,
     ) -> Result<Decided<Result<FlowResult<O>, IdempotencyError>>, IdempotencyError> {
-        let fingerprint = self
-            .inner
-            .fingerprint
-            .of(input)
+        // The input's `Serialize` (or a custom fingerprint function) is the user's code: a
+        // panic in it is a typed error, before the store is touched.
+        let fingerprint = catch_unwind(AssertUnwindSafe(|| self.inner.fingerprint.of(input)))
+            .unwrap_or_else(|payload| {
+                Err(serde::ser::Error::custom(format_args!(
+                    "fingerprinting the input panicked: {}",
+                    panic_message(&*payload)
+                )))
+            })
             .map_err(IdempotencyError::Fingerprint)?;
         admit_with(
             &self.inner.store,
@@ -171,16 +191,28 @@ where
         .await
     }
 
-    /// A finished record's result, as a replay.
+    /// A finished record's result, as a replay: a typed "result not stored" when the
+    /// record was finished without it (too large, refused, or an output that could not be
+    /// kept).
     fn replay(&self, record: RecordView<'_>) -> Result<FlowResult<O>, IdempotencyError> {
-        let bytes = record
-            .result
-            .ok_or_else(|| IdempotencyError::ResultNotStored {
-                key: record.key.to_owned(),
-            })?;
+        let not_stored = || IdempotencyError::ResultNotStored {
+            key: record.key.to_owned(),
+        };
+        let bytes = record.result.ok_or_else(not_stored)?;
         let plan = &self.inner.plan;
-        FlowResult::from_stored(&plan.name, &plan.step_names, bytes)
-            .map_err(|e| IdempotencyError::Store(StoreError::decode(e)))
+        // The output's `Deserialize` is the user's code, and may run under a store's lock.
+        let decoded = catch_unwind(AssertUnwindSafe(|| {
+            FlowResult::from_stored(&plan.name, &plan.step_names, bytes)
+        }));
+        match decoded {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(StoredError::OutputNotKept)) => Err(not_stored()),
+            Ok(Err(e)) => Err(IdempotencyError::Store(StoreError::decode(e))),
+            Err(payload) => Err(IdempotencyError::Store(StoreError::decode(format!(
+                "decoding the stored output panicked: {}",
+                panic_message(&*payload)
+            )))),
+        }
     }
 
     /// Stage 3: the steps.
@@ -193,27 +225,29 @@ where
         .await
     }
 
-    /// Stage 4: store the outcome, or free the key.
+    /// Stage 4: store the outcome, or free the key (see [`Settlement::after`]).
     async fn persist(
         &self,
         owner: Ownership,
         result: &FlowResult<O>,
         options: &RunOptions,
     ) -> Result<(), StoreError> {
-        let transient = result.error.as_ref().is_some_and(FlowError::is_transient);
-        let settlement = Settlement::after(result.status, options.cache_result, transient);
+        let ending = Ending {
+            status: result.status,
+            transient: result.error.as_ref().is_some_and(FlowError::is_transient),
+            effects_remain: result.steps.iter().any(|s| s.status == Status::Completed),
+        };
+        let settlement = Settlement::after(ending, options.cache_result);
         if settlement == Settlement::Release {
             return owner.settle(settlement, &[], None).await;
         }
-        match result.to_stored(true) {
-            Ok(bytes) => owner.settle(settlement, &bytes, options.ttl).await,
-            Err(e) => {
-                // The output cannot be encoded: keep the outcome (without the output) so the
-                // operation is never run twice, and surface the error.
-                let bytes = result.to_stored(false).unwrap_or_default();
-                owner.settle(settlement, &bytes, options.ttl).await?;
-                Err(StoreError::Encode(Box::new(e)))
-            }
+        let stored = result.to_stored();
+        owner.settle(settlement, &stored.bytes, options.ttl).await?;
+        // An output that could not be kept: the outcome is stored without it, so the
+        // operation never runs twice, and the caller learns why a replay will not have it.
+        match stored.output_not_kept {
+            Some(why) => Err(StoreError::Encode(Box::new(why))),
+            None => Ok(()),
         }
     }
 

@@ -74,13 +74,17 @@ impl StepError {
     }
 
     pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".to_owned());
-        Self::msg(format_args!("panicked: {what}"))
+        Self::msg(format_args!("panicked: {}", panic_message(payload)))
     }
+}
+
+/// The message a panic carried, for errors that report a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for StepError {

@@ -137,9 +137,22 @@ async fn acquire_directly(store: &Arc<dyn IdempotencyStore>, input: &Payment) ->
 
 /// Waits until the gated step has started `n` times in total.
 async fn until_started(charges: &Charges, n: u32) {
-    while charges.count() < n {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    bounded("the gated step to start", async {
+        while charges.count() < n {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
+
+/// Awaits `fut`, failing with `what` after a minute of tokio's clock: a regression (a run
+/// that is never cancelled, a gate never reached) is a named failure, not a hung test.
+/// Under a paused clock the bound is reached as soon as nothing else can happen.
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(60), fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: still waiting after 60 s"),
     }
 }
 
@@ -218,7 +231,7 @@ async fn a_duplicate_while_running_gets_a_running_result_by_default() {
     assert!(!dup.replayed);
     assert_eq!(dup.output, None);
     charges.open();
-    let owned = owner.await.ok().and_then(Result::ok);
+    let owned = bounded("owner", owner).await.ok().and_then(Result::ok);
     assert_eq!(owned.map(|r| r.status), Some(Status::Completed));
     assert_eq!(charges.count(), 1);
 }
@@ -240,7 +253,7 @@ async fn a_duplicate_while_running_errors_with_throw_if_running() {
         Err(RunError::Idempotency(IdempotencyError::AlreadyRunning { ref key })) if key == "payment:k"
     ));
     charges.open();
-    let _ = owner.await;
+    let _ = bounded("owner", owner).await;
     assert_eq!(charges.count(), 1);
 }
 
@@ -265,8 +278,14 @@ async fn a_waiting_duplicate_receives_the_owners_result() {
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
     charges.open();
-    let owned = ok(owner.await.unwrap_or_else(|e| panic!("{e}"))).await;
-    let waited = ok(waiter.await.unwrap_or_else(|e| panic!("{e}"))).await;
+    let owned = ok(bounded("owner", owner)
+        .await
+        .unwrap_or_else(|e| panic!("{e}")))
+    .await;
+    let waited = ok(bounded("waiter", waiter)
+        .await
+        .unwrap_or_else(|e| panic!("{e}")))
+    .await;
     assert!(waited.replayed);
     assert_eq!(waited.status, Status::Completed);
     assert_eq!(waited.output, owned.output);
@@ -339,7 +358,7 @@ async fn the_heartbeat_keeps_a_run_longer_than_its_lease_exclusive() {
         assert_eq!(dup.status, Status::Running);
     }
     charges.open();
-    let owned = owner.await.ok().and_then(Result::ok);
+    let owned = bounded("owner", owner).await.ok().and_then(Result::ok);
     assert_eq!(owned.map(|r| r.status), Some(Status::Completed));
     assert_eq!(charges.count(), 1);
 }
@@ -363,7 +382,9 @@ async fn losing_the_lease_cancels_the_run_and_still_returns_its_result() {
     // Someone removes the record (an operator, or an expiry the owner missed): the next
     // renewal is refused and the run learns it no longer owns the key.
     assert!(store.delete("payment:k").await.is_ok());
-    let outcome = owner.await.unwrap_or_else(|e| panic!("{e}"));
+    let outcome = bounded("owner", owner)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(charges.saw_cancel.load(Ordering::SeqCst), 1);
     match outcome {
         Err(RunError::NotPersisted { result, source }) => {
@@ -454,7 +475,7 @@ async fn cancellation_releases_the_key() {
     });
     until_started(&charges, 1).await;
     token.cancel();
-    let cancelled = owner.await.ok().and_then(Result::ok);
+    let cancelled = bounded("owner", owner).await.ok().and_then(Result::ok);
     assert_eq!(cancelled.map(|r| r.status), Some(Status::Cancelled));
     assert_eq!(store.get("payment:k").await.ok(), Some(None));
     // The operation did not happen: the next caller runs it.
@@ -464,7 +485,7 @@ async fn cancellation_releases_the_key() {
     });
     until_started(&charges, 2).await;
     charges.open();
-    let again = again.await.ok().and_then(Result::ok);
+    let again = bounded("again", again).await.ok().and_then(Result::ok);
     assert_eq!(
         again.map(|r| (r.status, r.replayed)),
         Some((Status::Completed, false))
@@ -721,7 +742,9 @@ async fn a_storm_of_duplicates_executes_each_key_exactly_once() {
     }
     let completed = AtomicUsize::new(0);
     for task in tasks {
-        let (key, outcome) = task.await.unwrap_or_else(|e| panic!("{e}"));
+        let (key, outcome) = bounded("task", task)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         match outcome {
             Ok(r) if r.status == Status::Completed => {
                 assert_eq!(r.output, Some(key));

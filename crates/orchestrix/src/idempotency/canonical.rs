@@ -5,10 +5,20 @@
 //! length-prefixed, object keys sorted ([`encode_value`]). Building that `Value` first costs
 //! an allocation per string, key and object, which for a typical struct input is most of the
 //! price of a fingerprint. [`Encoder`] writes the same bytes without it. Where the JSON form
-//! is not obvious from the serializer call alone (128-bit integers, byte strings, non-string
-//! map keys, duplicate keys, `serde_json`'s own raw values) it gives up with [`Fallback`],
-//! and the caller encodes through a `Value` instead: both paths always agree, which a test
+//! is not obvious from the serializer call alone (a map key given twice, a float map key,
+//! `serde_json`'s own raw values) it gives up with [`Fallback`], and the caller encodes
+//! through a `Value` instead: both paths agree on every value JSON can hold, which a test
 //! checks on many shapes.
+//!
+//! Two inputs that differ must never share an encoding, and equal inputs always do, even
+//! where JSON is lossy:
+//!
+//! * `NaN`, `inf` and `-inf` have no JSON form (`serde_json` writes `null`, the same as
+//!   `None`); the encoder gives each a tag of its own, so `Some(f64::NAN)` and `None` differ.
+//!   In the rare fallback through a `Value` they are still `null`.
+//! * `-0.0 == 0.0`, so both encode as `0.0`.
+//! * 128-bit integers encode as their decimal digits, like every integer, so one that fits
+//!   in 64 bits encodes as the same number in a 64-bit type.
 
 use std::fmt::{self, Write as _};
 
@@ -30,16 +40,7 @@ pub(crate) fn encode_value(value: &Value, out: &mut Vec<u8>) {
             };
             tagged(out, b'#', text.as_bytes());
         }
-        Value::Number(n) => {
-            // A float's decimal text, formatted on the stack; a text too long for the
-            // buffer falls back to the heap.
-            let mut text = StackText::default();
-            if write!(text, "{n}").is_ok() {
-                tagged(out, b'#', text.as_bytes());
-            } else {
-                tagged(out, b'#', n.to_string().as_bytes());
-            }
-        }
+        Value::Number(n) => float(out, n.as_f64().unwrap_or(f64::NAN)),
         Value::String(s) => tagged(out, b's', s.as_bytes()),
         Value::Array(items) => {
             out.push(b'[');
@@ -63,6 +64,32 @@ pub(crate) fn encode_value(value: &Value, out: &mut Vec<u8>) {
                 entries.into_iter().for_each(entry);
             }
         }
+    }
+}
+
+/// A float: its decimal text as `serde_json` writes it, with `-0.0` as `0.0`; the values
+/// JSON cannot hold (`NaN`, `inf`, `-inf`) under a tag of their own.
+fn float(out: &mut Vec<u8>, v: f64) {
+    if !v.is_finite() {
+        let text: &[u8] = if v.is_nan() {
+            b"NaN"
+        } else if v > 0.0 {
+            b"inf"
+        } else {
+            b"-inf"
+        };
+        tagged(out, b'~', text);
+        return;
+    }
+    // `-0.0 == 0.0`: equal inputs share one encoding.
+    let n = serde_json::Number::from_f64(if v == 0.0 { 0.0 } else { v });
+    // A float's decimal text, formatted on the stack; a text too long for the buffer falls
+    // back to the heap.
+    let mut text = StackText::default();
+    match n {
+        Some(n) if write!(text, "{n}").is_ok() => tagged(out, b'#', text.as_bytes()),
+        Some(n) => tagged(out, b'#', n.to_string().as_bytes()),
+        None => tagged(out, b'~', b"NaN"),
     }
 }
 
@@ -342,21 +369,23 @@ impl<'a> ser::Serializer for &'a mut Encoder {
         Ok(())
     }
 
-    fn serialize_i128(self, _: i128) -> Result {
-        Err(Fallback)
+    fn serialize_i128(self, v: i128) -> Result {
+        self.integer(itoa::Buffer::new().format(v));
+        Ok(())
     }
 
-    fn serialize_u128(self, _: u128) -> Result {
-        Err(Fallback)
+    fn serialize_u128(self, v: u128) -> Result {
+        self.integer(itoa::Buffer::new().format(v));
+        Ok(())
     }
 
     fn serialize_f32(self, v: f32) -> Result {
-        encode_value(&Value::from(v), &mut self.out);
+        float(&mut self.out, f64::from(v));
         Ok(())
     }
 
     fn serialize_f64(self, v: f64) -> Result {
-        encode_value(&Value::from(v), &mut self.out);
+        float(&mut self.out, v);
         Ok(())
     }
 
@@ -369,8 +398,15 @@ impl<'a> ser::Serializer for &'a mut Encoder {
         Ok(())
     }
 
-    fn serialize_bytes(self, _: &[u8]) -> Result {
-        Err(Fallback)
+    /// As `serde_json` writes bytes: an array of numbers.
+    fn serialize_bytes(self, v: &[u8]) -> Result {
+        let at = self.open(b'[');
+        let mut digits = itoa::Buffer::new();
+        for byte in v {
+            self.integer(digits.format(*byte));
+        }
+        self.finish_count(at, v.len() as u64);
+        Ok(())
     }
 
     fn serialize_none(self) -> Result {
@@ -547,8 +583,8 @@ macro_rules! struct_like {
 
 struct_like!(SerializeStruct, SerializeStructVariant);
 
-/// A map key: text only (strings and chars, and unit variants, as JSON writes them); any
-/// other key (`serde_json` turns numbers and booleans into text) takes the fallback.
+/// A map key, as JSON writes it: strings, chars and unit variants as they are, integers
+/// and booleans as their text (as `serde_json` does); any other key takes the fallback.
 struct KeyEncoder<'a>(&'a mut Encoder);
 
 impl ser::Serializer for KeyEncoder<'_> {
@@ -586,32 +622,38 @@ impl ser::Serializer for KeyEncoder<'_> {
         value.serialize(self)
     }
 
-    fn serialize_bool(self, _: bool) -> Result {
-        Err(Fallback)
+    fn serialize_bool(self, v: bool) -> Result {
+        self.serialize_str(if v { "true" } else { "false" })
     }
-    fn serialize_i8(self, _: i8) -> Result {
-        Err(Fallback)
+    fn serialize_i8(self, v: i8) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_i16(self, _: i16) -> Result {
-        Err(Fallback)
+    fn serialize_i16(self, v: i16) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_i32(self, _: i32) -> Result {
-        Err(Fallback)
+    fn serialize_i32(self, v: i32) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_i64(self, _: i64) -> Result {
-        Err(Fallback)
+    fn serialize_i64(self, v: i64) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_u8(self, _: u8) -> Result {
-        Err(Fallback)
+    fn serialize_u8(self, v: u8) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_u16(self, _: u16) -> Result {
-        Err(Fallback)
+    fn serialize_u16(self, v: u16) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_u32(self, _: u32) -> Result {
-        Err(Fallback)
+    fn serialize_u32(self, v: u32) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
-    fn serialize_u64(self, _: u64) -> Result {
-        Err(Fallback)
+    fn serialize_u64(self, v: u64) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
+    }
+    fn serialize_i128(self, v: i128) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
+    }
+    fn serialize_u128(self, v: u128) -> Result {
+        self.serialize_str(itoa::Buffer::new().format(v))
     }
     fn serialize_f32(self, _: f32) -> Result {
         Err(Fallback)
@@ -782,8 +824,8 @@ mod tests {
             None::<u8>,
             Some("s"),
         ));
-        same(&[f64::NAN, f64::INFINITY, -0.0, 1.5e300, 0.1]);
-        same(&[f32::NAN, 3.25]);
+        same(&[1.5e300, 0.1, -2.0]);
+        same(&[3.25f32]);
         let map: HashMap<String, u32> = (0..50).map(|i| (format!("k{i}"), i)).collect();
         same(&map);
         same(&json!({"z": [1, {"y": null, "b": "x"}], "a": 2.5, "m": {}}));
@@ -792,17 +834,42 @@ mod tests {
     }
 
     #[test]
-    fn unclear_json_forms_fall_back_and_still_encode_through_value() {
+    fn wide_integers_byte_strings_and_non_string_keys_encode_as_their_json_form() {
         let int_keys: HashMap<u32, u32> = [(1, 2), (3, 4)].into();
-        let cases: [Option<Vec<u8>>; 4] = [
+        let bool_keys: BTreeMap<bool, i128> = [(true, -1), (false, 2)].into();
+        same(&int_keys);
+        same(&bool_keys);
+        same(serde_bytes_like());
+        same(&u128::from(u64::MAX));
+        same(&i128::from(i64::MIN));
+        // Beyond 64 bits JSON has no `Value` for them, but they still encode, distinctly.
+        let wide = [
             streamed(&u128::MAX),
+            streamed(&(u128::MAX - 1)),
             streamed(&i128::MIN),
-            streamed(&int_keys),
-            streamed(serde_bytes_like()),
         ];
-        assert!(cases.iter().all(Option::is_none));
-        assert!(via_value(&u128::from(u64::MAX)).is_some());
-        assert!(via_value(&int_keys).is_some());
+        assert!(wide.iter().all(Option::is_some));
+        assert!(wide[0] != wide[1] && wide[1] != wide[2] && wide[0] != wide[2]);
+    }
+
+    #[test]
+    fn non_finite_floats_encode_apart_from_null_and_negative_zero_as_zero() {
+        let encodings = [
+            streamed(&None::<f64>),
+            streamed(&Some(f64::NAN)),
+            streamed(&Some(f64::INFINITY)),
+            streamed(&Some(f64::NEG_INFINITY)),
+        ];
+        for (i, a) in encodings.iter().enumerate() {
+            assert!(a.is_some());
+            for b in &encodings[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(streamed(&-0.0f64), streamed(&0.0f64));
+        assert_eq!(streamed(&-0.0f32), streamed(&0.0f64));
+        assert_eq!(via_value(&-0.0f64), via_value(&0.0f64));
+        assert_eq!(streamed(&f32::NAN), streamed(&f64::NAN));
     }
 
     /// A value that serializes as a byte string.
@@ -810,6 +877,7 @@ mod tests {
         &Bytes
     }
 
+    #[derive(Debug)]
     struct Bytes;
 
     impl Serialize for Bytes {

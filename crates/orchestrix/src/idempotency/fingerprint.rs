@@ -212,6 +212,50 @@ mod tests {
     }
 
     #[test]
+    fn nan_infinities_and_none_never_share_a_fingerprint() {
+        #[derive(Serialize)]
+        struct Input {
+            amount: Option<f64>,
+        }
+        let fps: Vec<_> = [
+            None,
+            Some(f64::NAN),
+            Some(f64::INFINITY),
+            Some(f64::NEG_INFINITY),
+        ]
+        .into_iter()
+        .map(|amount| fingerprint_of(&Input { amount }).ok())
+        .collect();
+        assert!(fps.iter().all(Option::is_some));
+        for (i, a) in fps.iter().enumerate() {
+            for b in &fps[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn negative_zero_and_zero_share_a_fingerprint() {
+        assert_eq!(fingerprint_of(&-0.0f64).ok(), fingerprint_of(&0.0f64).ok());
+        assert!(fingerprint_of(&-0.0f64).is_ok());
+    }
+
+    #[test]
+    fn integers_of_128_bits_are_fingerprinted_like_any_integer() {
+        assert!(fingerprint_of(&u128::MAX).is_ok());
+        assert_ne!(
+            fingerprint_of(&u128::MAX).ok(),
+            fingerprint_of(&(u128::MAX - 1)).ok()
+        );
+        assert_ne!(
+            fingerprint_of(&i128::MIN).ok(),
+            fingerprint_of(&i128::MAX).ok()
+        );
+        // The same number in a narrower type is the same input.
+        assert_eq!(fingerprint_of(&5u128).ok(), fingerprint_of(&5u64).ok());
+    }
+
+    #[test]
     fn unrepresentable_input_is_an_error() {
         let mut m = std::collections::HashMap::new();
         m.insert((1, 2), 3);

@@ -10,6 +10,58 @@
 //! Flows use this through [`Flow::run`](crate::Flow::run). Other integrations (the HTTP
 //! `Idempotency-Key` layer) use [`admit`] and [`Ownership`] directly, with their own
 //! payloads.
+//!
+//! # The rule: a step that completed never runs again
+//!
+//! A step that completed is never run again by this library unless the caller asked for
+//! it. The caller asks in exactly these ways:
+//!
+//! * `cache_result(false)`: a failed (or completed) run's record is not kept, so the next
+//!   caller runs the operation again;
+//! * a step error marked [`transient`](crate::StepError::transient): the operation did not
+//!   happen, so the run frees its key for a retry;
+//! * deleting the record ([`IdempotencyStore::delete`]), or letting its TTL end: after
+//!   that, the same key is a new operation.
+//!
+//! Everything else keeps the record, so nothing runs twice:
+//!
+//! * **Panics** in a step, a compensation, the output builder, a validator, a plugin, or
+//!   the output's `Serialize`/`Deserialize` are caught: the run fails (or its output is
+//!   left out) and its outcome is stored like any other.
+//! * **An output that would not read back** (a `NaN`, which JSON writes as `null`, or a
+//!   lopsided serde implementation) is left out: the outcome is stored without it, the
+//!   owner gets [`RunError::NotPersisted`](crate::RunError::NotPersisted) with its result,
+//!   and a replay gets [`IdempotencyError::ResultNotStored`], never a decode error.
+//! * **A result the store refuses** for size or resources is not stored, but the record is
+//!   still finished, fenced ([`StoreError::TooLarge`], [`StoreError::ResultRefused`]).
+//! * **Cancellation** (the token of [`RunOptions::cancellation`] fires) frees the key only
+//!   when nothing the run did remains: no step completed, or every completed step was
+//!   compensated. Otherwise the outcome is stored as a failure with a
+//!   [`Cancelled`](crate::FlowError::Cancelled) error and replayed like any cached failure.
+//!   The token is checked before every step, during retry delays, and once more after the
+//!   last step; a step already running is never interrupted by the library (it sees the
+//!   token through [`Context::cancellation`](crate::Context::cancellation)), and a step
+//!   that completes after the token fired counts as completed (and is compensated).
+//! * **A lost lease** cancels the run that lost it, through the run's own child token:
+//!   the library never cancels a token it was given, which may be shared by other runs.
+//!
+//! The exceptions, where a completed step **can** run again:
+//!
+//! * **A crash, or a dropped `run` future** (a caller's timeout around `run`, a request
+//!   handler dropped on disconnect): the record stays running until its lease lapses
+//!   (30 s by default, never longer than one lease after the last renewal), then the next
+//!   caller runs the flow again from its first step. Durable flows, when they land,
+//!   resume instead (see the README's list of what is not there yet).
+//! * **A store that cannot be reached** when the outcome is stored (or that refuses even
+//!   the small write of a finish without its result): the owner gets
+//!   [`RunError::NotPersisted`](crate::RunError::NotPersisted) with its result, and the
+//!   record stays running until its lease lapses, as after a crash.
+//! * **[`OnRunning::Wait`] on a store that polls** (Redis, SQL, DynamoDB re-check every
+//!   50 ms): a record whose TTL is shorter than the poll can expire between two checks,
+//!   and the waiter then finds the key free and runs the operation. Use a TTL well above
+//!   the poll interval with `Wait` (the memory store wakes its waiters directly).
+//! * **[`KeyScope::Global`]** keys are stored as given: a global key equal to a scoped one
+//!   (`flow:key`) is the same record.
 
 mod canonical;
 mod fingerprint;
@@ -29,6 +81,7 @@ use crate::store::{
 };
 
 pub use fingerprint::{Fingerprint, fingerprint_of};
+pub(crate) use options::flow_prefix;
 pub use options::{
     DEFAULT_LEASE, KeyError, KeyScope, MAX_KEY_BYTES, OnRunning, OptionError, RunOptions,
     validate_key, validate_lease, validate_on_running, validate_ttl,
@@ -64,9 +117,10 @@ pub enum IdempotencyError {
         /// How long it waited.
         waited: Duration,
     },
-    /// The key's run finished, but its result was too large to store, so it cannot be
-    /// replayed. The operation is not run again.
-    #[error("the run under key {key:?} finished but its result was not stored (too large)")]
+    /// The key's run finished, but its result was not stored, so it cannot be replayed:
+    /// it was too large for the store, the store refused it, or its output could not be
+    /// kept (see [`OutputNotKept`](crate::OutputNotKept)). The operation is not run again.
+    #[error("the run under key {key:?} finished but its result was not stored")]
     ResultNotStored {
         /// The (scoped) key.
         key: String,
@@ -234,14 +288,39 @@ pub enum Settlement {
     Release,
 }
 
+/// How an owned run ended, as far as its record is concerned: what
+/// [`Settlement::after`] decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ending {
+    /// The run's status: `Completed`, `Failed` or `Cancelled`.
+    pub status: Status,
+    /// The run failed with a step error marked transient: the operation did not happen
+    /// and may be retried under the same key.
+    pub transient: bool,
+    /// Something the run did remains: a step completed and was not compensated.
+    pub effects_remain: bool,
+}
+
 impl Settlement {
-    /// completed → `Complete` (or `Release` without `cache_result`); failed → `Fail` (or
-    /// `Release` without `cache_result` or for a transient error); cancelled or anything
-    /// unfinished → `Release`.
-    pub fn after(status: Status, cache_result: bool, transient: bool) -> Self {
-        match status {
+    /// The second half of the decision table:
+    ///
+    /// | the run | `cache_result` | settlement |
+    /// | --- | --- | --- |
+    /// | completed | true | `Complete` |
+    /// | completed | false | `Release` |
+    /// | failed | true | `Fail` (`Release` for a transient error) |
+    /// | failed | false | `Release` |
+    /// | cancelled, nothing remains (no step completed, or all were compensated) | any | `Release` |
+    /// | cancelled, a completed step remains | any | `Fail`: kept as a failure with a `Cancelled` error, so the step never runs again |
+    ///
+    /// A `Release` is what lets a later caller run the operation again, so it is chosen
+    /// only where nothing the run did remains or the caller asked for it
+    /// (`cache_result(false)`, a transient error).
+    pub fn after(ending: Ending, cache_result: bool) -> Self {
+        match ending.status {
             Status::Completed if cache_result => Self::Complete,
-            Status::Failed if cache_result && !transient => Self::Fail,
+            Status::Failed if cache_result && !ending.transient => Self::Fail,
+            Status::Cancelled if ending.effects_remain => Self::Fail,
             _ => Self::Release,
         }
     }
@@ -361,11 +440,22 @@ mod tests {
     fn settlement_follows_the_decision_table() {
         use Settlement::*;
         use Status::*;
-        assert_eq!(Settlement::after(Completed, true, false), Complete);
-        assert_eq!(Settlement::after(Completed, false, false), Release);
-        assert_eq!(Settlement::after(Failed, true, false), Fail);
-        assert_eq!(Settlement::after(Failed, false, false), Release);
-        assert_eq!(Settlement::after(Failed, true, true), Release);
-        assert_eq!(Settlement::after(Cancelled, true, false), Release);
+        let after = |status, cache, transient, effects_remain| {
+            let ending = Ending {
+                status,
+                transient,
+                effects_remain,
+            };
+            Settlement::after(ending, cache)
+        };
+        assert_eq!(after(Completed, true, false, true), Complete);
+        assert_eq!(after(Completed, false, false, true), Release);
+        assert_eq!(after(Failed, true, false, true), Fail);
+        assert_eq!(after(Failed, false, false, true), Release);
+        assert_eq!(after(Failed, true, true, true), Release);
+        assert_eq!(after(Cancelled, true, false, false), Release);
+        assert_eq!(after(Cancelled, false, false, false), Release);
+        assert_eq!(after(Cancelled, true, false, true), Fail);
+        assert_eq!(after(Cancelled, false, false, true), Fail);
     }
 }

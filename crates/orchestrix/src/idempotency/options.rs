@@ -25,6 +25,17 @@ pub enum OnRunning {
     Error,
     /// Wait up to `timeout` for the owner to finish, then return its result (or, if the
     /// owner gave the key up, run). Waiting longer returns `Err(WaitTimedOut)`.
+    ///
+    /// The memory store wakes waiters the moment the record changes; remote stores are
+    /// re-checked every 50 ms ([`DEFAULT_POLL_INTERVAL`](crate::store::DEFAULT_POLL_INTERVAL)),
+    /// so give records a TTL well above that: one that expires between two checks looks
+    /// free to the waiter, which then runs the operation itself.
+    ///
+    /// With `cache_result(false)` the owner's record is deleted when it ends, so there is no
+    /// result to share: waiters take the key **one after another**, each running the
+    /// operation once in turn. That is what `cache_result(false)` asks for (in-flight
+    /// exclusion only); use the default `cache_result(true)` for waiters to get the owner's
+    /// result.
     Wait {
         /// The longest wait.
         timeout: Duration,
@@ -38,7 +49,9 @@ pub enum KeyScope {
     /// `flow-name:key`: two flows never collide (default).
     #[default]
     Flow,
-    /// The key as given, shared by every flow using the store.
+    /// The key as given, shared by every flow using the store. Global keys share the
+    /// store's namespace with scoped keys (`flow:key`): give them a shape of their own
+    /// (for example a prefix no flow name has) so that they never equal one.
     Global,
 }
 
@@ -273,25 +286,45 @@ impl RunOptions {
         Ok(())
     }
 
-    /// The key as stored: scoped by `flow` unless global.
-    /// The run's cancellation token: the caller's, or a fresh one nobody else can fire.
+    /// The run's own cancellation token: a child of the caller's (it fires when the
+    /// caller's does), or a fresh one. The library cancels only this token (a lost lease),
+    /// never the caller's, which may be shared by other runs.
     pub(crate) fn cancel_token(&self) -> CancellationToken {
-        self.cancel.clone().unwrap_or_default()
+        self.cancel
+            .as_ref()
+            .map_or_else(CancellationToken::new, CancellationToken::child_token)
     }
 
-    pub(crate) fn scoped_key(&self, flow: &str) -> Option<String> {
+    /// The key as stored: after `flow_prefix` (see [`flow_prefix`]) unless global.
+    pub(crate) fn scoped_key(&self, flow_prefix: &str) -> Option<String> {
         let key = self.key.as_deref()?;
         Some(match self.scope {
             KeyScope::Flow => {
-                let mut scoped = String::with_capacity(flow.len() + 1 + key.len());
-                scoped.push_str(flow);
-                scoped.push(':');
+                let mut scoped = String::with_capacity(flow_prefix.len() + key.len());
+                scoped.push_str(flow_prefix);
                 scoped.push_str(key);
                 scoped
             }
             KeyScope::Global => key.to_owned(),
         })
     }
+}
+
+/// The prefix of a flow's scoped keys: the flow's name with `%` and `:` escaped (as `%25`
+/// and `%3A`), then `:`. The name's part never holds a `:`, so the first `:` of a scoped
+/// key ends it, and two different (flow, key) pairs never make the same stored key. A name
+/// without either character is used as it is (keys stored by earlier builds still match).
+pub(crate) fn flow_prefix(flow: &str) -> String {
+    let mut prefix = String::with_capacity(flow.len() + 1);
+    for c in flow.chars() {
+        match c {
+            '%' => prefix.push_str("%25"),
+            ':' => prefix.push_str("%3A"),
+            c => prefix.push(c),
+        }
+    }
+    prefix.push(':');
+    prefix
 }
 
 #[cfg(test)]
@@ -316,9 +349,39 @@ mod tests {
     #[test]
     fn scope_prefixes_the_flow_name_by_default() {
         let opts = RunOptions::key("k");
-        assert_eq!(opts.scoped_key("pay").as_deref(), Some("pay:k"));
+        assert_eq!(
+            opts.scoped_key(&flow_prefix("pay")).as_deref(),
+            Some("pay:k")
+        );
         let global = opts.scope(KeyScope::Global);
-        assert_eq!(global.scoped_key("pay").as_deref(), Some("k"));
-        assert_eq!(RunOptions::new().scoped_key("pay"), None);
+        assert_eq!(global.scoped_key(&flow_prefix("pay")).as_deref(), Some("k"));
+        assert_eq!(RunOptions::new().scoped_key(&flow_prefix("pay")), None);
+    }
+
+    #[test]
+    fn flow_scoping_is_injective() {
+        let scoped = |flow: &str, key: &str| RunOptions::key(key).scoped_key(&flow_prefix(flow));
+        assert_ne!(
+            scoped("orders:refund", "1001"),
+            scoped("orders", "refund:1001")
+        );
+        assert_ne!(scoped("a%3A", "b"), scoped("a:", "b"));
+        assert_eq!(
+            scoped("orders:refund", "1").as_deref(),
+            Some("orders%3Arefund:1")
+        );
+        assert_eq!(scoped("50%", "1").as_deref(), Some("50%25:1"));
+    }
+
+    #[test]
+    fn a_run_cancels_only_its_own_child_of_the_callers_token() {
+        let caller = CancellationToken::new();
+        let options = RunOptions::key("k").cancellation(caller.clone());
+        let run = options.cancel_token();
+        run.cancel();
+        assert!(!caller.is_cancelled());
+        let other = options.cancel_token();
+        caller.cancel();
+        assert!(other.is_cancelled());
     }
 }

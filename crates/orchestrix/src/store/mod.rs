@@ -153,7 +153,9 @@ pub enum StoreError {
     /// server-side value limit, out of memory, a full disk). As for
     /// [`TooLarge`](Self::TooLarge), the record was still marked finished without its
     /// result, so the operation never runs again under this key.
-    #[error("the store refused a result of {size} bytes ({source}); the record was finished without it")]
+    #[error(
+        "the store refused a result of {size} bytes ({source}); the record was finished without it"
+    )]
     ResultRefused {
         /// Size of the encoded result.
         size: usize,
