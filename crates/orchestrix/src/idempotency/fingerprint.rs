@@ -205,6 +205,26 @@ mod tests {
                 fingerprint_of(&object).ok(),
                 "806d253ccfaf3bb1ebb6dac00d07f701",
             ),
+            // Pinned when non-finite floats got encodings of their own and -0.0 became 0.0
+            // (before, `Some(NaN)` was `None`'s 1b16b1df538ba12dc3f97edbb85caa70 and -0.0
+            // was aa96057dda02940edd3d5f225f69040d): a record an earlier build wrote for such
+            // an input answers `KeyReused` after the upgrade. `0.0` itself is unchanged.
+            (
+                fingerprint_of(&Some(f64::NAN)).ok(),
+                "e72f1e3bdd98fefdaa6b1fecbdfa1cc4",
+            ),
+            (
+                fingerprint_of(&-0.0f64).ok(),
+                "1814b2802d9120acbfab76b78959ed7a",
+            ),
+            (
+                fingerprint_of(&0.0f64).ok(),
+                "1814b2802d9120acbfab76b78959ed7a",
+            ),
+            (
+                fingerprint_of(&u128::MAX).ok(),
+                "891a828d5b6b769c4a17d8fabeee0c40",
+            ),
         ];
         for (computed, expected) in pinned {
             assert_eq!(computed.as_deref(), Some(expected));
