@@ -20,6 +20,7 @@
 //! lives in [`storm`].
 #![forbid(unsafe_code)]
 
+pub mod journal;
 pub mod storm;
 
 use std::future::Future;

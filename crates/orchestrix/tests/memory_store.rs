@@ -4,6 +4,21 @@ use orchestrix::store::MemoryStore;
 
 orchestrix_conformance::store_conformance_tests!(async { MemoryStore::new() });
 
+mod journal {
+    use orchestrix::store::MemoryStore;
+
+    orchestrix_conformance::journal_conformance_tests!(async { MemoryStore::new() });
+
+    #[tokio::test]
+    async fn oversize_append_is_refused_and_appends_nothing() {
+        let store = MemoryStore::new().with_max_journal_bytes(4096);
+        orchestrix_conformance::journal::oversize_append_is_refused_and_appends_nothing(
+            &store, 4096,
+        )
+        .await;
+    }
+}
+
 mod memory_only {
     use std::time::Duration;
 

@@ -105,6 +105,7 @@
 //! }
 //! ```
 
+mod journal;
 mod memory;
 mod record;
 
@@ -113,6 +114,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use journal::{DurableStart, DurableStartOutcome, Journal, JournalStore, Redrive};
 pub use memory::MemoryStore;
 pub use record::{FencingToken, Record, RecordStatus, RecordView, SCHEMA_VERSION};
 
@@ -408,6 +410,14 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
         let _ = key;
         tokio::time::sleep(max.min(DEFAULT_POLL_INTERVAL)).await;
         Ok(())
+    }
+
+    /// The store's journal, if it keeps one: durable flows
+    /// ([`FlowBuilder::durable`](crate::FlowBuilder::durable)) need it, and refuse to build
+    /// on a store that answers `None` (the default, for stores that do not). Every store of
+    /// this workspace keeps journals; see [`JournalStore`].
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        None
     }
 }
 

@@ -1,5 +1,7 @@
 //! The embedded, in-process store.
 
+mod durable;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
@@ -14,9 +16,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, RecordView, RecordVisitor,
-    StartOutcome, StartRequest, StartSeen, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus, RecordView,
+    RecordVisitor, StartOutcome, StartRequest, StartSeen, StoreError,
 };
+pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
+use durable::Durables;
 
 /// How many expired records one store operation removes at most. Each operation schedules
 /// at most one expiry, so removing up to two keeps the backlog shrinking: memory stays
@@ -40,6 +44,9 @@ const SWEEP_PER_OPERATION: usize = 2;
 /// [`wait_for_change`](IdempotencyStore::wait_for_change) is woken by notification the
 /// moment a running record finishes or is released, with no polling.
 ///
+/// It keeps journals for durable flows ([`JournalStore`]), in a map of their own beside the
+/// table, so non-durable runs pay nothing for them.
+///
 /// Time is [`tokio::time::Instant`], so tests that pause tokio's clock control expiry too.
 /// Records do not survive the process; use the SQLite store for a durable single node.
 ///
@@ -54,6 +61,7 @@ pub struct MemoryStore {
     state: Mutex<State>,
     /// Deadlines are kept as nanoseconds since this instant.
     epoch: Instant,
+    max_journal_bytes: usize,
 }
 
 impl Default for MemoryStore {
@@ -61,6 +69,7 @@ impl Default for MemoryStore {
         Self {
             state: Mutex::default(),
             epoch: Instant::now(),
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
         }
     }
 }
@@ -73,6 +82,8 @@ struct State {
     /// Callers waiting for a running record to change, by key. Kept beside the table
     /// (waiting is rare) and emptied whenever the record finishes or goes.
     waiters: Waiters,
+    /// Durable records, with their journals.
+    durables: Durables,
 }
 
 /// Pending removals, soonest first.
@@ -121,9 +132,20 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// How many records are held, expired ones not yet swept included.
+    /// Keeps durable runs' journals up to `bytes` each (input and entries; default
+    /// [`DEFAULT_MAX_JOURNAL_BYTES`]); an append past it is
+    /// [`StoreError::TooLarge`](super::StoreError::TooLarge).
+    #[must_use]
+    pub fn with_max_journal_bytes(mut self, bytes: usize) -> Self {
+        self.max_journal_bytes = bytes;
+        self
+    }
+
+    /// How many records are held (durable ones included), expired ones not yet swept
+    /// included.
     pub fn len(&self) -> usize {
-        self.lock().records.len()
+        let state = self.lock();
+        state.records.len() + state.durables.len()
     }
 
     /// Whether no record is held.
@@ -148,6 +170,12 @@ impl MemoryStore {
         let mut state = self.lock();
         let now = self.tick(Instant::now());
         state.sweep(now, SWEEP_PER_OPERATION);
+        if !state.durables.is_empty() {
+            let State {
+                durables, waiters, ..
+            } = &mut *state;
+            durables.sweep(now, SWEEP_PER_OPERATION, waiters);
+        }
         // Hashed as bytes, like the stored keys when the table grows (`str` hashes differently).
         let hash = state.hasher.hash_one(key.as_bytes());
         f(&mut state, hash, now)
@@ -414,10 +442,12 @@ fn status_code(status: RecordStatus) -> u8 {
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        Ok(self.with_state(key, |s, hash, now| {
-            s.live(key, hash, now)
-                .map(|e| e.view(key, e.fingerprint(None)).to_record())
-        }))
+        Ok(
+            self.with_state(key, |s, hash, now| match s.live(key, hash, now) {
+                Some(e) => Some(e.view(key, e.fingerprint(None)).to_record()),
+                None => s.durables.view(key, now).map(|d| d.to_record()),
+            }),
+        )
     }
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
@@ -447,6 +477,7 @@ impl IdempotencyStore for MemoryStore {
                 hasher,
                 expiries,
                 waiters,
+                durables,
             } = s;
             let slot = records.entry(
                 hash,
@@ -460,6 +491,17 @@ impl IdempotencyStore for MemoryStore {
                     visit(held.view(req.key, fingerprint));
                     return Ok(StartSeen::Existing);
                 }
+            }
+            if !durables.is_empty()
+                && let Some(held) = durables.view(req.key, now)
+            {
+                // A durable flow's record under this key (a global key, or a flow made
+                // durable since): it holds the key like any record.
+                if !req.may_take_over(held.status, held.fingerprint) {
+                    visit(held);
+                    return Ok(StartSeen::Existing);
+                }
+                durables.delete(req.key);
             }
             let token = FencingToken::generate();
             let mut entry = Entry::running(&req, token)?;
@@ -490,11 +532,15 @@ impl IdempotencyStore for MemoryStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            let (entry, expiries, waiters) = s.owned(key, hash, token, now)?;
-            *entry = entry.finished(status, result);
-            wake(waiters, key.as_bytes());
-            // A TTL too long to represent is no expiry at all.
-            expiries.schedule(entry, hash, after(now, ttl));
+            if let Ok((entry, expiries, waiters)) = s.owned(key, hash, token, now) {
+                *entry = entry.finished(status, result);
+                wake(waiters, key.as_bytes());
+                // A TTL too long to represent is no expiry at all.
+                expiries.schedule(entry, hash, after(now, ttl));
+                return Ok(());
+            }
+            s.durables.finish(key, token, status, result, ttl, now)?;
+            wake(&mut s.waiters, key.as_bytes());
             Ok(())
         })
     }
@@ -506,22 +552,32 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            let (entry, expiries, _) = s.owned(key, hash, token, now)?;
-            expiries.schedule(entry, hash, after(now, Some(lease)));
-            Ok(())
+            if let Ok((entry, expiries, _)) = s.owned(key, hash, token, now) {
+                expiries.schedule(entry, hash, after(now, Some(lease)));
+                return Ok(());
+            }
+            s.durables.renew(key, token, lease, now)
         })
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
         self.with_state(key, |s, hash, now| {
-            s.remove_if(key, hash, |e| e.is_owned_by(token, now))
-                .then_some(())
-                .ok_or(StoreError::StaleToken)
+            if s.remove_if(key, hash, |e| e.is_owned_by(token, now)) {
+                return Ok(());
+            }
+            s.durables.release(key, token, now)?;
+            wake(&mut s.waiters, key.as_bytes());
+            Ok(())
         })
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.with_state(key, |s, hash, _| s.remove_if(key, hash, |_| true));
+        self.with_state(key, |s, hash, _| {
+            s.remove_if(key, hash, |_| true);
+            if s.durables.delete(key) {
+                wake(&mut s.waiters, key.as_bytes());
+            }
+        });
         Ok(())
     }
 
@@ -530,15 +586,20 @@ impl IdempotencyStore for MemoryStore {
     async fn cleanup(&self) -> Result<u64, StoreError> {
         let mut state = self.lock();
         let now = self.tick(Instant::now());
-        Ok(state.sweep(now, usize::MAX))
+        let State {
+            durables, waiters, ..
+        } = &mut *state;
+        let durable = durables.sweep(now, usize::MAX, waiters);
+        Ok(state.sweep(now, usize::MAX) + durable)
     }
 
     async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
         let watched = self.with_state(key, |s, hash, now| {
-            let lease_end = s
-                .live(key, hash, now)
-                .filter(|e| e.status() == RecordStatus::Running)?
-                .deadline();
+            let lease_end = match s.live(key, hash, now) {
+                Some(e) if e.status() == RecordStatus::Running => e.deadline(),
+                Some(_) => return None,
+                None => s.durables.running_lease(key, now)?,
+            };
             let notify = s.waiters.entry(key.as_bytes().into()).or_default();
             Some((Arc::clone(notify), lease_end))
         });
@@ -550,9 +611,12 @@ impl IdempotencyStore for MemoryStore {
         // Register before re-checking, so a wake-up between the check above and the await
         // below is not missed.
         notified.as_mut().enable();
-        let still_running = self.with_state(key, |s, hash, now| {
-            s.live(key, hash, now)
-                .is_some_and(|e| e.status() == RecordStatus::Running)
+        let still_running = self.with_state(key, |s, hash, now| match s.live(key, hash, now) {
+            Some(e) => e.status() == RecordStatus::Running,
+            None => s
+                .durables
+                .running_lease(key, now)
+                .is_some_and(|end| end > now),
         });
         if still_running {
             // An owner that crashed never notifies: wake when its lease lapses at the latest.
@@ -568,5 +632,9 @@ impl IdempotencyStore for MemoryStore {
             let _ = tokio::time::timeout_at(until, notified).await;
         }
         Ok(())
+    }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
     }
 }
