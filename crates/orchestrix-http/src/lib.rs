@@ -64,17 +64,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod config;
 mod layer;
 mod problem;
 mod request;
 mod service;
 mod stored;
 
-pub use layer::{
+pub use config::{
     ConfigError, DEFAULT_BODY_LIMIT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE, DEFAULT_TTL,
-    IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, IdempotencyLayer, IdempotencyLayerBuilder,
-    MAX_KEY_CHARS, default_cache_status,
+    IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, MAX_KEY_CHARS, default_cache_status,
 };
+pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
 pub use orchestrix::OnRunning;
 pub use service::IdempotencyService;
 

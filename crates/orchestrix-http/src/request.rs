@@ -8,7 +8,7 @@ use orchestrix::KeyError;
 use orchestrix::idempotency::validate_key;
 use sha2::{Digest, Sha256};
 
-use crate::layer::MAX_KEY_CHARS;
+use crate::config::MAX_KEY_CHARS;
 use crate::problem::Problem;
 
 /// The key under which the request is stored: `prefix` + the header's value.

@@ -23,7 +23,7 @@ use orchestrix::store::{Record, StoreError};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use crate::layer::{Config, IDEMPOTENCY_REPLAYED};
+use crate::config::{Config, IDEMPOTENCY_REPLAYED};
 use crate::problem::Problem;
 use crate::request::{fingerprint, read_body, scoped_key};
 use crate::stored::Stored;
