@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method, StatusCode, header};
+use http::{HeaderName, Method, StatusCode, header, request};
 use orchestrix::idempotency::{OptionError, validate_lease, validate_on_running, validate_ttl};
 use orchestrix::store::IdempotencyStore;
 use orchestrix::{KeyError, OnRunning};
@@ -67,12 +67,38 @@ pub enum ConfigError {
 
 pub(crate) type CacheStatus = dyn Fn(StatusCode) -> bool + Send + Sync;
 
+/// A function of the request that names its client (see
+/// [`scope`](crate::IdempotencyLayerBuilder::scope)).
+pub(crate) type ScopeFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
+
+/// Whose keys a request's key is among: part of the key in the store.
+#[derive(Clone)]
+pub(crate) enum Scope {
+    /// The request's `Authorization` header, else its `Cookie` header, else no client.
+    Credentials,
+    /// What the function names; `None` is no client.
+    Custom(Arc<ScopeFn>),
+    /// No client: every request shares one key space.
+    Unscoped,
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Credentials => "Credentials",
+            Self::Custom(_) => "Custom",
+            Self::Unscoped => "Unscoped",
+        })
+    }
+}
+
 /// Everything a request needs, shared by all clones of the service.
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) methods: Vec<Method>,
     pub(crate) key_header: HeaderName,
     pub(crate) require_key: bool,
+    pub(crate) scope: Scope,
     pub(crate) cache_status: Arc<CacheStatus>,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
@@ -89,6 +115,7 @@ impl fmt::Debug for Config {
             .field("methods", &self.methods)
             .field("key_header", &self.key_header)
             .field("require_key", &self.require_key)
+            .field("scope", &self.scope)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
             .field("on_running", &self.on_running)
@@ -107,6 +134,7 @@ impl Config {
             methods: vec![Method::POST, Method::PATCH],
             key_header: IDEMPOTENCY_KEY,
             require_key: true,
+            scope: Scope::Credentials,
             cache_status: Arc::new(default_cache_status),
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,

@@ -4,12 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method, StatusCode};
+use http::{HeaderName, Method, StatusCode, request};
 use orchestrix::OnRunning;
 use orchestrix::store::IdempotencyStore;
 use tower::Layer;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Scope};
+use crate::key::{client_key, store_key};
 use crate::service::IdempotencyService;
 
 /// A [`tower::Layer`] that makes POST and PATCH handlers idempotent with the
@@ -33,6 +34,39 @@ impl IdempotencyLayer {
     /// A builder to change the defaults.
     pub fn builder(store: Arc<dyn IdempotencyStore>) -> IdempotencyLayerBuilder {
         IdempotencyLayerBuilder::new(store)
+    }
+
+    /// The key under which this layer keeps the record of a request with these `parts`
+    /// (its key header and its client's [scope](IdempotencyLayerBuilder::scope)), or
+    /// `None` if they carry no usable key.
+    ///
+    /// For operators, who reach records with the store's own API: deleting this key with
+    /// [`IdempotencyStore::delete`] lets the client run the operation again.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use orchestrix::store::{IdempotencyStore, MemoryStore};
+    /// use orchestrix_http::IdempotencyLayer;
+    ///
+    /// # async fn support_case() -> Result<(), orchestrix::store::StoreError> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let layer = IdempotencyLayer::new(store.clone());
+    /// let (parts, ()) = http::Request::post("/payments")
+    ///     .header("authorization", "Bearer a-client-token")
+    ///     .header("idempotency-key", "order-123")
+    ///     .body(())
+    ///     .expect("a valid request")
+    ///     .into_parts();
+    /// if let Some(key) = layer.store_key(&parts) {
+    ///     store.delete(&key).await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn store_key(&self, parts: &request::Parts) -> Option<String> {
+        let config = &self.config;
+        let key = client_key(&parts.headers, &config.key_header).ok()??;
+        Some(store_key(&config.key_prefix, &config.scope, parts, &key))
     }
 }
 
@@ -101,6 +135,54 @@ impl IdempotencyLayerBuilder {
     #[must_use]
     pub fn require_key(mut self, required: bool) -> Self {
         self.config.require_key = required;
+        self
+    }
+
+    /// Names the client of a request, so that clients never share keys: the function's
+    /// answer is part of the key in the store. Typically it reads the principal that an
+    /// authentication layer in front of this one put into the request's extensions.
+    ///
+    /// `None` means the request has no client: it shares one key space with every other
+    /// request without one, as with [`unscoped`](Self::unscoped).
+    ///
+    /// The default, without a call to `scope` or `unscoped`, is the request's credentials:
+    /// its `Authorization` header, else its `Cookie` header, else no client.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use orchestrix::store::MemoryStore;
+    /// use orchestrix_http::IdempotencyLayer;
+    ///
+    /// /// What the authentication layer puts into a request's extensions.
+    /// #[derive(Clone)]
+    /// struct Principal {
+    ///     account_id: u64,
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::builder(Arc::new(MemoryStore::new()))
+    ///     .scope(|parts| {
+    ///         let principal = parts.extensions.get::<Principal>()?;
+    ///         Some(principal.account_id.to_string())
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), orchestrix_http::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn scope(
+        mut self,
+        scope: impl Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.config.scope = Scope::Custom(Arc::new(scope));
+        self
+    }
+
+    /// Keys are not scoped by client: any request with a key can replay that key's
+    /// response. Only for endpoints whose callers are verified another way and share one
+    /// key space on purpose, such as a webhook whose sender puts a unique event id in the
+    /// key and signs every delivery.
+    #[must_use]
+    pub fn unscoped(mut self) -> Self {
+        self.config.scope = Scope::Unscoped;
         self
     }
 

@@ -65,6 +65,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod key;
 mod layer;
 mod problem;
 mod request;

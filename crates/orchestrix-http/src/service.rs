@@ -1,6 +1,6 @@
 //! The path of one request through the layer, in order:
-//! key → body → fingerprint → admit (the store decides) → run and persist, or replay, or
-//! refuse.
+//! key (scoped to the client) → body → fingerprint → admit (the store decides) → run and
+//! persist, or replay, or refuse.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::config::{Config, IDEMPOTENCY_REPLAYED};
+use crate::key::{client_key, store_key};
 use crate::problem::Problem;
-use crate::request::{fingerprint, read_body, scoped_key};
+use crate::request::{fingerprint, read_body};
 use crate::stored::Stored;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -113,9 +114,12 @@ where
     if !config.methods.contains(request.method()) {
         return pass_through(inner, request).await;
     }
-    let key = match scoped_key(request.headers(), &config.key_header, &config.key_prefix) {
-        Ok(Some(key)) => key,
-        Ok(None) if !config.require_key => return pass_through(inner, request).await,
+    let (parts, body) = request.into_parts();
+    let key = match client_key(&parts.headers, &config.key_header) {
+        Ok(Some(key)) => store_key(&config.key_prefix, &config.scope, &parts, &key),
+        Ok(None) if !config.require_key => {
+            return pass_through(inner, Request::from_parts(parts, body)).await;
+        }
         Ok(None) => {
             return Ok(Problem::MissingKey {
                 header: config.key_header.to_string(),
@@ -124,7 +128,6 @@ where
         }
         Err(problem) => return Ok(problem.into_response()),
     };
-    let (parts, body) = request.into_parts();
     let body = match read_body(&parts.headers, body, config.body_limit).await {
         Ok(body) => body,
         Err(problem) => return Ok(problem.into_response()),

@@ -36,6 +36,10 @@ macro_rules! all_behaviours {
             distinct_keys_run_independently,
             a_client_that_hangs_up_still_gets_the_response_on_retry,
             a_panicking_handler_frees_the_key,
+            clients_with_the_same_key_never_see_each_other,
+            a_custom_scope_names_the_client,
+            an_unscoped_layer_shares_keys_between_clients,
+            a_key_of_255_emoji_is_accepted,
         );
     };
     (@tests $make:path; $($name:ident),* $(,)?) => {
@@ -307,9 +311,11 @@ pub async fn oversize_response_reaches_the_client_once_and_is_never_rerun(
 }
 
 pub async fn undecodable_stored_response_is_503_and_nothing_runs(store: Arc<dyn IdempotencyStore>) {
-    let (http, probe) = start(layer(&store)).await;
+    let idempotency = layer(&store).build().expect("valid layer");
+    let (router, probe) = app(idempotency.clone());
+    let http = Http::new(serve(router).await);
     let key = unique_key("garbage");
-    let scoped = format!("http:{key}");
+    let scoped = store_key_of(&idempotency, &key);
     let StartOutcome::Acquired(token) = store
         .start(StartRequest {
             key: &scoped,
@@ -405,4 +411,156 @@ pub async fn a_panicking_handler_frees_the_key(store: Arc<dyn IdempotencyStore>)
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(!retry.replayed());
     assert_eq!(probe.runs(), 2);
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+pub async fn clients_with_the_same_key_never_see_each_other(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("shared");
+    let alice = &[("authorization", "Bearer alice-token"), JSON];
+    let bob = &[("authorization", "Bearer bob-token"), JSON];
+    let carol = &[("cookie", "session=carol"), JSON];
+    let post = |who: &'static [(&'static str, &'static str)], body: &'static str| {
+        let (http, key) = (http.clone(), key.clone());
+        async move {
+            http.post_with("/orders", Some(key.as_bytes()), who, body)
+                .await
+        }
+    };
+
+    let for_alice = post(alice, r#"{"amount":1}"#).await;
+    let for_bob = post(bob, r#"{"amount":1}"#).await;
+    let for_carol = post(carol, r#"{"amount":2}"#).await;
+    for reply in [&for_alice, &for_bob, &for_carol] {
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        assert!(
+            !reply.replayed(),
+            "each client's first request runs its own handler"
+        );
+    }
+    assert_ne!(
+        for_bob.body, for_alice.body,
+        "bob never sees alice's response"
+    );
+    assert_eq!(probe.runs(), 3);
+
+    let alice_again = post(alice, r#"{"amount":1}"#).await;
+    let bob_again = post(bob, r#"{"amount":1}"#).await;
+    assert!(alice_again.replayed() && bob_again.replayed());
+    assert_eq!(alice_again.body, for_alice.body);
+    assert_eq!(bob_again.body, for_bob.body);
+    assert_eq!(probe.runs(), 3);
+}
+
+/// What an authentication layer in front of the idempotency layer found out.
+#[derive(Debug, Clone)]
+struct Principal(String);
+
+pub async fn a_custom_scope_names_the_client(store: Arc<dyn IdempotencyStore>) {
+    let builder = layer(&store).scope(|parts| {
+        let principal = parts.extensions.get::<Principal>()?;
+        Some(principal.0.clone())
+    });
+    let (router, probe) = app(builder.build().expect("valid layer"));
+    // The "authentication": the user named in `x-user`, whatever the credentials say.
+    let router = router.layer(axum::middleware::from_fn(
+        |mut request: axum::extract::Request, next: axum::middleware::Next| async move {
+            let user = request
+                .headers()
+                .get("x-user")
+                .and_then(|v| v.to_str().ok())
+                .map(|user| Principal(user.to_owned()));
+            if let Some(user) = user {
+                request.extensions_mut().insert(user);
+            }
+            next.run(request).await
+        },
+    ));
+    let http = Http::new(serve(router).await);
+    let key = unique_key("principal");
+    let key = Some(key.as_bytes());
+    let alice = http
+        .post_with(
+            "/orders",
+            key,
+            &[("x-user", "alice"), ("authorization", "one")],
+            "{}",
+        )
+        .await;
+    let alice_elsewhere = http
+        .post_with(
+            "/orders",
+            key,
+            &[("x-user", "alice"), ("authorization", "two")],
+            "{}",
+        )
+        .await;
+    let bob = http
+        .post_with(
+            "/orders",
+            key,
+            &[("x-user", "bob"), ("authorization", "one")],
+            "{}",
+        )
+        .await;
+    assert_eq!(alice.status, StatusCode::CREATED);
+    assert!(
+        alice_elsewhere.replayed(),
+        "the principal decides, not the credentials"
+    );
+    assert_eq!(alice_elsewhere.body, alice.body);
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert!(!bob.replayed());
+    assert_eq!(probe.runs(), 2);
+}
+
+pub async fn an_unscoped_layer_shares_keys_between_clients(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store).unscoped()).await;
+    let key = unique_key("unscoped");
+    let key = Some(key.as_bytes());
+    let first = http
+        .post_with(
+            "/orders",
+            key,
+            &[("authorization", "Bearer sender-a")],
+            "{}",
+        )
+        .await;
+    let other = http
+        .post_with(
+            "/orders",
+            key,
+            &[("authorization", "Bearer sender-b")],
+            "{}",
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(other.replayed(), "one key space for every caller");
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn a_key_of_255_emoji_is_accepted(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    // Every test gets a fresh store (or key space), so this key is unused.
+    let key = "😀".repeat(255);
+    let first = http.post("/orders", Some(&key), "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(http.post("/orders", Some(&key), "{}").await.replayed());
+    let detail = http
+        .post("/orders", Some(&format!("{key}😀")), "{}")
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    assert!(detail.contains("256 characters"), "{detail}");
+    assert_eq!(probe.runs(), 1);
+}
+
+/// The key under which `layer` keeps the record of a request with `key` and no credentials.
+pub fn store_key_of(layer: &IdempotencyLayer, key: &str) -> String {
+    let (parts, ()) = axum::http::Request::post("/")
+        .header("idempotency-key", key)
+        .body(())
+        .expect("a valid request")
+        .into_parts();
+    layer.store_key(&parts).expect("a usable key")
 }
