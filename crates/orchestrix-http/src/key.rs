@@ -15,10 +15,12 @@ use sha2::{Digest, Sha256};
 use crate::config::{MAX_KEY_CHARS, Scope};
 use crate::problem::Problem;
 
-/// The key the client sent in `name`.
+/// The key the client sent in `name`, bare (`order-123`) or in the structured-field string
+/// form of the IETF draft (`"order-123"`): both forms of a key are the same key.
 ///
 /// `Ok(None)` when the header is absent; a [`Problem::InvalidKey`] when it is repeated,
-/// not UTF-8, empty, over [`MAX_KEY_CHARS`] characters, or contains control characters.
+/// not UTF-8, badly quoted, empty, over [`MAX_KEY_CHARS`] characters, or contains control
+/// characters.
 pub(crate) fn client_key(
     headers: &HeaderMap,
     name: &HeaderName,
@@ -34,16 +36,40 @@ pub(crate) fn client_key(
     if values.next().is_some() {
         return Err(invalid("it must appear once".to_owned()));
     }
-    let key = std::str::from_utf8(value.as_bytes())
+    let raw = std::str::from_utf8(value.as_bytes())
         .map_err(|_| invalid("it is not valid UTF-8".to_owned()))?;
+    let key = match raw.strip_prefix('"') {
+        Some(quoted) => unquote(quoted).map_err(|why| invalid(why.to_owned()))?,
+        None => raw.to_owned(),
+    };
     let chars = key.chars().count();
     if chars > MAX_KEY_CHARS {
         return Err(invalid(format!(
             "it is {chars} characters long; the limit is {MAX_KEY_CHARS}"
         )));
     }
-    validate_key(key).map_err(|e| invalid(describe(&e)))?;
-    Ok(Some(key.to_owned()))
+    validate_key(&key).map_err(|e| invalid(describe(&e)))?;
+    Ok(Some(key))
+}
+
+/// The content of a structured-field string (RFC 8941 §3.3.3) after its opening quote:
+/// up to the closing quote, which must end the value, with `\"` and `\\` the only escapes.
+/// Characters beyond ASCII are accepted, as in a bare key.
+fn unquote(quoted: &str) -> Result<String, &'static str> {
+    let mut key = String::with_capacity(quoted.len());
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(escaped @ ('"' | '\\')) => key.push(escaped),
+                _ => return Err("its quoted form has an escape other than \\\" or \\\\"),
+            },
+            '"' if chars.as_str().is_empty() => return Ok(key),
+            '"' => return Err("its quoted form goes on after the closing quote"),
+            c => key.push(c),
+        }
+    }
+    Err("its quoted form has no closing quote")
 }
 
 fn describe(error: &KeyError) -> String {
@@ -147,6 +173,39 @@ mod tests {
     fn a_key_is_read_as_sent() {
         assert_eq!(key_of(&[b"abc"]).unwrap().as_deref(), Some("abc"));
         assert_eq!(key_of(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn quoted_keys_are_unquoted() {
+        assert_eq!(key_of(&[br#""abc""#]).unwrap().as_deref(), Some("abc"));
+        assert_eq!(
+            key_of(&[br#""a\"b\\c""#]).unwrap().as_deref(),
+            Some(r#"a"b\c"#)
+        );
+        assert_eq!(key_of(&["\"é\"".as_bytes()]).unwrap().as_deref(), Some("é"));
+        // Only a leading quote starts the quoted form.
+        assert_eq!(key_of(&[br#"a"b""#]).unwrap().as_deref(), Some(r#"a"b""#));
+        let quoted_longest = format!("\"{}\"", "k".repeat(MAX_KEY_CHARS));
+        assert!(key_of(&[quoted_longest.as_bytes()]).unwrap().is_some());
+    }
+
+    #[test]
+    fn badly_quoted_keys_are_refused() {
+        for bad in [
+            &br#"""#[..],
+            br#""abc"#,
+            br#""ab"c""#,
+            br#""abc"x"#,
+            br#""a\bc""#,
+            br#""abc\""#,
+            br#""""#,
+        ] {
+            assert!(
+                matches!(key_of(&[bad]), Err(Problem::InvalidKey { .. })),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,8 @@ macro_rules! all_behaviours {
             a_custom_scope_names_the_client,
             an_unscoped_layer_shares_keys_between_clients,
             a_key_of_255_emoji_is_accepted,
+            quoted_and_bare_keys_are_the_same_key,
+            malformed_quoting_is_400,
         );
     };
     (@tests $make:path; $($name:ident),* $(,)?) => {
@@ -563,4 +565,41 @@ pub fn store_key_of(layer: &IdempotencyLayer, key: &str) -> String {
         .expect("a valid request")
         .into_parts();
     layer.store_key(&parts).expect("a usable key")
+}
+
+pub async fn quoted_and_bare_keys_are_the_same_key(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("quoted");
+    let first = http.post("/orders", Some(&key), "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let quoted = http
+        .post("/orders", Some(&format!("\"{key}\"")), "{}")
+        .await;
+    assert!(quoted.replayed(), "{quoted:?}");
+    assert_eq!(quoted.body, first.body);
+
+    let escaped = format!(r#""{key}\"\\""#);
+    let bare = format!(r#"{key}"\"#);
+    let first = http.post("/orders", Some(&escaped), "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(http.post("/orders", Some(&bare), "{}").await.replayed());
+    assert_eq!(probe.runs(), 2);
+}
+
+pub async fn malformed_quoting_is_400(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    for bad in [
+        r#""abc"#,
+        r#""ab"c""#,
+        r#""a\bc""#,
+        r#""abc"x"#,
+        r#""abc\""#,
+    ] {
+        let detail = http
+            .post("/orders", Some(bad), "{}")
+            .await
+            .problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains("quot"), "{bad}: {detail}");
+    }
+    assert_eq!(probe.runs(), 0);
 }
