@@ -38,17 +38,6 @@ pub const DEFAULT_KEY_PREFIX: &str = "http:";
 
 const MAX_KEY_PREFIX_BYTES: usize = 256;
 
-/// The default of [`cache_status`](crate::IdempotencyLayerBuilder::cache_status): every final
-/// status below 500 except 409 Conflict and 429 Too Many Requests.
-///
-/// A 2xx/3xx/4xx answer is the outcome of the operation and must be replayed; 5xx, 409
-/// and 429 say "not now", so the key is freed and a retry runs the handler again.
-pub fn default_cache_status(status: StatusCode) -> bool {
-    !status.is_server_error()
-        && status != StatusCode::CONFLICT
-        && status != StatusCode::TOO_MANY_REQUESTS
-}
-
 /// Why a configuration was refused by
 /// [`IdempotencyLayerBuilder::build`](crate::IdempotencyLayerBuilder::build).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,9 +52,10 @@ pub enum ConfigError {
     /// No method was configured, so the layer would never apply.
     #[error("no HTTP method configured")]
     NoMethods,
+    /// A status listed as a final client error is not a 4xx status.
+    #[error("{0} is not a client error (4xx); only 4xx statuses can be listed as final")]
+    NotAClientError(StatusCode),
 }
-
-pub(crate) type CacheStatus = dyn Fn(StatusCode) -> bool + Send + Sync;
 
 /// A function of the request that names its client (see
 /// [`scope`](crate::IdempotencyLayerBuilder::scope)).
@@ -99,7 +89,7 @@ pub(crate) struct Config {
     pub(crate) key_header: HeaderName,
     pub(crate) require_key: bool,
     pub(crate) scope: Scope,
-    pub(crate) cache_status: Arc<CacheStatus>,
+    pub(crate) final_client_errors: Vec<StatusCode>,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
     pub(crate) on_running: OnRunning,
@@ -115,6 +105,7 @@ impl fmt::Debug for Config {
             .field("methods", &self.methods)
             .field("key_header", &self.key_header)
             .field("require_key", &self.require_key)
+            .field("final_client_errors", &self.final_client_errors)
             .field("scope", &self.scope)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
@@ -135,7 +126,7 @@ impl Config {
             key_header: IDEMPOTENCY_KEY,
             require_key: true,
             scope: Scope::Credentials,
-            cache_status: Arc::new(default_cache_status),
+            final_client_errors: Vec::new(),
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,
             on_running: OnRunning::ReturnRunning,
@@ -174,7 +165,21 @@ impl Config {
         if self.methods.is_empty() {
             return Err(ConfigError::NoMethods);
         }
+        if let Some(status) = self
+            .final_client_errors
+            .iter()
+            .find(|status| !status.is_client_error())
+        {
+            return Err(ConfigError::NotAClientError(*status));
+        }
         Ok(())
+    }
+
+    /// Whether a response with `status` is the operation's final answer, kept for
+    /// replay: 2xx, 3xx and the listed 4xx. Anything else (a request the handler or an
+    /// extractor refused, 409, 429, 5xx) frees the key, so a retry runs again.
+    pub(crate) fn keeps(&self, status: StatusCode) -> bool {
+        status.is_success() || status.is_redirection() || self.final_client_errors.contains(&status)
     }
 }
 
@@ -183,16 +188,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_cache_status_keeps_outcomes_and_frees_transient_answers() {
-        for kept in [200, 201, 204, 303, 400, 404, 422] {
-            assert!(
-                default_cache_status(StatusCode::from_u16(kept).unwrap()),
-                "{kept}"
-            );
+    fn only_2xx_3xx_and_listed_client_errors_are_kept() {
+        let mut config = Config::new(Arc::new(orchestrix::store::MemoryStore::new()));
+        config.final_client_errors = vec![StatusCode::PAYMENT_REQUIRED];
+        for kept in [200, 201, 204, 303, 304, 402] {
+            assert!(config.keeps(StatusCode::from_u16(kept).unwrap()), "{kept}");
         }
-        for freed in [409, 429, 500, 502, 503] {
+        for freed in [101, 400, 404, 409, 415, 422, 429, 500, 502, 503] {
             assert!(
-                !default_cache_status(StatusCode::from_u16(freed).unwrap()),
+                !config.keeps(StatusCode::from_u16(freed).unwrap()),
                 "{freed}"
             );
         }

@@ -91,7 +91,7 @@ impl<S> Layer<S> for IdempotencyLayer {
 ///     .key_prefix("payments:")
 ///     .ttl(Duration::from_secs(3600))
 ///     .on_running(OnRunning::Wait { timeout: Duration::from_secs(10) })
-///     .cache_status(|status| status.is_success())
+///     .final_client_errors([StatusCode::PAYMENT_REQUIRED])
 ///     .build()?;
 /// # Ok::<(), orchestrix_http::ConfigError>(())
 /// ```
@@ -186,15 +186,16 @@ impl IdempotencyLayerBuilder {
         self
     }
 
-    /// Which response statuses are kept and replayed (default: [`default_cache_status`]).
-    /// For any other status the key is freed after the response, so a retry runs the
-    /// handler again.
+    /// The client errors (4xx) that the handler returns on purpose as the final answer to
+    /// an operation, to be kept and replayed like a success: 402 for a declined card,
+    /// say. Default: none.
+    ///
+    /// Every 2xx and 3xx response is kept. Any other response frees the key, so that a
+    /// retry runs the handler again: a 400, 415 or 422 from an extractor that refused the
+    /// request before the handler ran, a 409 or 429 that says "not now", every 5xx.
     #[must_use]
-    pub fn cache_status(
-        mut self,
-        cache: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
-    ) -> Self {
-        self.config.cache_status = Arc::new(cache);
+    pub fn final_client_errors(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.config.final_client_errors = statuses.into_iter().collect();
         self
     }
 
@@ -255,7 +256,8 @@ impl IdempotencyLayerBuilder {
     ///
     /// # Errors
     /// [`ConfigError`] for a zero or out-of-range duration, a key prefix that is over
-    /// 256 bytes or contains control characters, or an empty method list.
+    /// 256 bytes or contains control characters, an empty method list, or a final client
+    /// error that is not a 4xx status.
     pub fn build(self) -> Result<IdempotencyLayer, ConfigError> {
         self.config.validate()?;
         Ok(IdempotencyLayer {
@@ -323,6 +325,13 @@ mod tests {
         assert_eq!(
             builder().methods([]).build().err(),
             Some(ConfigError::NoMethods)
+        );
+        assert_eq!(
+            builder()
+                .final_client_errors([StatusCode::PAYMENT_REQUIRED, StatusCode::BAD_GATEWAY])
+                .build()
+                .err(),
+            Some(ConfigError::NotAClientError(StatusCode::BAD_GATEWAY))
         );
     }
 }

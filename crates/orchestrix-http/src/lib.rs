@@ -74,7 +74,7 @@ mod stored;
 
 pub use config::{
     ConfigError, DEFAULT_BODY_LIMIT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE, DEFAULT_TTL,
-    IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, MAX_KEY_CHARS, default_cache_status,
+    IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, MAX_KEY_CHARS,
 };
 pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
 pub use orchestrix::OnRunning;

@@ -112,7 +112,7 @@ impl Problem {
             Self::UnreadableBody => {
                 "the request body could not be read completely; nothing was processed".to_owned()
             }
-            Self::KeyReused => "this idempotency key was already used with a different request (method, path or body); use a new key for a new operation".to_owned(),
+            Self::KeyReused => "this idempotency key was already used with a different request (method, path, content type or body); use a new key for a new operation".to_owned(),
             Self::InFlight => "a request with this idempotency key is still being processed; retry later to receive its response".to_owned(),
             Self::WaitTimedOut { waited } => format!(
                 "a request with this idempotency key is still being processed after waiting {} ms; retry later to receive its response",

@@ -132,7 +132,7 @@ where
         Ok(body) => body,
         Err(problem) => return Ok(problem.into_response()),
     };
-    let fingerprint = fingerprint(&parts.method, &parts.uri, &body);
+    let fingerprint = fingerprint(&parts, &body);
     let admission = admit(
         &config.store,
         AdmitRequest {
@@ -304,7 +304,7 @@ where
     B::Error: Into<BoxError>,
 {
     let status = parts.status;
-    let cached = (config.cache_status)(status);
+    let cached = config.keeps(status);
     let (stored, body) = match collected {
         Collected::Whole { data, trailers } => {
             let stored = cached.then(|| Stored::Response {

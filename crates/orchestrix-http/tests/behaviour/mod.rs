@@ -29,7 +29,8 @@ macro_rules! all_behaviours {
             oversize_body_is_413_and_nothing_runs,
             oversize_chunked_body_is_413_and_nothing_runs,
             server_error_frees_the_key_for_a_retry,
-            client_errors_are_replayed,
+            client_errors_free_the_key,
+            listed_client_errors_are_replayed,
             other_methods_pass_through,
             oversize_response_reaches_the_client_once_and_is_never_rerun,
             undecodable_stored_response_is_503_and_nothing_runs,
@@ -42,6 +43,8 @@ macro_rules! all_behaviours {
             a_key_of_255_emoji_is_accepted,
             quoted_and_bare_keys_are_the_same_key,
             malformed_quoting_is_400,
+            a_request_rejected_before_the_handler_frees_the_key,
+            content_type_is_part_of_the_request,
         );
     };
     (@tests $make:path; $($name:ident),* $(,)?) => {
@@ -269,14 +272,32 @@ pub async fn server_error_frees_the_key_for_a_retry(store: Arc<dyn IdempotencySt
     assert_eq!(probe.runs(), 2);
 }
 
-pub async fn client_errors_are_replayed(store: Arc<dyn IdempotencyStore>) {
+pub async fn client_errors_free_the_key(store: Arc<dyn IdempotencyStore>) {
     let (http, probe) = start(layer(&store)).await;
     let key = unique_key("invalid");
     let first = http.post("/invalid", Some(&key), "{}").await;
     let again = http.post("/invalid", Some(&key), "{}").await;
     assert_eq!(first.status, StatusCode::BAD_REQUEST);
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+    assert!(
+        !again.replayed(),
+        "a 400 is not kept: the retry ran the handler"
+    );
+    assert_eq!(probe.runs(), 2);
+}
+
+pub async fn listed_client_errors_are_replayed(store: Arc<dyn IdempotencyStore>) {
+    let builder = layer(&store).final_client_errors([StatusCode::PAYMENT_REQUIRED]);
+    let (http, probe) = start(builder).await;
+    let key = unique_key("declined");
+    let first = http.post("/declined", Some(&key), "{}").await;
+    let again = http.post("/declined", Some(&key), "{}").await;
+    assert_eq!(first.status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!((again.status, &again.body), (first.status, &first.body));
-    assert!(again.replayed());
+    assert!(
+        again.replayed(),
+        "a declined card is the operation's final answer"
+    );
     assert_eq!(probe.runs(), 1);
 }
 
@@ -602,4 +623,62 @@ pub async fn malformed_quoting_is_400(store: Arc<dyn IdempotencyStore>) {
         assert!(detail.contains("quot"), "{bad}: {detail}");
     }
     assert_eq!(probe.runs(), 0);
+}
+
+pub async fn a_request_rejected_before_the_handler_frees_the_key(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("json");
+    let key = Some(key.as_bytes());
+    let unsupported = http.post_with("/json", key, &[], r#"{"amount":5}"#).await;
+    assert_eq!(unsupported.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let not_an_order = http
+        .post_with("/json", key, &[JSON], r#"{"amount":"five"}"#)
+        .await;
+    assert_eq!(not_an_order.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_ne!(
+        not_an_order.header("content-type"),
+        Some("application/problem+json"),
+        "axum's rejection, not the layer's 422: {not_an_order:?}"
+    );
+    let fixed = http
+        .post_with("/json", key, &[JSON], r#"{"amount":5}"#)
+        .await;
+    assert_eq!(fixed.status, StatusCode::CREATED, "{fixed:?}");
+    assert!(!fixed.replayed());
+    assert_eq!(
+        probe.runs(),
+        1,
+        "only the corrected request reached the handler"
+    );
+    let again = http
+        .post_with("/json", key, &[JSON], r#"{"amount":5}"#)
+        .await;
+    assert!(again.replayed());
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn content_type_is_part_of_the_request(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("content-type");
+    let key = Some(key.as_bytes());
+    let text = http
+        .post_with("/orders", key, &[("content-type", "text/plain")], "42")
+        .await;
+    assert_eq!(text.status, StatusCode::CREATED);
+    let same = http
+        .post_with(
+            "/orders",
+            key,
+            &[("content-type", "Text/Plain; charset=utf-8")],
+            "42",
+        )
+        .await;
+    assert!(
+        same.replayed(),
+        "the media type decides, in any case, without parameters"
+    );
+    http.post_with("/orders", key, &[JSON], "42")
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(probe.runs(), 1);
 }
