@@ -1,6 +1,7 @@
 //! The path of one request through the layer, in order:
-//! key (scoped to the client) → body → fingerprint → admit (the store decides) → run and
-//! persist, or replay, or refuse.
+//! key (scoped to the client) → body → fingerprint, in the caller's task; then, in a task
+//! of the request's own, admit (the store decides) → run and persist, or replay, or
+//! refuse.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use orchestrix::IdempotencyError;
 use orchestrix::idempotency::{Admission, AdmitRequest, Ownership, Settlement, admit};
 use orchestrix::store::{Record, StoreError};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -36,8 +38,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// It answers with `Response<axum::body::Body>` and passes the inner service's errors
 /// through unchanged.
 ///
-/// It must be polled inside a Tokio runtime (as every axum server is): an admitted
-/// request's handler runs in a task of its own.
+/// It must be polled inside a Tokio runtime (as every axum server is): from admission on,
+/// an idempotent request runs in a task of its own.
+///
+/// # Cancel safety
+/// Dropping the response future (the client hung up) never leaves the key locked with
+/// nobody running it: an admission already sent to the store is completed in the task,
+/// and if the handler has not started yet, the key is freed at once. A handler that has
+/// started runs to its end, and its response is kept for the retry.
 ///
 /// # Panics
 /// Never on its own. A panic of the inner service is resumed in the caller's task, after
@@ -133,6 +141,47 @@ where
         Err(problem) => return Ok(problem.into_response()),
     };
     let fingerprint = fingerprint(&parts, &body);
+    // From here on the store is involved, so the rest runs in a task of its own: a client
+    // that hangs up can neither leave the key locked with nobody running it (an admission
+    // that went through is completed, then undone) nor cut a handler off halfway (it runs
+    // to its end, and its response is kept for the retry).
+    let (answer, answered) = oneshot::channel();
+    let request = Request::from_parts(parts, Body::from(body));
+    tokio::spawn(admit_and_run(
+        config,
+        inner,
+        key,
+        fingerprint,
+        request,
+        answer,
+    ));
+    match answered.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Ok(Problem::Aborted.into_response()),
+    }
+}
+
+/// What the task of an idempotent request sends back: the response or the inner
+/// service's error, or the handler's panic to resume in the caller's task.
+type Answer<E> = Result<Result<Response<Body>, E>, Box<dyn Any + Send>>;
+
+/// Asks the store whether this request runs, then runs it, replays what is stored, or
+/// refuses; sends the outcome to `answer`.
+async fn admit_and_run<S, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    key: String,
+    fingerprint: String,
+    request: Request<Body>,
+    answer: oneshot::Sender<Answer<S::Error>>,
+) where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
     let admission = admit(
         &config.store,
         AdmitRequest {
@@ -144,19 +193,31 @@ where
         },
     )
     .await;
-    match admission {
-        Ok(Admission::Acquired(ownership)) => {
-            let request = Request::from_parts(parts, Body::from(body));
-            run(config, inner, ownership, request).await
+    let refusal = match admission {
+        Ok(Admission::Acquired(ownership)) if answer.is_closed() => {
+            tracing::debug!(
+                key,
+                "the client hung up before its handler started; freeing the key"
+            );
+            settle(ownership, Settlement::Release, None).await;
+            return;
         }
-        Ok(Admission::Finished(record)) => Ok(replay(record)),
+        Ok(Admission::Acquired(ownership)) => {
+            let _ = answer.send(run(&config, inner, ownership, request).await);
+            return;
+        }
+        Ok(Admission::Finished(record)) => {
+            let _ = answer.send(Ok(Ok(replay(record))));
+            return;
+        }
         Ok(Admission::Running) => {
             tracing::debug!(key, "idempotent request already in flight");
-            Ok(Problem::InFlight.into_response())
+            Problem::InFlight
         }
-        Ok(_) => Ok(Problem::Misconfigured.into_response()),
-        Err(error) => Ok(refusal(&key, error).into_response()),
-    }
+        Ok(_) => Problem::Misconfigured,
+        Err(error) => refused(&key, error),
+    };
+    let _ = answer.send(Ok(Ok(refusal.into_response())));
 }
 
 async fn pass_through<S, ReqBody, ResBody>(
@@ -175,16 +236,12 @@ where
 }
 
 /// Runs the handler as the key's owner, then keeps or frees the key.
-///
-/// The work runs in its own task: once a request has been admitted, a client that hangs
-/// up does not cut the handler off halfway, and its response is still stored for the
-/// retry that will follow.
 async fn run<S, ResBody>(
-    config: Arc<Config>,
+    config: &Config,
     mut inner: S,
     ownership: Ownership,
     request: Request<Body>,
-) -> Result<Response<Body>, S::Error>
+) -> Answer<S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -192,42 +249,26 @@ where
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let task = tokio::spawn(async move {
-        let limit = config.body_limit;
-        let work = async move {
-            let (parts, body) = inner.call(request).await?.into_parts();
-            Ok::<_, S::Error>((parts, collect(body, limit).await))
-        };
-        let lease_lost = CancellationToken::new();
-        let outcome = AssertUnwindSafe(ownership.hold(&lease_lost, work))
-            .catch_unwind()
-            .await;
-        match outcome {
-            Ok(Ok((parts, collected))) => {
-                Ok(Ok(persist(&config, ownership, parts, collected).await))
-            }
-            Ok(Err(error)) => {
-                settle(ownership, Settlement::Release, None).await;
-                Ok(Err(error))
-            }
-            Err(panic) => {
-                settle(ownership, Settlement::Release, None).await;
-                Err(panic)
-            }
+    let limit = config.body_limit;
+    let work = async move {
+        let (parts, body) = inner.call(request).await?.into_parts();
+        Ok::<_, S::Error>((parts, collect(body, limit).await))
+    };
+    let lease_lost = CancellationToken::new();
+    let outcome = AssertUnwindSafe(ownership.hold(&lease_lost, work))
+        .catch_unwind()
+        .await;
+    match outcome {
+        Ok(Ok((parts, collected))) => Ok(Ok(persist(config, ownership, parts, collected).await)),
+        Ok(Err(error)) => {
+            settle(ownership, Settlement::Release, None).await;
+            Ok(Err(error))
         }
-    });
-    match task.await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(panic)) => resume(panic),
-        Err(join) => match join.try_into_panic() {
-            Ok(panic) => resume(panic),
-            Err(_) => Ok(Problem::Aborted.into_response()),
-        },
+        Err(panic) => {
+            settle(ownership, Settlement::Release, None).await;
+            Err(panic)
+        }
     }
-}
-
-fn resume(panic: Box<dyn Any + Send>) -> ! {
-    std::panic::resume_unwind(panic)
 }
 
 /// A response body read up to the limit.
@@ -440,7 +481,7 @@ fn replay(record: Record) -> Response<Body> {
 }
 
 /// The answer when the store refused to admit the request.
-fn refusal(key: &str, error: IdempotencyError) -> Problem {
+fn refused(key: &str, error: IdempotencyError) -> Problem {
     match error {
         IdempotencyError::KeyReused { .. } => Problem::KeyReused,
         IdempotencyError::AlreadyRunning { .. } => Problem::InFlight,

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use orchestrix::OnRunning;
-use orchestrix::store::{IdempotencyStore, StartOutcome, StartRequest};
+use orchestrix::store::{
+    FencingToken, FinalStatus, IdempotencyStore, Record, StartOutcome, StartRequest, StoreError,
+};
 use orchestrix_http::{IdempotencyLayer, IdempotencyLayerBuilder};
 
 use crate::common::{BIG_RESPONSE, Http, Reply, app, chunked, full, serve, unique_key};
@@ -43,6 +45,7 @@ macro_rules! all_behaviours {
             a_key_of_255_emoji_is_accepted,
             quoted_and_bare_keys_are_the_same_key,
             malformed_quoting_is_400,
+            a_client_that_hangs_up_during_admission_leaves_no_lock,
             a_request_rejected_before_the_handler_frees_the_key,
             content_type_is_part_of_the_request,
         );
@@ -438,6 +441,35 @@ pub async fn a_panicking_handler_frees_the_key(store: Arc<dyn IdempotencyStore>)
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
+/// Sends `path` with `key` (and `headers`) until the key is no longer in flight, and returns
+/// that answer, or the error if the exchange broke.
+async fn answer_once_settled(
+    http: &Http,
+    path: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let request = http.post_request_with(path, Some(key.as_bytes()), headers, "{}");
+            match http.try_request(request).await {
+                Ok(reply) if reply.status == StatusCode::CONFLICT && in_flight(&reply) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the first request settled its key")
+}
+
+fn in_flight(reply: &Reply) -> bool {
+    reply.json()["type"]
+        .as_str()
+        .is_some_and(|t| t.ends_with("idempotency-key-in-flight"))
+}
+
 pub async fn clients_with_the_same_key_never_see_each_other(store: Arc<dyn IdempotencyStore>) {
     let (http, probe) = start(layer(&store)).await;
     let key = unique_key("shared");
@@ -681,4 +713,116 @@ pub async fn content_type_is_part_of_the_request(store: Arc<dyn IdempotencyStore
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(probe.runs(), 1);
+}
+
+/// A store that answers `start` slowly: the record is written at once, but the answer
+/// reaches the caller only after [`DelayedStart::answer`] (as a network that loses the
+/// reply would).
+#[derive(Debug)]
+struct DelayedStart {
+    inner: Arc<dyn IdempotencyStore>,
+    started: tokio::sync::Notify,
+    answer: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for DelayedStart {
+    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
+        let outcome = self.inner.start(req).await;
+        self.started.notify_one();
+        let _ = self.answer.subscribe().wait_for(|go| *go).await;
+        outcome
+    }
+    async fn finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.inner.finish(key, token, status, result, ttl).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+        self.inner.wait_for_change(key, max).await
+    }
+}
+
+pub async fn a_client_that_hangs_up_during_admission_leaves_no_lock(
+    store: Arc<dyn IdempotencyStore>,
+) {
+    let slow = Arc::new(DelayedStart {
+        inner: store,
+        started: tokio::sync::Notify::new(),
+        answer: tokio::sync::watch::channel(false).0,
+    });
+    // A lease far longer than the test: only a release frees the key.
+    let builder = IdempotencyLayer::builder(Arc::clone(&slow) as Arc<dyn IdempotencyStore>)
+        .ttl(Duration::from_secs(120))
+        .lease(Duration::from_secs(3600));
+    let (router, probe) = app(builder.build().expect("valid layer"));
+    let dropped = Arc::new(tokio::sync::Notify::new());
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&dropped),
+        notify_when_dropped,
+    ));
+    let http = Http::new(serve(router).await);
+    let key = unique_key("admission");
+
+    let hung_up = {
+        let (http, key) = (http.clone(), key.clone());
+        tokio::spawn(async move { http.post("/orders", Some(&key), "{}").await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), slow.started.notified())
+        .await
+        .expect("the store received the start");
+    hung_up.abort();
+    tokio::time::timeout(Duration::from_secs(10), dropped.notified())
+        .await
+        .expect("the server dropped the request when the client hung up");
+    slow.answer.send_replace(true);
+
+    let retry = answer_once_settled(&http, "/orders", &key, &[JSON])
+        .await
+        .expect("the retry is answered");
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(!retry.replayed());
+    assert_eq!(probe.runs(), 1, "only the retry ran the handler");
+}
+
+/// Notifies when a request's future is dropped before it answered.
+async fn notify_when_dropped(
+    axum::extract::State(dropped): axum::extract::State<Arc<tokio::sync::Notify>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    struct Guard(Option<Arc<tokio::sync::Notify>>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(dropped) = self.0.take() {
+                dropped.notify_one();
+            }
+        }
+    }
+    let mut guard = Guard(Some(dropped));
+    let response = next.run(request).await;
+    guard.0 = None;
+    response
 }
