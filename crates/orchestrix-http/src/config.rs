@@ -26,6 +26,10 @@ pub const MAX_KEY_CHARS: usize = 255;
 /// Default limit of a request body (and of a response body kept for replay): 1 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
+/// Default of how long the layer reads a response body to keep it, from the response's
+/// head to the body's end: 30 seconds.
+pub const DEFAULT_RESPONSE_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Default time a response is kept for replay: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -43,7 +47,7 @@ const MAX_KEY_PREFIX_BYTES: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The TTL, lease or wait timeout is zero or out of range.
+    /// The TTL, lease, wait timeout or response body timeout is zero or out of range.
     #[error(transparent)]
     Duration(#[from] OptionError),
     /// The key prefix is too long or contains control characters.
@@ -94,6 +98,7 @@ pub(crate) struct Config {
     pub(crate) lease: Duration,
     pub(crate) on_running: OnRunning,
     pub(crate) body_limit: usize,
+    pub(crate) response_body_timeout: Duration,
     pub(crate) stored_headers: Vec<HeaderName>,
     pub(crate) key_prefix: String,
 }
@@ -111,10 +116,25 @@ impl fmt::Debug for Config {
             .field("lease", &self.lease)
             .field("on_running", &self.on_running)
             .field("body_limit", &self.body_limit)
+            .field("response_body_timeout", &self.response_body_timeout)
             .field("stored_headers", &self.stored_headers)
             .field("key_prefix", &self.key_prefix)
             .finish_non_exhaustive()
     }
+}
+
+/// 1 ms to 24 h, like a lease: long enough for any body worth keeping, short enough
+/// that a stuck one does not hold a task for long.
+fn validate_response_body_timeout(timeout: Duration) -> Result<(), OptionError> {
+    const MAX: Duration = Duration::from_secs(24 * 3600);
+    if timeout.is_zero() || timeout > MAX {
+        return Err(OptionError {
+            option: "response body timeout",
+            value: timeout,
+            allowed: "1 ms to 24 h",
+        });
+    }
+    Ok(())
 }
 
 impl Config {
@@ -131,6 +151,7 @@ impl Config {
             lease: DEFAULT_LEASE,
             on_running: OnRunning::ReturnRunning,
             body_limit: DEFAULT_BODY_LIMIT,
+            response_body_timeout: DEFAULT_RESPONSE_BODY_TIMEOUT,
             stored_headers: vec![
                 header::CONTENT_TYPE,
                 header::CONTENT_ENCODING,
@@ -150,6 +171,7 @@ impl Config {
         validate_ttl(self.ttl)?;
         validate_lease(self.lease)?;
         validate_on_running(self.on_running)?;
+        validate_response_body_timeout(self.response_body_timeout)?;
         if self.key_prefix.len() > MAX_KEY_PREFIX_BYTES {
             return Err(ConfigError::KeyPrefix(KeyError::TooLong {
                 len: self.key_prefix.len(),

@@ -234,6 +234,17 @@ impl IdempotencyLayerBuilder {
         self
     }
 
+    /// How long the layer reads a response body to keep it, from the response's head to
+    /// the body's end (default 30 s; 1 ms to 24 h). The response streams to its client as
+    /// it arrives either way; a body still going at the deadline goes on streaming, but
+    /// the key is marked processed without a replayable response, and the layer's task
+    /// for the request ends.
+    #[must_use]
+    pub fn response_body_timeout(mut self, timeout: Duration) -> Self {
+        self.config.response_body_timeout = timeout;
+        self
+    }
+
     /// The response headers kept and replayed (default: `content-type`,
     /// `content-encoding`, `content-language`, `content-location`, `location`, `etag`,
     /// `last-modified`, `link`). Others — `set-cookie` for one — reach the first client

@@ -71,10 +71,12 @@ mod problem;
 mod request;
 mod service;
 mod stored;
+mod tee;
 
 pub use config::{
-    ConfigError, DEFAULT_BODY_LIMIT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE, DEFAULT_TTL,
-    IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, MAX_KEY_CHARS,
+    ConfigError, DEFAULT_BODY_LIMIT, DEFAULT_KEY_PREFIX, DEFAULT_LEASE,
+    DEFAULT_RESPONSE_BODY_TIMEOUT, DEFAULT_TTL, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
+    MAX_KEY_CHARS,
 };
 pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
 pub use orchestrix::OnRunning;

@@ -4,20 +4,17 @@
 //! refuse.
 
 use std::any::Any;
-use std::convert::Infallible;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum_core::body::Body;
-use bytes::{Bytes, BytesMut};
-use futures_util::future::{self, BoxFuture};
-use futures_util::{FutureExt, StreamExt, stream};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, response};
-use http_body::{Body as HttpBody, Frame};
-use http_body_util::{BodyExt, BodyStream, StreamBody};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
 use orchestrix::IdempotencyError;
 use orchestrix::idempotency::{Admission, AdmitRequest, Ownership, Settlement, admit};
 use orchestrix::store::{Record, StoreError};
@@ -30,6 +27,7 @@ use crate::key::{client_key, store_key};
 use crate::problem::Problem;
 use crate::request::{fingerprint, read_body};
 use crate::stored::Stored;
+use crate::tee::{self, Kept};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -203,7 +201,7 @@ async fn admit_and_run<S, ResBody>(
             return;
         }
         Ok(Admission::Acquired(ownership)) => {
-            let _ = answer.send(run(&config, inner, ownership, request).await);
+            run(&config, inner, ownership, request, answer).await;
             return;
         }
         Ok(Admission::Finished(record)) => {
@@ -235,147 +233,107 @@ where
     Ok(response.map(Body::new))
 }
 
-/// Runs the handler as the key's owner, then keeps or frees the key.
+/// Runs the handler as the key's owner, sends its response to `answer` as soon as its
+/// head is ready, keeps a copy of its body, and stores the outcome or frees the key.
 async fn run<S, ResBody>(
     config: &Config,
     mut inner: S,
     ownership: Ownership,
     request: Request<Body>,
-) -> Answer<S::Error>
-where
+    answer: oneshot::Sender<Answer<S::Error>>,
+) where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let limit = config.body_limit;
-    let work = async move {
-        let (parts, body) = inner.call(request).await?.into_parts();
-        Ok::<_, S::Error>((parts, collect(body, limit).await))
-    };
     let lease_lost = CancellationToken::new();
-    let outcome = AssertUnwindSafe(ownership.hold(&lease_lost, work))
+    let called = AssertUnwindSafe(ownership.hold(&lease_lost, inner.call(request)))
         .catch_unwind()
         .await;
-    match outcome {
-        Ok(Ok((parts, collected))) => Ok(Ok(persist(config, ownership, parts, collected).await)),
+    let response = match called {
+        Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             settle(ownership, Settlement::Release, None).await;
-            Ok(Err(error))
+            let _ = answer.send(Ok(Err(error)));
+            return;
         }
         Err(panic) => {
             settle(ownership, Settlement::Release, None).await;
-            Err(panic)
+            let _ = answer.send(Err(panic));
+            return;
         }
+    };
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    if !config.keeps(status) {
+        settle(ownership, Settlement::Release, None).await;
+        let _ = answer.send(Ok(Ok(Response::from_parts(parts, Body::new(body)))));
+        return;
+    }
+    let headers = kept_headers(&parts.headers, &config.stored_headers);
+    let (body, collector) = tee::split(body, config.body_limit);
+    let _ = answer.send(Ok(Ok(Response::from_parts(parts, body))));
+    let (kept, tail) = keep_copy(&ownership, &lease_lost, collector, config).await;
+    persist(config, ownership, status, headers, kept).await;
+    if let Some(tail) = tail {
+        tail.send();
     }
 }
 
-/// A response body read up to the limit.
-enum Collected<B> {
-    /// All of it.
-    Whole {
-        data: Bytes,
-        trailers: Option<HeaderMap>,
-    },
-    /// Over the limit: what was read, and the rest still to stream.
-    TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
-    /// The body failed after `prefix`.
-    Broken { prefix: Bytes, error: BoxError },
-}
-
-async fn collect<B>(body: B, limit: usize) -> Collected<B>
-where
-    B: HttpBody<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = Box::pin(body);
-    let mut data = BytesMut::new();
-    if body.size_hint().lower() > limit as u64 {
-        return Collected::TooLarge {
-            prefix: Bytes::new(),
-            rest: body,
-        };
-    }
-    let mut trailers: Option<HeaderMap> = None;
-    loop {
-        let frame = body.frame().await;
-        match frame {
-            None => break,
-            Some(Err(error)) => {
-                return Collected::Broken {
-                    prefix: data.freeze(),
-                    error: error.into(),
-                };
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(chunk) => {
-                    data.extend_from_slice(&chunk);
-                    if data.len() > limit {
-                        return Collected::TooLarge {
-                            prefix: data.freeze(),
-                            rest: body,
-                        };
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(more) = frame.into_trailers() {
-                        trailers.get_or_insert_with(HeaderMap::new).extend(more);
-                    }
-                }
-            },
-        }
-    }
-    Collected::Whole {
-        data: data.freeze(),
-        trailers,
-    }
-}
-
-/// Keeps the response for replay if its status is cached, frees the key otherwise, and
-/// hands the response on — whether or not the store accepted it.
-async fn persist<B>(
+/// Collects the copy of the response body, still holding the key.
+async fn keep_copy<B>(
+    ownership: &Ownership,
+    lease_lost: &CancellationToken,
+    collector: tee::Collector<B>,
     config: &Config,
-    ownership: Ownership,
-    parts: response::Parts,
-    collected: Collected<B>,
-) -> Response<Body>
+) -> (Kept, Option<tee::Tail<B>>)
 where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let status = parts.status;
-    let cached = config.keeps(status);
-    let (stored, body) = match collected {
-        Collected::Whole { data, trailers } => {
-            let stored = cached.then(|| Stored::Response {
-                status,
-                headers: kept_headers(&parts.headers, &config.stored_headers),
-                body: data.clone(),
-            });
-            (stored, whole_body(data, trailers))
+    let collecting = ownership.hold(lease_lost, collector.collect(config.response_body_timeout));
+    match AssertUnwindSafe(collecting).catch_unwind().await {
+        Ok((kept, tail)) => (kept, Some(tail)),
+        Err(_) => {
+            // The handler ran, so the key is kept; the client's side reports an error.
+            tracing::error!(
+                key = ownership.key(),
+                "the response body panicked while being read"
+            );
+            (Kept::Broken, None)
         }
-        Collected::TooLarge { prefix, rest } => {
+    }
+}
+
+/// Stores the response, or, when it was not kept whole, that the request was processed:
+/// either way the handler never runs again under this key.
+async fn persist(
+    config: &Config,
+    ownership: Ownership,
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    kept: Kept,
+) {
+    let stored = match kept {
+        Kept::Whole(body) => Stored::Response {
+            status,
+            headers,
+            body,
+        },
+        not_kept => {
             tracing::warn!(
                 key = ownership.key(),
-                limit = config.body_limit,
-                "idempotent response is over the body limit; it reaches this client but cannot be replayed"
+                %status,
+                why = not_kept.reason(),
+                "the response reaches its client but is not kept for replay; the key is marked processed"
             );
-            (
-                cached.then_some(Stored::NotKept { status }),
-                rest_of_body(prefix, rest),
-            )
+            Stored::NotKept { status }
         }
-        Collected::Broken { prefix, error } => (None, broken_body(prefix, error)),
     };
-    match stored {
-        Some(stored) => {
-            let bytes = stored.encode();
-            settle(ownership, Settlement::Complete, Some((&bytes, config.ttl))).await;
-        }
-        None => settle(ownership, Settlement::Release, None).await,
-    }
-    Response::from_parts(parts, body)
+    let bytes = stored.encode();
+    settle(ownership, Settlement::Complete, Some((&bytes, config.ttl))).await;
 }
 
 /// Applies the settlement; a failure is logged, never returned, because the response must
@@ -394,10 +352,10 @@ async fn settle(
             ?settlement,
             "the lease on the idempotency key was lost while the handler ran; another request owns it now"
         ),
-        Err(error @ StoreError::TooLarge { .. }) => tracing::warn!(
+        Err(error) if error.finished_without_result() => tracing::warn!(
             key,
             %error,
-            "the response was too large for the store; the key is marked processed without a replayable response"
+            "the store refused the response; the key is marked processed without a replayable response"
         ),
         Err(error) => tracing::error!(
             key,
@@ -418,33 +376,6 @@ fn kept_headers(headers: &HeaderMap, names: &[HeaderName]) -> Vec<(HeaderName, H
                 .map(move |value| (name.clone(), value.clone()))
         })
         .collect()
-}
-
-fn whole_body(data: Bytes, trailers: Option<HeaderMap>) -> Body {
-    match trailers {
-        None => Body::from(data),
-        Some(trailers) => Body::new(StreamBody::new(stream::iter([
-            Ok::<_, Infallible>(Frame::data(data)),
-            Ok(Frame::trailers(trailers)),
-        ]))),
-    }
-}
-
-fn rest_of_body<B>(prefix: Bytes, rest: Pin<Box<B>>) -> Body
-where
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let head = stream::once(future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
-    let tail = BodyStream::new(rest).map(|frame| frame.map_err(Into::into));
-    Body::new(StreamBody::new(head.chain(tail)))
-}
-
-fn broken_body(prefix: Bytes, error: BoxError) -> Body {
-    Body::new(StreamBody::new(stream::iter([
-        Ok(Frame::data(prefix)),
-        Err(error),
-    ])))
 }
 
 /// The stored response, byte for byte, marked as a replay.

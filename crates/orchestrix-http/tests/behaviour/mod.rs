@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use orchestrix::OnRunning;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, Record, StartOutcome, StartRequest, StoreError,
 };
 use orchestrix_http::{IdempotencyLayer, IdempotencyLayerBuilder};
 
-use crate::common::{BIG_RESPONSE, Http, Reply, app, chunked, full, serve, unique_key};
+use crate::common::{
+    BIG_RESPONSE, FIRST_CHUNK, Http, LAST_CHUNK, Reply, app, chunked, full, serve, unique_key,
+};
 
 /// Generates one `#[tokio::test]` per behaviour, each with a fresh store from `$make`
 /// (an async fn returning `Arc<dyn IdempotencyStore>`).
@@ -48,6 +51,10 @@ macro_rules! all_behaviours {
             a_client_that_hangs_up_during_admission_leaves_no_lock,
             a_request_rejected_before_the_handler_frees_the_key,
             content_type_is_part_of_the_request,
+            a_response_body_that_fails_is_never_run_again,
+            a_response_streams_to_the_client_as_it_arrives,
+            an_endless_response_is_cut_off_and_never_run_again,
+            a_slow_response_still_reaches_its_client_after_the_deadline,
         );
     };
     (@tests $make:path; $($name:ident),* $(,)?) => {
@@ -825,4 +832,120 @@ async fn notify_when_dropped(
     let response = next.run(request).await;
     guard.0 = None;
     response
+}
+
+pub async fn a_response_body_that_fails_is_never_run_again(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("broken");
+    let first = http
+        .try_request(http.post_request("/broken", &key, "{}"))
+        .await;
+    assert!(first.is_err(), "the client sees the body break: {first:?}");
+    let retry = answer_once_settled(&http, "/broken", &key, &[])
+        .await
+        .expect("the retry is answered by the layer");
+    let detail = retry.problem(StatusCode::CONFLICT);
+    assert!(
+        detail.contains("already processed (status 201)"),
+        "{detail}"
+    );
+    assert_eq!(probe.runs(), 1, "the handler never runs twice");
+}
+
+pub async fn a_response_streams_to_the_client_as_it_arrives(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("trickle");
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        http.open(http.post_request("/trickle", &key, "{}")),
+    )
+    .await
+    .expect("the head arrives while the body is still being written");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk arrives while the body is still being written")
+        .expect("a frame")
+        .expect("data");
+    assert_eq!(first.into_data().unwrap(), FIRST_CHUNK.as_bytes());
+    probe.open_gate();
+    let rest = body
+        .collect()
+        .await
+        .expect("the rest of the body")
+        .to_bytes();
+    assert_eq!(rest, LAST_CHUNK.as_bytes());
+
+    let replay = answer_once_settled(&http, "/trickle", &key, &[])
+        .await
+        .expect("replay");
+    assert!(replay.replayed());
+    assert_eq!(replay.body, format!("{FIRST_CHUNK}{LAST_CHUNK}").as_bytes());
+    assert_eq!(probe.runs(), 1);
+}
+
+/// How long the tests that need it let a response body take.
+const SHORT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(200);
+
+pub async fn an_endless_response_is_cut_off_and_never_run_again(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store).response_body_timeout(SHORT_RESPONSE_TIMEOUT)).await;
+    let key = unique_key("endless");
+    let hung_up = {
+        let (http, key) = (http.clone(), key.clone());
+        tokio::spawn(async move {
+            let _ = http
+                .try_request(http.post_request("/endless", &key, "{}"))
+                .await;
+        })
+    };
+    probe.wait_for_runs(1).await;
+    hung_up.abort();
+    // Whoever held the body (a collector, the connection) let go of it.
+    probe.wait_for_no_live_bodies(Duration::from_secs(10)).await;
+    let retry = answer_once_settled(&http, "/endless", &key, &[])
+        .await
+        .expect("the retry is answered by the layer");
+    let detail = retry.problem(StatusCode::CONFLICT);
+    assert!(
+        detail.contains("already processed (status 201)"),
+        "{detail}"
+    );
+    assert_eq!(probe.runs(), 1);
+}
+
+pub async fn a_slow_response_still_reaches_its_client_after_the_deadline(
+    store: Arc<dyn IdempotencyStore>,
+) {
+    let (http, probe) = start(layer(&store).response_body_timeout(SHORT_RESPONSE_TIMEOUT)).await;
+    let key = unique_key("slow-body");
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        http.open(http.post_request("/trickle", &key, "{}")),
+    )
+    .await
+    .expect("the head arrives");
+    let mut body = response.into_body();
+    tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk arrives")
+        .expect("a frame")
+        .expect("data");
+    // Past the deadline, the key is settled while this client is still reading.
+    let retry = answer_once_settled(&http, "/trickle", &key, &[])
+        .await
+        .expect("the retry is answered by the layer");
+    let detail = retry.problem(StatusCode::CONFLICT);
+    assert!(
+        detail.contains("already processed (status 201)"),
+        "{detail}"
+    );
+    probe.open_gate();
+    let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("the rest of the body arrives")
+        .expect("the body completes")
+        .to_bytes();
+    assert_eq!(rest, LAST_CHUNK.as_bytes());
+    assert_eq!(probe.runs(), 1);
 }
