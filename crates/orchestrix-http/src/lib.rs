@@ -65,6 +65,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod extensions;
 mod key;
 mod layer;
 mod problem;
@@ -78,6 +79,7 @@ pub use config::{
     DEFAULT_RESPONSE_BODY_TIMEOUT, DEFAULT_TTL, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
     MAX_KEY_CHARS,
 };
+pub use extensions::{LeaseLost, RequestKey};
 pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
 pub use orchestrix::OnRunning;
 pub use service::IdempotencyService;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::config::{Config, IDEMPOTENCY_REPLAYED};
+use crate::extensions::{LeaseLost, RequestKey};
 use crate::key::{client_key, store_key};
 use crate::problem::Problem;
 use crate::request::{fingerprint, read_body};
@@ -233,13 +234,14 @@ where
     Ok(response.map(Body::new))
 }
 
-/// Runs the handler as the key's owner, sends its response to `answer` as soon as its
+/// Runs the handler as the key's owner (with a [`LeaseLost`] and a [`RequestKey`] in its
+/// request's extensions), sends its response to `answer` as soon as its
 /// head is ready, keeps a copy of its body, and stores the outcome or frees the key.
 async fn run<S, ResBody>(
     config: &Config,
     mut inner: S,
     ownership: Ownership,
-    request: Request<Body>,
+    mut request: Request<Body>,
     answer: oneshot::Sender<Answer<S::Error>>,
 ) where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
@@ -249,6 +251,9 @@ async fn run<S, ResBody>(
     ResBody::Error: Into<BoxError>,
 {
     let lease_lost = CancellationToken::new();
+    let extensions = request.extensions_mut();
+    extensions.insert(LeaseLost::new(lease_lost.clone()));
+    extensions.insert(RequestKey::of_store_key(ownership.key()));
     let called = AssertUnwindSafe(ownership.hold(&lease_lost, inner.call(request)))
         .catch_unwind()
         .await;

@@ -55,6 +55,8 @@ macro_rules! all_behaviours {
             a_response_streams_to_the_client_as_it_arrives,
             an_endless_response_is_cut_off_and_never_run_again,
             a_slow_response_still_reaches_its_client_after_the_deadline,
+            a_handler_gets_a_request_key_stable_across_retries,
+            a_handler_learns_that_its_lease_was_lost,
         );
     };
     (@tests $make:path; $($name:ident),* $(,)?) => {
@@ -948,4 +950,61 @@ pub async fn a_slow_response_still_reaches_its_client_after_the_deadline(
         .to_bytes();
     assert_eq!(rest, LAST_CHUNK.as_bytes());
     assert_eq!(probe.runs(), 1);
+}
+
+pub async fn a_handler_gets_a_request_key_stable_across_retries(store: Arc<dyn IdempotencyStore>) {
+    let (http, probe) = start(layer(&store)).await;
+    let key = unique_key("request-key");
+    let key = Some(key.as_bytes());
+    let alice = &[("authorization", "Bearer alice")];
+    let failed = http.post_with("/keyed", key, alice, "{}").await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    let retried = http.post_with("/keyed", key, alice, "{}").await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert!(!retried.replayed(), "the 503 freed the key: the retry ran");
+    assert_eq!(retried.body, failed.body, "the same keys on the retry");
+
+    let text = String::from_utf8(retried.body.to_vec()).unwrap();
+    let (request_key, charge_key) = text.split_once(' ').unwrap();
+    assert_eq!(request_key.len(), 36, "a UUID: {request_key}");
+    assert_ne!(request_key, charge_key);
+    assert!(
+        !text.contains("request-key"),
+        "the client's key is not shown: {text}"
+    );
+
+    let bob = http
+        .post_with("/keyed", key, &[("authorization", "Bearer bob")], "{}")
+        .await;
+    assert_ne!(
+        bob.body, failed.body,
+        "another client's request has other keys"
+    );
+    assert_eq!(probe.runs(), 3);
+}
+
+pub async fn a_handler_learns_that_its_lease_was_lost(store: Arc<dyn IdempotencyStore>) {
+    let idempotency = layer(&store)
+        .lease(Duration::from_millis(60))
+        .build()
+        .expect("valid layer");
+    let (router, probe) = app(idempotency.clone());
+    let http = Http::new(serve(router).await);
+    let key = unique_key("lease");
+    let request = {
+        let (http, key) = (http.clone(), key.clone());
+        tokio::spawn(async move { http.post("/lease", Some(&key), "{}").await })
+    };
+    probe.wait_for_runs(1).await;
+    // An operator (or an expiry) takes the record away: the next renewal finds it gone.
+    store
+        .delete(&store_key_of(&idempotency, &key))
+        .await
+        .expect("store delete");
+    let reply = tokio::time::timeout(Duration::from_secs(20), request)
+        .await
+        .expect("the handler answered")
+        .expect("request task");
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body, "lease lost");
 }

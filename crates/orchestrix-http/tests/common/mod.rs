@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use http_body_util::combinators::BoxBody;
@@ -20,7 +20,7 @@ use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use orchestrix_http::IdempotencyLayer;
+use orchestrix_http::{IdempotencyLayer, LeaseLost, RequestKey};
 use tokio::sync::watch;
 
 /// Serves `router` on an ephemeral port of 127.0.0.1 until the test's runtime ends.
@@ -127,6 +127,10 @@ pub const BIG_RESPONSE: usize = 64 * 1024;
 /// - `POST /trickle`: 201 whose body sends [`FIRST_CHUNK`], then [`LAST_CHUNK`] once the
 ///   probe's gate opens;
 /// - `POST /endless`: 201 whose body sends [`FIRST_CHUNK`] and never ends;
+/// - `POST /keyed`: the handler's [`RequestKey`] and its `for_step("charge")` as the
+///   body, 503 on its first run and 201 afterwards;
+/// - `POST /lease`: waits (up to 10 s) for its [`LeaseLost`] to fire, then answers 200
+///   `lease lost`, or 500 if it never fired;
 /// - `GET /orders`: 200, never idempotent.
 pub fn app(layer: IdempotencyLayer) -> (Router, Arc<Probe>) {
     let probe = Arc::new(Probe {
@@ -233,8 +237,35 @@ pub fn app(layer: IdempotencyLayer) -> (Router, Arc<Probe>) {
             (StatusCode::CREATED, Body::from_stream(frames))
         }
     };
+    let p = Arc::clone(&probe);
+    let keyed = move |Extension(key): Extension<RequestKey>| {
+        let run = p.ran();
+        async move {
+            let status = if run == 1 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::CREATED
+            };
+            (status, format!("{key} {}", key.for_step("charge")))
+        }
+    };
+    let p = Arc::clone(&probe);
+    let lease = move |Extension(lease): Extension<LeaseLost>| {
+        p.ran();
+        async move {
+            match tokio::time::timeout(Duration::from_secs(10), lease.lost()).await {
+                Ok(()) => (StatusCode::OK, "lease lost"),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the lease was never lost",
+                ),
+            }
+        }
+    };
     let router = Router::new()
         .route("/orders", post(orders).get(list))
+        .route("/keyed", post(keyed))
+        .route("/lease", post(lease))
         .route("/json", post(json))
         .route("/declined", post(declined))
         .route("/broken", post(broken))
