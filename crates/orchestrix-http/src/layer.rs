@@ -23,8 +23,10 @@ pub struct IdempotencyLayer {
 }
 
 impl IdempotencyLayer {
-    /// The layer with every default: POST and PATCH, key required, responses kept 24 h,
-    /// 409 for a concurrent duplicate, 1 MiB body limit.
+    /// The layer with every default, which are the safe choices: POST and PATCH, key
+    /// required, keys scoped per client by their credentials (`Authorization`, else
+    /// `Cookie`), only 2xx and 3xx responses kept, for 24 h, 409 for a concurrent
+    /// duplicate, 1 MiB body limit, 30 s for a response body to be kept.
     pub fn new(store: Arc<dyn IdempotencyStore>) -> Self {
         Self {
             config: Arc::new(IdempotencyLayerBuilder::new(store).into_config()),
