@@ -119,7 +119,7 @@ impl fmt::Debug for Config {
             .field("response_body_timeout", &self.response_body_timeout)
             .field("stored_headers", &self.stored_headers)
             .field("key_prefix", &self.key_prefix)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
