@@ -332,6 +332,32 @@ pub async fn renewed_lease_stays_owned(store: &(impl IdempotencyStore + ?Sized))
     assert_eq!(record.token, token);
 }
 
+/// A renewed lease ends too: renewed with a short lease and then left alone, the key is
+/// taken over once that lease has lapsed, and the old owner is fenced. (A renew that wrote
+/// a far longer lease than asked — a unit slip such as seconds for milliseconds — would
+/// keep a crashed owner's key locked for hours after its last heartbeat.)
+pub async fn renewed_lease_lapses_after_its_renewed_length(
+    store: &(impl IdempotencyStore + ?Sized),
+) {
+    let key = unique_key("renew-lapses");
+    let short = StartRequest {
+        lease: SHORT,
+        ..request(&key, None)
+    };
+    let old = acquire(store, short).await;
+    let renewed = store.renew(&key, old, SHORT).await;
+    assert!(
+        renewed.is_ok(),
+        "renew by the owner must succeed: {renewed:?}"
+    );
+    tokio::time::sleep(PAST_SHORT).await;
+    let new = acquire(store, request(&key, None)).await;
+    assert_ne!(old, new);
+    assert_stale("the old owner's renew", store.renew(&key, old, SHORT).await);
+    let record = store.get(&key).await.ok().flatten();
+    assert_eq!(record.map(|r| r.token), Some(new));
+}
+
 /// A finished record is gone once its TTL lapses; the key is free again.
 pub async fn finished_record_expires_after_ttl(store: &(impl IdempotencyStore + ?Sized)) {
     let key = unique_key("ttl");
@@ -461,6 +487,7 @@ macro_rules! store_conformance_tests {
             delete_removes_any_record,
             expired_lease_is_taken_over_and_old_owner_fenced,
             renewed_lease_stays_owned,
+            renewed_lease_lapses_after_its_renewed_length,
             finished_record_expires_after_ttl,
             finished_record_without_ttl_is_kept,
             long_unicode_keys_work,
