@@ -13,6 +13,10 @@
 //!   compared with the same clock; expired rows count as absent in every statement, and
 //!   [`cleanup`](orchestrix::store::IdempotencyStore::cleanup) deletes them in batches of
 //!   1000.
+//! * **An acquire is reported only once it is committed.** `start` reads its row with
+//!   `fetch_all`, so the statement runs to its end and a commit that fails (a busy lock, a
+//!   full disk, a deferred constraint) is an error, never an acquire of a record that was
+//!   rolled back.
 //! * **Prepared once.** Each store builds its SQL once (the table name is configurable,
 //!   so the text is not static); sqlx prepares each statement once per connection.
 //!

@@ -22,6 +22,10 @@
 //! row. The statement is then simply run again (a new statement, a new snapshot that sees
 //! that row); this happens only under a race on the same key and is bounded.
 //!
+//! The statement is read to its end (`fetch_all`), through the implicit transaction's
+//! commit: a commit that fails after the row was sent (a deferred constraint, a full disk)
+//! is an error, never an acquire.
+//!
 //! # Clock
 //!
 //! Leases and TTLs are stored as `now() + interval` and compared with `now()`: the server
@@ -209,13 +213,18 @@ impl PgStore {
             .bind(req.fingerprint)
             .bind(micros(req.lease))
             .bind(req.rerun_failed)
-            .fetch_optional(&self.pool);
-        let row = match self.bounded(attempt).await {
-            Ok(row) => row,
+            // Every row, to the statement's end: the acquire counts only once the implicit
+            // transaction committed (a deferred constraint, a full disk or a lost
+            // connection can still fail it after the row was sent).
+            .fetch_all(&self.pool);
+        let rows = match self.bounded(attempt).await {
+            Ok(rows) => rows,
             Err(StoreError::Backend(e)) if is_serialization_failure(&*e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
         let acquired: bool = row.try_get("acquired").map_err(store_error)?;
         if acquired {
             Ok(Some(StartOutcome::Acquired(token)))

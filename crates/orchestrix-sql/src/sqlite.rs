@@ -18,6 +18,11 @@
 //! (SQLite's `RETURNING` reports only rows the statement touched, so the "leave it as it
 //! was" update is what lets one statement answer both ways.)
 //!
+//! Every statement that returns rows is read with `fetch_all`: sqlx stops stepping a
+//! statement once it has the rows it was asked for, and a statement left unfinished commits
+//! only when it is reset, where a failed commit is lost (and the write rolled back). So an
+//! acquire is reported only after its commit succeeded.
+//!
 //! Rewriting a row with identical values writes no page, but rewriting an *indexed*
 //! column always does — which would make every replay a commit with an `fsync`. So the
 //! expiry index is not on `expires_at` but on `sweep_at`, a column `start` never assigns:
@@ -322,15 +327,25 @@ impl IdempotencyStore for SqliteStore {
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
         let token = FencingToken::generate();
-        let row = sqlx::query(self.sql.start.clone())
+        // `fetch_all`, never `fetch_one`: sqlx stops stepping a statement after the row it
+        // was asked for, and a statement left unfinished commits only when it is reset,
+        // where a failed commit (busy lock, full disk, I/O error) is lost. The write is
+        // rolled back then, so the acquire must be reported only after the statement ran
+        // to completion.
+        let rows = sqlx::query(self.sql.start.clone())
             .bind(req.key)
             .bind(token.to_string())
             .bind(req.fingerprint)
             .bind(req.lease.as_secs_f64())
             .bind(req.rerun_failed)
-            .fetch_one(&self.writer)
+            .fetch_all(&self.writer)
             .await
             .map_err(store_error)?;
+        // An upsert always returns its row; without one nothing can be said of the key.
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::backend_msg("SQLite's start returned no row"))?;
         let acquired: bool = row.try_get("acquired").map_err(store_error)?;
         if acquired {
             Ok(StartOutcome::Acquired(token))

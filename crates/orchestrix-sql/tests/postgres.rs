@@ -326,3 +326,55 @@ async fn storm_child() {
         .expect("valid table name");
     child.run(Arc::new(store)).await;
 }
+
+/// Every wait in the tests below is bounded: a regression fails, it never hangs.
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
+}
+
+/// Runs `sql` (test setup) on the store's table.
+async fn run_sql(store: &PgStore, sql: String) {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await
+        .expect("test setup SQL");
+}
+
+/// A deferred constraint trigger fails the implicit transaction at its commit, after the
+/// statement returned its row. `start` must report that failure, never an acquire of a
+/// record that was not written.
+#[tokio::test]
+async fn start_whose_commit_fails_is_an_error_and_acquires_nothing() {
+    let store = fresh_store().await;
+    let t = store.table().to_owned();
+    run_sql(
+        &store,
+        format!(
+            "CREATE FUNCTION {t}_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"
+        ),
+    )
+    .await;
+    run_sql(
+        &store,
+        format!(
+            "CREATE CONSTRAINT TRIGGER {t}_at_commit AFTER INSERT OR UPDATE ON {t} \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+             WHEN (NEW.key LIKE 'doomed:%') EXECUTE FUNCTION {t}_refuse()"
+        ),
+    )
+    .await;
+    let key = format!("doomed:{}", unique_key("commit-fails"));
+    let started = bounded("start", store.start(request(&key, None))).await;
+    assert!(
+        matches!(started, Err(StoreError::Backend(_))),
+        "a start whose commit failed must be an error: {started:?}"
+    );
+    assert_eq!(bounded("get", store.get(&key)).await.ok(), Some(None));
+    drop_table(&store).await;
+    run_sql(&store, format!("DROP FUNCTION {t}_refuse()")).await;
+}

@@ -344,3 +344,51 @@ async fn storm_child() {
     let store = SqliteStore::open(&path).await.expect("open database file");
     child.run(Arc::new(store)).await;
 }
+
+/// Every wait in the tests below is bounded: a regression fails, it never hangs.
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
+}
+
+async fn acquire(store: &SqliteStore, key: &str) -> FencingToken {
+    match bounded("start", store.start(request(key, None))).await {
+        Ok(StartOutcome::Acquired(token)) => token,
+        other => panic!("a fresh key must be acquired: {other:?}"),
+    }
+}
+
+/// In rollback-journal mode a commit needs the file's EXCLUSIVE lock, which a reader's
+/// SHARED lock blocks: past the busy timeout the commit fails and the insert is rolled
+/// back. `start` must report that failure, never an acquire of a record that was not
+/// written.
+#[tokio::test]
+async fn start_whose_commit_fails_is_an_error_and_acquires_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("records.db");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Delete)
+        .busy_timeout(Duration::from_millis(100));
+    let store = SqliteStore::open_with(options).await.expect("open");
+    store.migrate().await.expect("migrate");
+    let raw = raw_pool(&path).await;
+    let mut reading = raw.begin().await.expect("begin a read transaction");
+    sqlx::query("SELECT count(*) FROM orchestrix_idempotency")
+        .fetch_one(&mut *reading)
+        .await
+        .expect("read, taking the SHARED lock");
+    let key = unique_key("commit-fails");
+    let started = bounded("start", store.start(request(&key, None))).await;
+    assert!(
+        matches!(started, Err(StoreError::Backend(_))),
+        "a start whose commit failed must be an error: {started:?}"
+    );
+    reading.rollback().await.expect("end the read transaction");
+    assert_eq!(bounded("get", store.get(&key)).await.ok(), Some(None));
+    acquire(&store, &key).await;
+}
