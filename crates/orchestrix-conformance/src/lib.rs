@@ -432,6 +432,37 @@ pub async fn cleanup_succeeds(store: &(impl IdempotencyStore + ?Sized)) {
     assert_eq!(store.get(&key).await.ok(), Some(None));
 }
 
+/// A `complete` retried after it was applied (its reply was lost, or an error was reported
+/// after the write) answers `Ok` and leaves the record as it was; a `fail` by the same
+/// token, or a `complete` with another result, is still `StaleToken`.
+///
+/// Not in [`store_conformance_tests!`]: the memory store answers a repeated `complete`
+/// with `StaleToken`, which is harmless in one process (no reply is ever lost). The remote
+/// stores call it from their own test files.
+pub async fn retried_finish_that_was_applied_is_ok(store: &(impl IdempotencyStore + ?Sized)) {
+    let key = unique_key("retried-finish");
+    let token = acquire(store, request(&key, Some("fp"))).await;
+    let result = b"receipt-42";
+    let first = store.complete(&key, token, result, Some(LONG)).await;
+    assert!(first.is_ok(), "complete failed: {first:?}");
+    let retried = store.complete(&key, token, result, Some(LONG)).await;
+    assert!(
+        retried.is_ok(),
+        "a retried complete must recognise its own applied write: {retried:?}"
+    );
+    assert_stale(
+        "complete with another result",
+        store.complete(&key, token, b"other", Some(LONG)).await,
+    );
+    assert_stale(
+        "fail after complete",
+        store.fail(&key, token, result, Some(LONG)).await,
+    );
+    let record = existing(store, request(&key, Some("fp"))).await;
+    assert_eq!(record.status, RecordStatus::Completed);
+    assert_eq!(record.result.as_deref(), Some(&result[..]));
+}
+
 /// A value under the key that is not a record written by this store is a typed decode
 /// error for both `get` and `start` — never a panic, never treated as free.
 ///
