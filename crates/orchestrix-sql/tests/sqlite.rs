@@ -392,3 +392,92 @@ async fn start_whose_commit_fails_is_an_error_and_acquires_nothing() {
     assert_eq!(bounded("get", store.get(&key)).await.ok(), Some(None));
     acquire(&store, &key).await;
 }
+
+/// `max_page_count` caps the database file as a full disk would: SQLite answers
+/// `SQLITE_FULL` to a write that needs more pages.
+#[tokio::test]
+async fn result_refused_for_a_full_database_finishes_the_record_without_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("records.db");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .pragma("max_page_count", "16");
+    let store = SqliteStore::open_with(options).await.expect("open");
+    store.migrate().await.expect("migrate");
+    let key = unique_key("full");
+    let token = acquire(&store, &key).await;
+    let result = vec![7u8; 256 * 1024];
+    let completed = bounded("complete", store.complete(&key, token, &result, None)).await;
+    assert!(
+        matches!(completed, Err(StoreError::ResultRefused { size, .. }) if size == result.len()),
+        "{completed:?}"
+    );
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record kept");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+    let again = bounded("start", store.start(request(&key, None))).await;
+    assert!(
+        matches!(&again, Ok(StartOutcome::Existing(r)) if r.status == RecordStatus::Completed),
+        "the operation must never run again: {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_finish_retried_after_it_was_applied_is_ok() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_at(&dir.path().join("records.db")).await;
+    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
+}
+
+#[tokio::test]
+async fn a_finish_without_result_that_finds_the_result_stored_is_ok() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_at(&dir.path().join("records.db")).await;
+    let small_limit = store.clone().with_max_result_bytes(4);
+    let key = unique_key("stored-already");
+    let token = acquire(&store, &key).await;
+    let result = b"receipt-42";
+    let stored = bounded("complete", store.complete(&key, token, result, None)).await;
+    stored.expect("complete");
+    let again = bounded("complete", small_limit.complete(&key, token, result, None)).await;
+    assert!(again.is_ok(), "{again:?}");
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.result.as_deref(), Some(&result[..]));
+}
+
+#[tokio::test]
+async fn a_finish_that_finds_the_record_finished_without_result_reports_it_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_at(&dir.path().join("records.db")).await;
+    let small_limit = store.clone().with_max_result_bytes(4);
+    let key = unique_key("without-already");
+    let token = acquire(&store, &key).await;
+    let result = b"receipt-42";
+    let first = bounded("complete", small_limit.complete(&key, token, result, None)).await;
+    assert!(
+        matches!(first, Err(StoreError::TooLarge { .. })),
+        "{first:?}"
+    );
+    let again = bounded("complete", store.complete(&key, token, result, None)).await;
+    assert!(
+        matches!(again, Err(StoreError::ResultRefused { size: 10, .. })),
+        "{again:?}"
+    );
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+}
