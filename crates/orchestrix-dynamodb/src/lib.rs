@@ -51,8 +51,9 @@
 //!   [`StoreError::Decode`](orchestrix::store::StoreError::Decode) or
 //!   `UnsupportedVersion`, for `get` and `start` alike; such an item is never taken over.
 //!   A result over DynamoDB's 400 KB item limit leaves the record finished without its
-//!   result and returns `TooLarge` (a second request only when DynamoDB alone can tell
-//!   the item is too large). Every request failure is `Backend`.
+//!   result and returns `TooLarge`, whose `limit` is the room the result had in that item,
+//!   fingerprint included (a second request only when DynamoDB alone can tell the item is
+//!   too large). Every request failure is `Backend`.
 //!
 //! # Record layout
 //!

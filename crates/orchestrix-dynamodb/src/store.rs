@@ -1,5 +1,6 @@
 //! The store: one DynamoDB request per operation.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
     TimeToLiveStatus,
 };
@@ -193,6 +194,10 @@ impl DynamoStore {
         )
     }
 
+    /// The conditional `UpdateItem` that finishes the owned record, with `result` or
+    /// without one. Without one, it answers the finished item as DynamoDB stored it
+    /// (`ReturnValues=ALL_NEW`: the item is small then), from which the room a result had
+    /// is computed.
     async fn write_finished(
         &self,
         key: &str,
@@ -200,7 +205,7 @@ impl DynamoStore {
         status: RecordStatus,
         result: Option<&[u8]>,
         ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
         let now = now_ms();
         // The result is set first: a server that applies an update piecemeal (moto) fails
         // on it before touching anything else.
@@ -227,10 +232,13 @@ impl DynamoStore {
             .expression_attribute_values(":running", running())
             .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        if let Some(result) = result {
-            request = request
-                .expression_attribute_names("#r", RESULT)
-                .expression_attribute_values(":result", AttributeValue::B(Blob::new(result)));
+        match result {
+            Some(result) => {
+                request = request
+                    .expression_attribute_names("#r", RESULT)
+                    .expression_attribute_values(":result", AttributeValue::B(Blob::new(result)));
+            }
+            None => request = request.return_values(ReturnValue::AllNew),
         }
         if let Some(ttl) = ttl {
             let expiry = self.expiry(now, ttl);
@@ -239,7 +247,7 @@ impl DynamoStore {
                 .expression_attribute_values(":ttl", number(expiry.ttl_secs));
         }
         let err = match request.send().await {
-            Ok(_) => return Ok(()),
+            Ok(output) => return Ok(output.attributes),
             Err(err) => err,
         };
         if let Some(UpdateItemError::ConditionalCheckFailedException(failed)) =
@@ -256,7 +264,7 @@ impl DynamoStore {
                     && found.record.result.as_deref() == result
             });
             return if applied {
-                Ok(())
+                Ok(failed.item().cloned())
             } else {
                 Err(StoreError::StaleToken)
             };
@@ -382,7 +390,9 @@ impl IdempotencyStore for DynamoStore {
     // A result that cannot fit by size alone is caught before sending, still in one
     // request. One that fits only by this estimate (the item's fingerprint is not known
     // here) is refused by DynamoDB, and then a second request stores the status: the
-    // only case where an operation takes two round trips.
+    // only case where an operation takes two round trips. Either way the request that
+    // stores the status answers the item as stored, and `TooLarge` quotes the room a
+    // result really had in it.
     async fn finish(
         &self,
         key: &str,
@@ -404,7 +414,7 @@ impl IdempotencyStore for DynamoStore {
                 .await
             {
                 Err(StoreError::TooLarge { .. }) => {}
-                stored => return stored,
+                stored => return stored.map(drop),
             }
         }
         tracing::warn!(
@@ -412,10 +422,12 @@ impl IdempotencyStore for DynamoStore {
             size = result.len(),
             "result too large for DynamoDB; record kept finished without it"
         );
-        self.write_finished(key, token, status, None, ttl).await?;
+        let finished = self.write_finished(key, token, status, None, ttl).await?;
+        // The room the result really had, fingerprint included, from the item as stored;
+        // the estimate above only when DynamoDB did not return it.
         Err(StoreError::TooLarge {
             size: result.len(),
-            limit: room,
+            limit: finished.map_or(room, |finished| item::room_for_result(&finished)),
         })
     }
 

@@ -379,3 +379,55 @@ async fn too_large_output_still_reaches_the_caller_and_never_runs_again() {
     let _ = flow.run(1, RunOptions::key(&key)).await;
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
 }
+
+/// `TooLarge` quotes the room the result really had: the item's own attributes, its
+/// fingerprint included, leave less than 400 KB. Here DynamoDB alone sees the item is too
+/// large (the fingerprint is not known to `fail`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_quotes_the_room_left_by_the_fingerprint_when_dynamodb_refuses() {
+    let store = common::store().await;
+    let key = unique_key("room-refused");
+    let fingerprint = "f".repeat(120 * 1024);
+    let token = acquire(&store, request(&key, Some(&fingerprint))).await;
+    let result = vec![1u8; 300 * 1024];
+    let failed = store.fail(&key, token, &result, None).await;
+    let Err(StoreError::TooLarge { limit, .. }) = failed else {
+        panic!("expected TooLarge, got {failed:?}");
+    };
+    assert!(
+        limit <= 400 * 1024 - fingerprint.len(),
+        "the quoted limit {limit} leaves out the {}-byte fingerprint",
+        fingerprint.len()
+    );
+    assert!(limit > 400 * 1024 - fingerprint.len() - 1024, "{limit}");
+}
+
+/// The same when the result cannot fit by its size alone and is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_quotes_the_room_left_by_the_fingerprint_when_never_sent() {
+    let store = common::store().await;
+    let key = unique_key("room-unsent");
+    let fingerprint = "f".repeat(120 * 1024);
+    let token = acquire(&store, request(&key, Some(&fingerprint))).await;
+    let result = vec![1u8; 450 * 1024];
+    let completed = store.complete(&key, token, &result, None).await;
+    let Err(StoreError::TooLarge { limit, .. }) = completed else {
+        panic!("expected TooLarge, got {completed:?}");
+    };
+    assert!(
+        limit <= 400 * 1024 - fingerprint.len(),
+        "the quoted limit {limit} leaves out the {}-byte fingerprint",
+        fingerprint.len()
+    );
+    let record = store.get(&key).await.expect("get").expect("record kept");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_retried_after_it_was_applied_is_ok() {
+    let store = common::store().await;
+    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
+}
