@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use orchestrix::store::{Record, RecordStatus, StoreError};
+use orchestrix::store::{FencingToken, Record, RecordStatus, StoreError};
 
 /// The schema version attribute.
 pub(crate) const VERSION: &str = "version";
@@ -27,6 +27,12 @@ pub(crate) const FIXED_ATTRIBUTES: [&str; 6] =
 
 /// DynamoDB's item size limit: attribute names plus values.
 pub(crate) const MAX_ITEM_BYTES: usize = 400 * 1024;
+
+/// The lease end a release writes: the epoch. A released record is a running record whose
+/// lease ended long ago, which every build (older ones included) reads as absent and
+/// `start` takes over, and which no lapsed lease can be mistaken for: so a release retried
+/// after its response was lost recognises its own tombstone by its token and this instant.
+pub(crate) const RELEASED_AT_MS: u64 = 0;
 
 /// Milliseconds since the Unix epoch on this machine's clock (0 for a clock set before it).
 pub(crate) fn now_ms() -> u64 {
@@ -138,6 +144,13 @@ impl StoredRecord {
     /// `cutoff_ms` (now minus the skew allowance), the same test the conditions make.
     pub(crate) fn is_live(&self, cutoff_ms: u64) -> bool {
         self.expires_at_ms.is_none_or(|at| at > cutoff_ms)
+    }
+
+    /// Whether this is the tombstone a release by `token` leaves (see [`RELEASED_AT_MS`]).
+    pub(crate) fn is_released_by(&self, token: FencingToken) -> bool {
+        self.record.token == token
+            && self.record.status == RecordStatus::Running
+            && self.expires_at_ms == Some(RELEASED_AT_MS)
     }
 }
 

@@ -23,8 +23,8 @@ use orchestrix::store::{
 };
 
 use crate::item::{
-    self, EXPIRES_AT_MS, FINGERPRINT, MAX_ITEM_BYTES, RESULT, STATUS, TOKEN, VERSION, millis,
-    now_ms, number,
+    self, EXPIRES_AT_MS, FINGERPRINT, MAX_ITEM_BYTES, RELEASED_AT_MS, RESULT, STATUS, TOKEN,
+    VERSION, millis, now_ms, number,
 };
 use crate::options::{DynamoOptions, OptionsError};
 
@@ -39,7 +39,8 @@ const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 ///
 /// Every operation is a single request: `start` a conditional `PutItem` that returns the
 /// record holding the key when its condition fails; `complete`, `fail`, `renew` a
-/// conditional `UpdateItem`; `release` a conditional `DeleteItem`; `get` a strongly
+/// conditional `UpdateItem`; `release` a conditional `UpdateItem` that leaves a tombstone
+/// (see the crate documentation); `get` a strongly
 /// consistent `GetItem`. See the [crate documentation](crate) for the record layout and
 /// the clock it relies on.
 ///
@@ -465,27 +466,51 @@ impl IdempotencyStore for DynamoStore {
         }
     }
 
+    // Not a delete: a tombstone, so that a retry can tell its own applied release from a
+    // lost lease (see `item::RELEASED_AT_MS`). Native TTL deletes it.
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        let now = now_ms();
+        let deletable = self.expiry(now, Duration::ZERO);
         let (key_name, key_value) = self.key_value(key);
         let released = self
             .client
-            .delete_item()
+            .update_item()
             .table_name(self.options.table())
             .key(key_name, key_value)
+            .update_expression("SET #e = :released, #ttl = :ttl")
             .condition_expression(OWNED)
             .expression_attribute_names("#s", STATUS)
             .expression_attribute_names("#t", TOKEN)
             .expression_attribute_names("#e", EXPIRES_AT_MS)
+            .expression_attribute_names("#ttl", self.options.ttl_attribute_name())
             .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
             .expression_attribute_values(":running", running())
-            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now_ms())))
+            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
+            .expression_attribute_values(":released", number(RELEASED_AT_MS))
+            .expression_attribute_values(":ttl", number(deletable.ttl_secs))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
-        match released {
-            Ok(_) => Ok(()),
-            Err(err) if is_conditional_check_failure(&err) => Err(StoreError::StaleToken),
-            Err(err) => Err(request_failed("DeleteItem", err)),
+        let err = match released {
+            Ok(_) => return Ok(()),
+            Err(err) => err,
+        };
+        if let Some(UpdateItemError::ConditionalCheckFailedException(failed)) =
+            err.as_service_error()
+        {
+            // Our own tombstone: an earlier attempt of this very request was applied and
+            // the SDK retried it (its response was lost).
+            let released = failed
+                .item()
+                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok())
+                .is_some_and(|found| found.is_released_by(token));
+            return if released {
+                Ok(())
+            } else {
+                Err(StoreError::StaleToken)
+            };
         }
+        Err(request_failed("UpdateItem", err))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -380,6 +380,53 @@ async fn too_large_output_still_reaches_the_caller_and_never_runs_again() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
 }
 
+/// The SDK retries a request whose response it lost; a retried `release` must recognise
+/// its own applied release instead of reporting a lost lease. The second call here is that
+/// retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_sent_twice_is_ok() {
+    let store = common::store().await;
+    let key = unique_key("release-twice");
+    let token = acquire(&store, request(&key, None)).await;
+    store.release(&key, token).await.expect("release");
+    let retried = store.release(&key, token).await;
+    assert!(retried.is_ok(), "a retried release must be Ok: {retried:?}");
+    assert_eq!(store.get(&key).await.expect("get"), None);
+    let again = acquire(&store, request(&key, None)).await;
+    assert_ne!(again, token);
+}
+
+/// After a release the key's item is what builds without release tombstones read as a
+/// running record whose lease ended at the epoch: absent to `get`, free to `start`, and
+/// deleted by native TTL. A release by another token is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_record_is_an_expired_lease_to_every_build() {
+    let store = common::store().await;
+    let key = unique_key("tombstone");
+    let token = acquire(&store, request(&key, None)).await;
+    store.release(&key, token).await.expect("release");
+    let raw = common::client()
+        .get_item()
+        .table_name(common::shared_table())
+        .key("key", s(&key))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("raw GetItem");
+    let item = raw.item().expect("the tombstone item");
+    assert_eq!(item.get("status"), Some(&s("running")));
+    assert_eq!(item.get("token"), Some(&s(&token.to_string())));
+    assert_eq!(item.get("expires_at_ms"), Some(&n(0)));
+    assert!(matches!(item.get("ttl"), Some(AttributeValue::N(_))));
+    let stale = store.release(&key, FencingToken::generate()).await;
+    assert!(matches!(stale, Err(StoreError::StaleToken)), "{stale:?}");
+    let renewed = store.renew(&key, token, Duration::from_secs(30)).await;
+    assert!(
+        matches!(renewed, Err(StoreError::StaleToken)),
+        "{renewed:?}"
+    );
+}
+
 /// `TooLarge` quotes the room the result really had: the item's own attributes, its
 /// fingerprint included, leave less than 400 KB. Here DynamoDB alone sees the item is too
 /// large (the fingerprint is not known to `fail`).
