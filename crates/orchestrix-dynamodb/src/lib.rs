@@ -57,12 +57,15 @@
 //! * **Retries are safe.** The SDK retries a request whose response was lost. A retried
 //!   `start`, `complete` / `fail` or `release` recognises its own applied write in the item
 //!   the refused retry returns (`ReturnValuesOnConditionCheckFailure=ALL_OLD`) and
-//!   succeeds. So `release` does not delete the item: it leaves a tombstone, the running
-//!   record with its lease ended at the epoch (`expires_at_ms = 0`) and the TTL attribute
-//!   set to now, which every read treats as absent, `start` takes over, and native TTL
-//!   deletes. Builds before the tombstone read it the same way (an expired lease), so
-//!   they can share the table; their own `release` still deletes, and a retry of it
-//!   answers `StaleToken`.
+//!   succeeds. A finish that finds the record finished by its token and status without a
+//!   result (an earlier attempt stored the status alone) answers `ResultRefused` and
+//!   rewrites nothing; the status-only write that finds the result stored answers `Ok`.
+//!   So that `release` can be recognised too, it does not delete the item: it leaves a
+//!   tombstone, the running record with its lease ended at the epoch (`expires_at_ms =
+//!   0`) and the TTL attribute set to now, which every read treats as absent, `start`
+//!   takes over, and native TTL deletes. Builds before the tombstone read it the same way
+//!   (an expired lease), so they can share the table; their own `release` still deletes,
+//!   and a retry of it answers `StaleToken`.
 //!
 //! # Record layout
 //!

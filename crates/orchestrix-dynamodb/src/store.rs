@@ -256,18 +256,21 @@ impl DynamoStore {
         {
             let found = failed
                 .item()
-                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok());
-            // Exactly what this write makes, under our token: an earlier attempt of this
-            // very request was applied and the SDK retried it (its response was lost).
-            let applied = found.is_some_and(|found| {
-                found.record.token == token
-                    && found.record.status == status
-                    && found.record.result.as_deref() == result
-            });
-            return if applied {
-                Ok(failed.item().cloned())
-            } else {
-                Err(StoreError::StaleToken)
+                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok())
+                .filter(|found| found.record.token == token && found.record.status == status);
+            // Finished by our token with this status: an earlier attempt of this finish
+            // was applied (the SDK retried it after losing its response, or the caller
+            // retried after an error). A finished record is never rewritten.
+            return match (found.map(|found| found.record.result), result) {
+                // Exactly what this write makes; or the result, where this write is the
+                // status-only fallback of a write of it.
+                (Some(Some(stored)), Some(sent)) if stored == sent => Ok(failed.item().cloned()),
+                (Some(Some(_)), None) | (Some(None), None) => Ok(failed.item().cloned()),
+                (Some(None), Some(sent)) => Err(StoreError::ResultRefused {
+                    size: sent.len(),
+                    source: Box::new(FinishedEarlierWithoutResult),
+                }),
+                _ => Err(StoreError::StaleToken),
             };
         }
         if is_item_too_large(&err) {
@@ -424,6 +427,13 @@ impl IdempotencyStore for DynamoStore {
             "result too large for DynamoDB; record kept finished without it"
         );
         let finished = self.write_finished(key, token, status, None, ttl).await?;
+        if finished
+            .as_ref()
+            .is_some_and(|item| item.contains_key(RESULT))
+        {
+            // An earlier write of the result was applied after all.
+            return Ok(());
+        }
         // The room the result really had, fingerprint included, from the item as stored;
         // the estimate above only when DynamoDB did not return it.
         Err(StoreError::TooLarge {
@@ -562,6 +572,12 @@ fn request_failed(
         source: Box::new(err),
     })
 }
+
+/// A finish with a result found the record already finished by the same owner, with the
+/// same status, without a result: an earlier attempt stored the status alone.
+#[derive(Debug, thiserror::Error)]
+#[error("an earlier attempt of this finish stored the record without its result")]
+struct FinishedEarlierWithoutResult;
 
 /// The server refused a conditional `PutItem` without returning the item in the way,
 /// which a DynamoDB honouring `ReturnValuesOnConditionCheckFailure` never does.

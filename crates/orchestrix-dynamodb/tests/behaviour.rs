@@ -478,3 +478,49 @@ async fn a_finish_retried_after_it_was_applied_is_ok() {
     let store = common::store().await;
     orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
 }
+
+/// The status-only write after a result DynamoDB refused, when the result was in fact
+/// stored by an earlier attempt (its response lost): it finds the caller's result and
+/// answers `Ok`. Shown with a result so large it is never sent, after a small one was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_without_result_that_finds_a_result_stored_is_ok() {
+    let store = common::store().await;
+    let key = unique_key("stored-already");
+    let token = acquire(&store, request(&key, None)).await;
+    store
+        .complete(&key, token, b"receipt-42", None)
+        .await
+        .expect("complete");
+    let again = store
+        .complete(&key, token, &vec![7u8; 450 * 1024], None)
+        .await;
+    assert!(again.is_ok(), "{again:?}");
+    let record = store.get(&key).await.expect("get").expect("record");
+    assert_eq!(record.result.as_deref(), Some(&b"receipt-42"[..]));
+}
+
+/// A finish with its result that finds the record already finished by the caller without
+/// one (an earlier attempt stored the status alone) rewrites nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_that_finds_the_record_finished_without_result_reports_it_refused() {
+    let store = common::store().await;
+    let key = unique_key("without-already");
+    let token = acquire(&store, request(&key, None)).await;
+    let first = store
+        .complete(&key, token, &vec![7u8; 450 * 1024], None)
+        .await;
+    assert!(
+        matches!(first, Err(StoreError::TooLarge { .. })),
+        "{first:?}"
+    );
+    let again = store.complete(&key, token, b"receipt-42", None).await;
+    assert!(
+        matches!(again, Err(StoreError::ResultRefused { size: 10, .. })),
+        "{again:?}"
+    );
+    let record = store.get(&key).await.expect("get").expect("record");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+}
