@@ -52,6 +52,16 @@ pub fn request<'a>(key: &'a str, fingerprint: Option<&'a str>) -> StartRequest<'
     }
 }
 
+/// How long a check that bounds its waits may take: a store that hangs fails the check by
+/// name instead of stalling the run.
+const CHECK_BOUND: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(check: &str, work: impl Future<Output = T>) -> T {
+    tokio::time::timeout(CHECK_BOUND, work)
+        .await
+        .unwrap_or_else(|_| panic!("{check} did not finish within {CHECK_BOUND:?}"))
+}
+
 async fn acquire(store: &(impl IdempotencyStore + ?Sized), req: StartRequest<'_>) -> FencingToken {
     match store.start(req).await {
         Ok(StartOutcome::Acquired(token)) => token,
@@ -339,23 +349,26 @@ pub async fn renewed_lease_stays_owned(store: &(impl IdempotencyStore + ?Sized))
 pub async fn renewed_lease_lapses_after_its_renewed_length(
     store: &(impl IdempotencyStore + ?Sized),
 ) {
-    let key = unique_key("renew-lapses");
-    let short = StartRequest {
-        lease: SHORT,
-        ..request(&key, None)
-    };
-    let old = acquire(store, short).await;
-    let renewed = store.renew(&key, old, SHORT).await;
-    assert!(
-        renewed.is_ok(),
-        "renew by the owner must succeed: {renewed:?}"
-    );
-    tokio::time::sleep(PAST_SHORT).await;
-    let new = acquire(store, request(&key, None)).await;
-    assert_ne!(old, new);
-    assert_stale("the old owner's renew", store.renew(&key, old, SHORT).await);
-    let record = store.get(&key).await.ok().flatten();
-    assert_eq!(record.map(|r| r.token), Some(new));
+    bounded("renewed_lease_lapses_after_its_renewed_length", async {
+        let key = unique_key("renew-lapses");
+        let short = StartRequest {
+            lease: SHORT,
+            ..request(&key, None)
+        };
+        let old = acquire(store, short).await;
+        let renewed = store.renew(&key, old, SHORT).await;
+        assert!(
+            renewed.is_ok(),
+            "renew by the owner must succeed: {renewed:?}"
+        );
+        tokio::time::sleep(PAST_SHORT).await;
+        let new = acquire(store, request(&key, None)).await;
+        assert_ne!(old, new);
+        assert_stale("the old owner's renew", store.renew(&key, old, SHORT).await);
+        let record = store.get(&key).await.ok().flatten();
+        assert_eq!(record.map(|r| r.token), Some(new));
+    })
+    .await;
 }
 
 /// A finished record is gone once its TTL lapses; the key is free again.
@@ -440,27 +453,30 @@ pub async fn cleanup_succeeds(store: &(impl IdempotencyStore + ?Sized)) {
 /// with `StaleToken`, which is harmless in one process (no reply is ever lost). The remote
 /// stores call it from their own test files.
 pub async fn retried_finish_that_was_applied_is_ok(store: &(impl IdempotencyStore + ?Sized)) {
-    let key = unique_key("retried-finish");
-    let token = acquire(store, request(&key, Some("fp"))).await;
-    let result = b"receipt-42";
-    let first = store.complete(&key, token, result, Some(LONG)).await;
-    assert!(first.is_ok(), "complete failed: {first:?}");
-    let retried = store.complete(&key, token, result, Some(LONG)).await;
-    assert!(
-        retried.is_ok(),
-        "a retried complete must recognise its own applied write: {retried:?}"
-    );
-    assert_stale(
-        "complete with another result",
-        store.complete(&key, token, b"other", Some(LONG)).await,
-    );
-    assert_stale(
-        "fail after complete",
-        store.fail(&key, token, result, Some(LONG)).await,
-    );
-    let record = existing(store, request(&key, Some("fp"))).await;
-    assert_eq!(record.status, RecordStatus::Completed);
-    assert_eq!(record.result.as_deref(), Some(&result[..]));
+    bounded("retried_finish_that_was_applied_is_ok", async {
+        let key = unique_key("retried-finish");
+        let token = acquire(store, request(&key, Some("fp"))).await;
+        let result = b"receipt-42";
+        let first = store.complete(&key, token, result, Some(LONG)).await;
+        assert!(first.is_ok(), "complete failed: {first:?}");
+        let retried = store.complete(&key, token, result, Some(LONG)).await;
+        assert!(
+            retried.is_ok(),
+            "a retried complete must recognise its own applied write: {retried:?}"
+        );
+        assert_stale(
+            "complete with another result",
+            store.complete(&key, token, b"other", Some(LONG)).await,
+        );
+        assert_stale(
+            "fail after complete",
+            store.fail(&key, token, result, Some(LONG)).await,
+        );
+        let record = existing(store, request(&key, Some("fp"))).await;
+        assert_eq!(record.status, RecordStatus::Completed);
+        assert_eq!(record.result.as_deref(), Some(&result[..]));
+    })
+    .await;
 }
 
 /// A value under the key that is not a record written by this store is a typed decode
