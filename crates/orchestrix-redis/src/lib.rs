@@ -62,6 +62,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod durable;
 mod record;
 mod scripts;
 
@@ -72,8 +73,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
-    StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus, StartOutcome,
+    StartRequest, StoreError,
 };
 use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisWrite, Script, ServerErrorKind, Value};
@@ -81,6 +82,7 @@ use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisWrite, Script, ServerErrorK
 pub use builder::{
     DEFAULT_KEY_PREFIX, DEFAULT_MAX_RESULT_SIZE, RedisStoreBuilder, RedisStoreError,
 };
+pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
 /// The `redis` crate this store is built on, so a [`redis::Client`] or
 /// [`redis::aio::ConnectionManager`] handed to [`RedisStoreBuilder`] has the matching version.
 pub use redis;
@@ -105,6 +107,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     key_prefix: Arc<str>,
     max_result_size: usize,
+    /// The largest a durable record may grow to.
+    max_journal_bytes: usize,
 }
 
 impl RedisStore {
@@ -198,6 +202,7 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("key_prefix", &self.key_prefix)
             .field("max_result_size", &self.max_result_size)
+            .field("max_journal_bytes", &self.max_journal_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -251,7 +256,8 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
-        let token = FencingToken::generate();
+        // Even: a plain run's token (a durable run's is odd, see `durable`).
+        let token = durable::plain_token();
         let running = record::encode(RecordStatus::Running, token, req.fingerprint, None)?;
         let existing = if req.rerun_failed {
             let script = &SCRIPTS.start_rerun;
@@ -301,6 +307,9 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
+        if let Some(finished) = self.finish_durable(key, token, status, result, ttl).await {
+            return finished;
+        }
         let script = match status {
             FinalStatus::Completed => &SCRIPTS.complete,
             FinalStatus::Failed => &SCRIPTS.fail,
@@ -335,19 +344,25 @@ impl IdempotencyStore for RedisStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        if let Some(renewed) = self.renew_durable(key, token, lease).await {
+            return renewed;
+        }
         self.fenced(&SCRIPTS.renew, key, token, Some(lease)).await
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        if let Some(released) = self.release_durable(key, token).await {
+            return released;
+        }
         self.fenced(&SCRIPTS.release, key, token, None).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        self.command(&["DEL"], key, 0, 0)?
-            .exec_async(&mut conn)
-            .await
-            .map_err(StoreError::backend)
+        self.delete_with_lease_entry(key).await
+    }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
     }
 }
 

@@ -149,6 +149,9 @@ pub(crate) fn decode(key: &str, value: &[u8]) -> Result<Record, StoreError> {
         return Err(UndecodableRecord::BadVersion(version).into());
     }
     Record::check_version(u32::from(version - b'0'))?;
+    if crate::durable::is_durable_value(value) {
+        return crate::durable::decode_record(key, value);
+    }
     if value.len() < FP_AT + 1 {
         return Err(UndecodableRecord::Truncated(value.len()).into());
     }

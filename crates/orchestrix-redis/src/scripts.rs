@@ -32,7 +32,11 @@ pub(crate) struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            start_rerun: Script::new(include_str!("lua/start_rerun.lua")),
+            start_rerun: Script::new(concat!(
+                include_str!("lua/durable_layout.lua"),
+                include_str!("lua/failed.lua"),
+                include_str!("lua/start_rerun.lua")
+            )),
             // The final status is part of the script rather than an argument, which would
             // cost Redis one more Lua string per call.
             complete: Script::new(concat!(
@@ -134,7 +138,7 @@ mod tests {
     fn the_scripts_check_this_builds_schema_version() {
         assert_eq!(SCHEMA_VERSION, 1, "update the '1' in the Lua scripts");
         assert!(include_str!("lua/finish.lua").contains("'1' .. status"));
-        assert!(include_str!("lua/start_rerun.lua").contains("~= '1f'"));
+        assert!(include_str!("lua/failed.lua").contains("~= '1f'"));
     }
 
     #[test]
