@@ -145,6 +145,11 @@ pub(crate) fn body(fingerprint: Option<&str>, input: &[u8]) -> Result<Vec<u8>, S
     Ok(body)
 }
 
+/// The length of a fresh record with `body` (see [`body`]) after its fixed fields.
+pub(crate) fn fresh_len(body: &[u8]) -> usize {
+    FP_LEN_AT + body.len()
+}
+
 /// The length field that frames an item of `len` bytes.
 ///
 /// # Errors

@@ -260,7 +260,7 @@ impl JournalStore for RedisStore {
         req: DurableStart<'_>,
     ) -> Result<DurableStartOutcome, StoreError> {
         let body = layout::body(req.fingerprint, req.input)?;
-        let size = layout::HEAD_LEN + body.len();
+        let size = layout::fresh_len(&body);
         if size > self.max_journal_bytes {
             return Err(StoreError::TooLarge {
                 size,

@@ -55,5 +55,10 @@ if h.status == 'R' and h.deadline <= ms15(now) and agree then
   retain_for(key, lease, ARGV[3])
   return {'resumed', value}
 end
-if h.status == 'F' and ARGV[5] == '1' and agree then return fresh() end
+if h.status == 'F' and ARGV[5] == '1' and agree then
+  -- Re-run from the start, unless the failure is not one this version wrote in full.
+  local value = redis.call('GET', key)
+  if not journal_ok(value, h) then return {'record', value} end
+  return fresh()
+end
 return existing(key, head, h, stored)
