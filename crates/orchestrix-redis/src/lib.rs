@@ -53,6 +53,14 @@
 //!   the key answers [`StoreError::StaleToken`] and writes nothing; `complete` or `fail`
 //!   of a running record that carries the caller's token but is otherwise not what this
 //!   store writes is [`StoreError::Decode`], and writes nothing either.
+//! * **Durable records keep their journal under the same key.** For durable flows the
+//!   store is a [`JournalStore`]: the lease deadline lives inside the value (compared
+//!   with Redis's `TIME`) and the key's expiry is the retention, so an abandoned run keeps
+//!   its journal; uppercase status letters keep the plain start and scripts from ever
+//!   taking one for theirs; the journal comes last, so an append is one fenced `APPEND`
+//!   whatever its length. [`abandoned`](JournalStore::abandoned) reads a sorted set of
+//!   lease hints kept beside the records (pipelined with each durable operation) and
+//!   verifies every candidate against its record. The README has the layout and costs.
 //! * **Fail closed, in bounded time.** Connections time out (1 s to connect, 2 s per reply
 //!   by default) and reconnect in the background; while Redis is unreachable every
 //!   operation is [`StoreError::Backend`], so no run executes without an acquired record.

@@ -18,6 +18,10 @@
 //!
 //! The key's own expiry is the lease (running) or the TTL (finished); no expiry means
 //! "keep until deleted".
+//!
+//! Durable runs' records share the version digit and the key but use uppercase status
+//! letters, keep their lease inside the value and their journal at the end: see
+//! `durable/layout.rs`. [`decode`] reads both.
 
 use orchestrix::store::{FencingToken, Record, RecordStatus, SCHEMA_VERSION, StoreError};
 
