@@ -32,9 +32,12 @@ use orchestrix::store::{
     DurableStart, DurableStartOutcome, FencingToken, FinalStatus, Journal, JournalStore, Redrive,
     StoreError,
 };
-use redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
-use crate::{RedisStore, U64_DIGITS, millis, native_error, push_joined, record};
+use crate::{
+    FinishedEarlierWithoutResult, NotFinished, RedisStore, U64_DIGITS, WITHOUT_RESULT_ATTEMPTS,
+    connection_lost, millis, native_error, push_joined, record, refused_result,
+};
 use index::Hint;
 pub(crate) use layout::{REDIS_MAX_VALUE, is_durable_value, plain_token};
 use scripts::{Reply, SCRIPTS};
@@ -62,6 +65,17 @@ impl RedisStore {
         cmd: Cmd,
         index: Option<Cmd>,
     ) -> Result<Reply, StoreError> {
+        let value = self.durable_query(script, cmd, index).await;
+        Reply::parse(value.map_err(StoreError::backend)?)
+    }
+
+    /// [`durable_eval`](Self::durable_eval), answering Redis's error as it is.
+    async fn durable_query(
+        &self,
+        script: &Script,
+        cmd: Cmd,
+        index: Option<Cmd>,
+    ) -> Result<Value, RedisError> {
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
         if let Some(index) = index {
@@ -79,17 +93,13 @@ impl RedisStore {
                 .unwrap_or(Value::Nil)
                 .extract_error()
         };
-        let value = match send(&mut conn).await {
+        match send(&mut conn).await {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script
-                    .load_async(&mut conn)
-                    .await
-                    .map_err(StoreError::backend)?;
+                script.load_async(&mut conn).await?;
                 send(&mut conn).await
             }
             value => value,
-        };
-        Reply::parse(value.map_err(StoreError::backend)?)
+        }
     }
 
     /// An owner's write: `script` fenced on `token`, with `args` after the fence.
@@ -121,6 +131,10 @@ impl RedisStore {
 
     /// `finish` of a durable run's record, or `None` when `token` is a plain run's (or the
     /// key holds a plain record that carries it): the caller sends the plain script.
+    ///
+    /// As for plain records, a result over the store's limit, or one Redis refuses, is
+    /// replaced by a finish without it, so the run never runs again; and a finish that
+    /// finds its own earlier write applied answers as that write did.
     pub(crate) async fn finish_durable(
         &self,
         key: &str,
@@ -132,33 +146,116 @@ impl RedisStore {
         if !layout::is_durable(token) {
             return None;
         }
-        let script = match status {
+        let scripts = match status {
             FinalStatus::Completed => &SCRIPTS.complete,
             FinalStatus::Failed => &SCRIPTS.fail,
         };
-        let fits = result.len() <= self.max_result_size;
-        let stored = if fits { result.len() } else { 0 };
-        let finished = async {
-            let mut cmd = self.fenced_cmd(script, key, token, 2, 1 + stored + U64_DIGITS)?;
-            if fits {
-                push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
-            } else {
-                cmd.arg(&[record::NO_RESULT][..]);
-            }
+        let size = result.len();
+        if size > self.max_result_size {
+            let too_large = StoreError::TooLarge {
+                size,
+                limit: self.max_result_size,
+            };
+            return self
+                .finish_durable_without_result(scripts, key, token, ttl, too_large)
+                .await;
+        }
+        let script = &scripts.with_result;
+        // The finished record's tail: the result behind its flag.
+        let tail = 1 + size;
+        let cmd = async {
+            let mut cmd = self.fenced_cmd(script, key, token, 2, tail + U64_DIGITS)?;
+            push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
             if let Some(ttl) = ttl {
                 cmd.arg(millis(ttl));
             }
-            self.durable_eval(script, cmd, Some(self.lease_done(key)))
+            Ok::<_, StoreError>(cmd)
+        };
+        let cmd = match cmd.await {
+            Ok(cmd) => cmd,
+            Err(err) => return Some(Err(err)),
+        };
+        let reply = match self
+            .durable_query(script, cmd, Some(self.lease_done(key)))
+            .await
+        {
+            Ok(value) => Reply::parse(value),
+            Err(err) if refused_result(&err, tail) => {
+                let refused = StoreError::ResultRefused {
+                    size,
+                    source: Box::new(err),
+                };
+                return self
+                    .finish_durable_without_result(scripts, key, token, ttl, refused)
+                    .await;
+            }
+            Err(err) => Err(StoreError::backend(err)),
+        };
+        Some(match reply {
+            Ok(Reply::Ok | Reply::AlreadyFinished) => Ok(()),
+            Ok(Reply::TooLarge(room)) => Err(StoreError::TooLarge { size, limit: room }),
+            Ok(Reply::AlreadyFinishedWithoutResult) => Err(StoreError::ResultRefused {
+                size,
+                source: Box::new(FinishedEarlierWithoutResult),
+            }),
+            Ok(Reply::Plain) => return None,
+            Ok(Reply::Stale) => {
+                self.restore_lease_entry(key).await;
+                Err(StoreError::StaleToken)
+            }
+            Ok(reply) => Err(reply.into_error()),
+            Err(err) => Err(err),
+        })
+    }
+
+    /// Finishes the owned durable record without its result, because `cause` (the result
+    /// is over the store's limit, or Redis refused it), and answers `cause` once it is
+    /// finished; `None` as for [`finish_durable`](Self::finish_durable).
+    ///
+    /// As the plain store's fallback: an `allow-oom` script (it appends one byte), repeated
+    /// when it finds the connection lost (Redis closes it after refusing an argument over
+    /// its length limit; a finish recognises its own earlier write, so a repeat is safe).
+    async fn finish_durable_without_result(
+        &self,
+        scripts: &scripts::Finish,
+        key: &str,
+        token: FencingToken,
+        ttl: Option<Duration>,
+        cause: StoreError,
+    ) -> Option<Result<(), StoreError>> {
+        let script = &scripts.without_result;
+        let mut attempt = 1;
+        let value = loop {
+            let cmd = self
+                .fenced_cmd(script, key, token, 1, U64_DIGITS)
+                .map(|mut cmd| {
+                    if let Some(ttl) = ttl {
+                        cmd.arg(millis(ttl));
+                    }
+                    cmd
+                });
+            let cmd = match cmd {
+                Ok(cmd) => cmd,
+                Err(err) => return Some(Err(err)),
+            };
+            match self
+                .durable_query(script, cmd, Some(self.lease_done(key)))
                 .await
+            {
+                Ok(value) => break value,
+                Err(err) if attempt < WITHOUT_RESULT_ATTEMPTS && connection_lost(&err) => {
+                    attempt += 1;
+                }
+                Err(err) => {
+                    let not_finished = NotFinished { cause, source: err };
+                    return Some(Err(StoreError::backend(not_finished)));
+                }
+            }
         };
-        let too_large = |limit| StoreError::TooLarge {
-            size: result.len(),
-            limit,
-        };
-        Some(match finished.await {
-            Ok(Reply::Ok) if fits => Ok(()),
-            Ok(Reply::Ok) => Err(too_large(self.max_result_size)),
-            Ok(Reply::TooLarge(room)) => Err(too_large(room)),
+        Some(match Reply::parse(value) {
+            Ok(Reply::Ok | Reply::AlreadyFinished | Reply::TooLarge(_)) => Err(cause),
+            // The refused write was applied after all (its reply was what got lost).
+            Ok(Reply::AlreadyFinishedWithResult) => Ok(()),
             Ok(Reply::Plain) => return None,
             Ok(Reply::Stale) => {
                 self.restore_lease_entry(key).await;

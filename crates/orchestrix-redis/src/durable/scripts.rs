@@ -5,6 +5,11 @@
 //! The owner's writes share one fence (`durable_fence.lua`): the header's first 34 bytes
 //! are the caller's `1R` and token, and its lease deadline is ahead of Redis's `TIME`.
 //! `append`, the one durable write per step, reads nothing but that header.
+//!
+//! Each finish comes in two forms, as the plain finishes do: with the result, and without
+//! it, flagged `allow-oom`, for a result over the store's limit and for the fallback after
+//! Redis refused the result. Both recognise a finish of the caller's already applied
+//! (`durable_finished.lua`), so a retry after a lost reply answers what happened.
 
 use std::sync::LazyLock;
 
@@ -22,10 +27,18 @@ pub(crate) struct Scripts {
     pub(crate) renew: Script,
     pub(crate) suspend: Script,
     pub(crate) release: Script,
-    pub(crate) complete: Script,
-    pub(crate) fail: Script,
+    pub(crate) complete: Finish,
+    pub(crate) fail: Finish,
     pub(crate) redrive: Script,
     pub(crate) index: Script,
+}
+
+/// The two forms of one final status's durable finish.
+pub(crate) struct Finish {
+    /// ARGV: the running prefix, '+' .. the result, the TTL (ms, optional).
+    pub(crate) with_result: Script,
+    /// ARGV: the running prefix, the TTL (ms, optional). Flagged `allow-oom`.
+    pub(crate) without_result: Script,
 }
 
 /// A script that decides on a whole header or journal: the layout's functions first.
@@ -35,12 +48,48 @@ macro_rules! with_layout {
     };
 }
 
-/// An owner's write: the fence first.
+/// An owner's write other than a finish: anything but its record is stale, then the fence.
 macro_rules! fenced {
     ($($part:expr),* $(,)?) => {
-        concat!(include_str!("../lua/durable_fence.lua"), $($part),*)
+        concat!(
+            include_str!("../lua/durable_stale.lua"),
+            include_str!("../lua/durable_fence.lua"),
+            $($part),*
+        )
     };
 }
+
+/// The text of a durable finish: `$shebang` the line flagging it (or nothing), `$status`
+/// the final status as a literal ('C' or 'F'), `$args` the line naming its arguments.
+macro_rules! finish_text {
+    ($shebang:literal, $status:literal, $args:literal) => {
+        concat!(
+            $shebang,
+            include_str!("../lua/durable_layout.lua"),
+            "local status = '",
+            $status,
+            "'\n",
+            $args,
+            include_str!("../lua/durable_finished.lua"),
+            include_str!("../lua/durable_fence.lua"),
+            include_str!("../lua/durable_finish.lua")
+        )
+    };
+}
+
+const COMPLETE: &str = finish_text!("", "C", "local tail, ttl = ARGV[2], ARGV[3]\n");
+const FAIL: &str = finish_text!("", "F", "local tail, ttl = ARGV[2], ARGV[3]\n");
+// A finish without the result may run while Redis is out of memory: it appends one byte.
+const COMPLETE_WITHOUT_RESULT: &str = finish_text!(
+    "#!lua flags=allow-oom\n",
+    "C",
+    "local tail, ttl = '-', ARGV[2]\n"
+);
+const FAIL_WITHOUT_RESULT: &str = finish_text!(
+    "#!lua flags=allow-oom\n",
+    "F",
+    "local tail, ttl = '-', ARGV[2]\n"
+);
 
 impl Scripts {
     fn new() -> Self {
@@ -54,16 +103,14 @@ impl Scripts {
             suspend: Script::new(fenced!(include_str!("../lua/durable_suspend.lua"))),
             release: Script::new(fenced!(include_str!("../lua/durable_release.lua"))),
             // The final status is a literal, as in the plain finish scripts.
-            complete: Script::new(with_layout!(
-                include_str!("../lua/durable_fence.lua"),
-                "local status = 'C'\n",
-                include_str!("../lua/durable_finish.lua"),
-            )),
-            fail: Script::new(with_layout!(
-                include_str!("../lua/durable_fence.lua"),
-                "local status = 'F'\n",
-                include_str!("../lua/durable_finish.lua"),
-            )),
+            complete: Finish {
+                with_result: Script::new(COMPLETE),
+                without_result: Script::new(COMPLETE_WITHOUT_RESULT),
+            },
+            fail: Finish {
+                with_result: Script::new(FAIL),
+                without_result: Script::new(FAIL_WITHOUT_RESULT),
+            },
             redrive: Script::new(with_layout!(include_str!("../lua/durable_redrive.lua"))),
             index: Script::new(include_str!("../lua/durable_index.lua")),
         }
@@ -82,6 +129,15 @@ pub(crate) enum Reply {
     Plain,
     /// The caller's running record has a header this version does not write.
     Garbled,
+    /// A finish found the record already finished by the caller, with this status, exactly
+    /// as this write would make it: an earlier attempt was applied.
+    AlreadyFinished,
+    /// A finish without a result found the record already finished by the caller, with
+    /// this status, with a result: an earlier write of the result was applied.
+    AlreadyFinishedWithResult,
+    /// A finish carrying a result found the record already finished by the caller, with
+    /// this status, without a result: nothing was written.
+    AlreadyFinishedWithoutResult,
     /// `start_durable` acquired the key with a fresh journal.
     Acquired,
     /// `start_durable` took an abandoned run over: the record as it was.
@@ -112,6 +168,9 @@ impl Reply {
             Value::Int(0) => return Ok(Self::Stale),
             Value::Int(2) => return Ok(Self::Plain),
             Value::Int(-1) => return Ok(Self::Garbled),
+            Value::Int(3) => return Ok(Self::AlreadyFinished),
+            Value::Int(4) => return Ok(Self::AlreadyFinishedWithResult),
+            Value::Int(5) => return Ok(Self::AlreadyFinishedWithoutResult),
             Value::Array(items) => items,
             other => return Err(unexpected(&other)),
         };
@@ -193,6 +252,31 @@ mod tests {
         assert!(matches!(Reply::parse(Value::Int(0)), Ok(Reply::Stale)));
         assert!(matches!(Reply::parse(Value::Int(2)), Ok(Reply::Plain)));
         assert!(matches!(Reply::parse(Value::Int(-1)), Ok(Reply::Garbled)));
+        assert!(matches!(
+            Reply::parse(Value::Int(3)),
+            Ok(Reply::AlreadyFinished)
+        ));
+        assert!(matches!(
+            Reply::parse(Value::Int(4)),
+            Ok(Reply::AlreadyFinishedWithResult)
+        ));
+        assert!(matches!(
+            Reply::parse(Value::Int(5)),
+            Ok(Reply::AlreadyFinishedWithoutResult)
+        ));
+    }
+
+    /// A shebang counts only on a script's first line.
+    #[test]
+    fn only_the_finishes_without_result_may_run_out_of_memory() {
+        for text in [COMPLETE_WITHOUT_RESULT, FAIL_WITHOUT_RESULT] {
+            assert!(text.starts_with("#!lua flags=allow-oom\n"));
+            assert_eq!(text.matches("#!").count(), 1);
+        }
+        for text in [COMPLETE, FAIL] {
+            assert!(!text.contains("#!"));
+            assert!(text.contains("local tail, ttl = ARGV[2], ARGV[3]\n"));
+        }
     }
 
     #[test]
@@ -221,7 +305,7 @@ mod tests {
     #[test]
     fn any_other_reply_is_a_backend_error() {
         let replies = [
-            Value::Int(3),
+            Value::Int(6),
             Value::Nil,
             Value::Okay,
             Value::Array(vec![]),

@@ -1,23 +1,27 @@
--- complete / fail (after durable_layout.lua, durable_fence.lua and a line setting
--- `status` to 'C' or 'F'): ARGV[2] the tail, '+' .. result or '-' without one; ARGV[3] the
--- TTL (ms), absent to keep the record until deleted.
+-- complete / fail (after durable_layout.lua, the line setting `status` ('C' or 'F'), `tail`
+-- ('+' .. result, or '-' without one) and `ttl` (ms; nil to keep the record until
+-- deleted), durable_finished.lua and durable_fence.lua).
 --
--- The journal stays where it is: the status and the tail's offset are rewritten in the
--- header, and the tail appended after the last entry. A record whose header this version
--- did not write is refused (-1), never finished into something nobody can read. A result
--- that would take the record past Redis's limit for one value (512 MiB) is left out, the
--- record finished without it: {'toolarge', <room there was>}.
+-- The journal stays where it is: the tail is appended after the last entry, then the
+-- status and the tail's offset are rewritten in the header. APPEND comes first: it is the
+-- one write that can be refused (memory, Redis's value limit), and a script stopped by a
+-- refused write has then written nothing. A record whose header this version did not
+-- write is refused (-1), never finished into something nobody can read. A result that
+-- would take the record past Redis's limit for one value (512 MiB) is left out, the record
+-- finished without it: {'toolarge', <room there was>}.
 local h = durable_head(head)
 if not h then return -1 end
 local len = redis.call('STRLEN', key)
-local tail = ARGV[2]
-local room = 536870912 - len - 1
+local room = MAX_VALUE - len - 1
 local fits = #tail - 1 <= room
-if not fits then tail = '-' end
+if fits then
+  redis.call('APPEND', key, tail)
+else
+  redis.call('APPEND', key, '-')
+end
 redis.call('SETRANGE', key, 1, status .. string.sub(head, 3, 64) .. string.format('%08x', len))
-redis.call('APPEND', key, tail)
-if ARGV[3] then
-  redis.call('PEXPIRE', key, ARGV[3])
+if ttl then
+  redis.call('PEXPIRE', key, ttl)
 else
   redis.call('PERSIST', key)
 end

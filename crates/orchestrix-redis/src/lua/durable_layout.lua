@@ -9,6 +9,8 @@
 local HEAD_LEN = 76
 local NO_RETAIN = '---------------'
 local NO_TAIL = '--------'
+-- Redis's limit for one string value (proto-max-bulk-len's default, 512 MiB).
+local MAX_VALUE = 536870912
 
 -- Redis's clock, in ms, and as the 15-digit field a deadline is written in. Fixed-width
 -- digits compare as numbers do, so deadlines are compared as strings.
