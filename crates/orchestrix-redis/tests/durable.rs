@@ -481,45 +481,6 @@ async fn a_stale_finish_does_not_hide_the_run_that_took_over() {
     assert_eq!(store.abandoned(&prefix, None, 10).await.unwrap(), vec![key]);
 }
 
-/// Redis forgets its scripts on a restart, a failover or `SCRIPT FLUSH`; every durable
-/// operation loads its script again and succeeds.
-#[tokio::test]
-async fn durable_operations_work_after_the_server_forgets_its_scripts() {
-    let store = common::store("durable-noscript").await;
-    let mut raw = common::raw().await;
-    let mut flush = async || {
-        let _: () = redis::cmd("SCRIPT")
-            .arg("FLUSH")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-    };
-    let prefix = unique_key("noscript");
-    let key = format!("{prefix}:a");
-    flush().await;
-    let (token, _) = acquire(&store, durable(&key, None, b"in")).await;
-    flush().await;
-    store.append(&key, token, b"e").await.unwrap();
-    flush().await;
-    store.renew(&key, token, LONG).await.unwrap();
-    flush().await;
-    store.suspend(&key, token).await.unwrap();
-    flush().await;
-    assert_eq!(
-        store.abandoned(&prefix, None, 10).await.unwrap(),
-        vec![key.clone()]
-    );
-    let (token, _) = acquire(&store, durable(&key, None, b"in")).await;
-    flush().await;
-    store.fail(&key, token, b"boom", None).await.unwrap();
-    flush().await;
-    let Ok(Redrive::Acquired { token, .. }) = store.redrive(&key, LONG, None).await else {
-        panic!("the failure must be redriven");
-    };
-    flush().await;
-    store.release(&key, token).await.unwrap();
-}
-
 /// A user limited to the store's prefix can run durable flows: the index's key is under it.
 #[tokio::test]
 async fn a_user_limited_to_the_prefix_can_run_durable_flows() {

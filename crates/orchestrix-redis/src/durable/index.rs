@@ -40,8 +40,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use orchestrix::store::{RecordStatus, StoreError};
 use redis::{Cmd, Value};
 
-use super::layout;
 use super::scripts::SCRIPTS;
+use super::{NOSCRIPT_ATTEMPTS, is_noscript, layout};
 use crate::{RedisStore, millis, push_joined};
 
 /// What follows the store's key prefix in the index's key.
@@ -180,19 +180,19 @@ impl RedisStore {
             };
         }
         let mut conn = self.conn.clone();
-        let fixed = match cmd.query_async::<Value>(&mut conn).await {
-            Err(err)
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                script
-                    .load_async(&mut conn)
-                    .await
-                    .map_err(StoreError::backend)?;
-                cmd.query_async(&mut conn).await
+        let mut attempt = 1;
+        loop {
+            match cmd.query_async::<Value>(&mut conn).await {
+                Err(err) if is_noscript(&err) && attempt < NOSCRIPT_ATTEMPTS => {
+                    script
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(StoreError::backend)?;
+                    attempt += 1;
+                }
+                fixed => return fixed.map(drop).map_err(StoreError::backend),
             }
-            fixed => fixed,
-        };
-        fixed.map(drop).map_err(StoreError::backend)
+        }
     }
 }
 

@@ -47,6 +47,15 @@ use scripts::{Reply, SCRIPTS};
 /// sets another: 64 MiB.
 pub const DEFAULT_MAX_JOURNAL_BYTES: usize = 64 * 1024 * 1024;
 
+/// How often a durable script is sent when Redis answers that it does not know it.
+const NOSCRIPT_ATTEMPTS: u32 = 3;
+
+/// Whether Redis answered that it does not know the script (restart, failover,
+/// `SCRIPT FLUSH`).
+fn is_noscript(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
 /// The record under `key` when it is a durable one.
 pub(crate) fn decode_record(
     key: &str,
@@ -58,7 +67,8 @@ pub(crate) fn decode_record(
 impl RedisStore {
     /// Runs `cmd` (an `EVALSHA` of `script`), with `index` in the same round trip when
     /// given. A server that lost its scripts answers `NOSCRIPT`: the script is loaded and
-    /// the round trip sent again (its index command is idempotent).
+    /// the round trip sent again (its index command is idempotent), a few times, since
+    /// scripts flushed again between the load and the resend answer `NOSCRIPT` once more.
     async fn durable_eval(
         &self,
         script: &Script,
@@ -93,12 +103,15 @@ impl RedisStore {
                 .unwrap_or(Value::Nil)
                 .extract_error()
         };
-        match send(&mut conn).await {
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script.load_async(&mut conn).await?;
-                send(&mut conn).await
+        let mut attempt = 1;
+        loop {
+            match send(&mut conn).await {
+                Err(err) if is_noscript(&err) && attempt < NOSCRIPT_ATTEMPTS => {
+                    script.load_async(&mut conn).await?;
+                    attempt += 1;
+                }
+                value => return value,
             }
-            value => value,
         }
     }
 
