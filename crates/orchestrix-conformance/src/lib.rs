@@ -536,6 +536,7 @@ macro_rules! store_conformance_tests {
             expired_lease_is_taken_over_and_old_owner_fenced,
             renewed_lease_stays_owned,
             renewed_lease_lapses_after_its_renewed_length,
+            retried_finish_that_was_applied_is_ok,
             finished_record_expires_after_ttl,
             finished_record_without_ttl_is_kept,
             long_unicode_keys_work,

@@ -473,12 +473,6 @@ async fn too_large_quotes_the_room_left_by_the_fingerprint_when_never_sent() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_finish_retried_after_it_was_applied_is_ok() {
-    let store = common::store().await;
-    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
-}
-
 /// The status-only write after a result DynamoDB refused, when the result was in fact
 /// stored by an earlier attempt (its response lost): it finds the caller's result and
 /// answers `Ok`. Shown with a result so large it is never sent, after a small one was.

@@ -461,13 +461,6 @@ async fn result_refused_for_a_full_disk_finishes_the_record_without_it() {
 }
 
 #[tokio::test]
-async fn a_finish_retried_after_it_was_applied_is_ok() {
-    let store = fresh_store().await;
-    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
-    drop_table(&store).await;
-}
-
-#[tokio::test]
 async fn a_finish_without_result_that_finds_the_result_stored_is_ok() {
     let store = fresh_store().await;
     let small_limit = store.clone().with_max_result_bytes(4);

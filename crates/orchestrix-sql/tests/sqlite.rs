@@ -429,13 +429,6 @@ async fn result_refused_for_a_full_database_finishes_the_record_without_it() {
 }
 
 #[tokio::test]
-async fn a_finish_retried_after_it_was_applied_is_ok() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = store_at(&dir.path().join("records.db")).await;
-    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
-}
-
-#[tokio::test]
 async fn a_finish_without_result_that_finds_the_result_stored_is_ok() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = store_at(&dir.path().join("records.db")).await;
