@@ -75,6 +75,14 @@
 //!   never rewritten). A different status or result is `StaleToken`. `release` is not
 //!   recognised that way: once the key is deleted nothing shows who deleted it, so a
 //!   `release` retried after its reply was lost answers `StaleToken` (the key is free).
+//! * **Durable records keep their journal under the same key.** For durable flows the
+//!   store is a [`JournalStore`]: the lease deadline lives inside the value (compared
+//!   with Redis's `TIME`) and the key's expiry is the retention, so an abandoned run keeps
+//!   its journal; uppercase status letters keep the plain start and scripts from ever
+//!   taking one for theirs; the journal comes last, so an append is one fenced `APPEND`
+//!   whatever its length. [`abandoned`](JournalStore::abandoned) reads a sorted set of
+//!   lease hints kept beside the records (pipelined with each durable operation) and
+//!   verifies every candidate against its record. The README has the layout and costs.
 //! * **Fail closed, in bounded time.** Connections time out (1 s to connect, 2 s per reply
 //!   by default) and reconnect in the background; while Redis is unreachable every
 //!   operation is [`StoreError::Backend`], so no run executes without an acquired record.
@@ -84,6 +92,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod durable;
 mod record;
 mod scripts;
 
@@ -94,8 +103,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
-    StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus, StartOutcome,
+    StartRequest, StoreError,
 };
 use redis::aio::ConnectionManager;
 use redis::{
@@ -105,6 +114,7 @@ use redis::{
 pub use builder::{
     DEFAULT_KEY_PREFIX, DEFAULT_MAX_RESULT_SIZE, RedisStoreBuilder, RedisStoreError,
 };
+pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
 /// The `redis` crate this store is built on, so a [`redis::Client`] or
 /// [`redis::aio::ConnectionManager`] handed to [`RedisStoreBuilder`] has the matching version.
 pub use redis;
@@ -129,6 +139,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     key_prefix: Arc<str>,
     max_result_size: usize,
+    /// The largest a durable record may grow to.
+    max_journal_bytes: usize,
 }
 
 impl RedisStore {
@@ -265,6 +277,7 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("key_prefix", &self.key_prefix)
             .field("max_result_size", &self.max_result_size)
+            .field("max_journal_bytes", &self.max_journal_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -372,7 +385,8 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
-        let token = FencingToken::generate();
+        // Even: a plain run's token (a durable run's is odd, see `durable`).
+        let token = durable::plain_token();
         let running = record::encode(RecordStatus::Running, token, req.fingerprint, None)?;
         let existing = if req.rerun_failed {
             let script = &SCRIPTS.start_rerun;
@@ -423,6 +437,9 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
+        if let Some(finished) = self.finish_durable(key, token, status, result, ttl).await {
+            return finished;
+        }
         let scripts = match status {
             FinalStatus::Completed => &SCRIPTS.complete,
             FinalStatus::Failed => &SCRIPTS.fail,
@@ -478,19 +495,25 @@ impl IdempotencyStore for RedisStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        if let Some(renewed) = self.renew_durable(key, token, lease).await {
+            return renewed;
+        }
         self.fenced(&SCRIPTS.renew, key, token, Some(lease)).await
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        if let Some(released) = self.release_durable(key, token).await {
+            return released;
+        }
         self.fenced(&SCRIPTS.release, key, token, None).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        self.command(&["DEL"], key, 0, 0)?
-            .exec_async(&mut conn)
-            .await
-            .map_err(StoreError::backend)
+        self.delete_with_lease_entry(key).await
+    }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
     }
 }
 

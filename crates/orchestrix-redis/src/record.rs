@@ -18,6 +18,10 @@
 //!
 //! The key's own expiry is the lease (running) or the TTL (finished); no expiry means
 //! "keep until deleted".
+//!
+//! Durable runs' records share the version digit and the key but use uppercase status
+//! letters, keep their lease inside the value and their journal at the end: see
+//! `durable/layout.rs`. [`decode`] reads both.
 
 use orchestrix::store::{FencingToken, Record, RecordStatus, SCHEMA_VERSION, StoreError};
 
@@ -152,6 +156,9 @@ pub(crate) fn decode(key: &str, value: &[u8]) -> Result<Record, StoreError> {
         return Err(UndecodableRecord::BadVersion(version).into());
     }
     Record::check_version(u32::from(version - b'0'))?;
+    if crate::durable::is_durable_value(value) {
+        return crate::durable::decode_record(key, value);
+    }
     if value.len() < FP_AT + 1 {
         return Err(UndecodableRecord::Truncated(value.len()).into());
     }

@@ -84,7 +84,11 @@ const FAIL_WITHOUT_RESULT: &str = finish_text!(
 impl Scripts {
     fn new() -> Self {
         Self {
-            start_rerun: Script::new(include_str!("lua/start_rerun.lua")),
+            start_rerun: Script::new(concat!(
+                include_str!("lua/durable_layout.lua"),
+                include_str!("lua/failed.lua"),
+                include_str!("lua/start_rerun.lua")
+            )),
             complete: Finish {
                 with_result: Script::new(COMPLETE),
                 without_result: Script::new(COMPLETE_WITHOUT_RESULT),
@@ -196,7 +200,7 @@ mod tests {
     fn the_scripts_check_this_builds_schema_version() {
         assert_eq!(SCHEMA_VERSION, 1, "update the '1' in the Lua scripts");
         assert!(include_str!("lua/finish.lua").contains("'1' .. status"));
-        assert!(include_str!("lua/start_rerun.lua").contains("~= '1f'"));
+        assert!(include_str!("lua/failed.lua").contains("~= '1f'"));
     }
 
     #[test]
