@@ -30,6 +30,8 @@
 //!   expires it, and `release` or `delete` remove it.
 //! * **Bounded.** An append that would make the record larger than the store can hold is
 //!   [`StoreError::TooLarge`] and appends nothing: a journal is never truncated silently.
+//!   What counts against the limit is the store's to say (the memory store counts input
+//!   and entries; a remote store may count its whole record) and each store documents it.
 //!
 //! The other operations of [`IdempotencyStore`](super::IdempotencyStore) apply to durable
 //! records as to any: `get` reads one (an abandoned one reads as running), `finish` and
@@ -281,7 +283,9 @@ pub enum Redrive {
 /// A store that keeps step journals for durable flows. See the [module docs](self) for the
 /// guarantees and a complete example.
 ///
-/// Every operation is one round trip for remote stores.
+/// Every operation but [`abandoned`](Self::abandoned) is one round trip for remote stores
+/// (a store may take a second for a takeover, and must say so); `abandoned` takes a
+/// bounded number of round trips per page, whatever the number of records.
 #[async_trait]
 pub trait JournalStore: Send + Sync {
     /// Atomically acquires the key for a durable run, or reports the record holding it.
@@ -289,7 +293,7 @@ pub trait JournalStore: Send + Sync {
     /// | the key holds | outcome |
     /// | --- | --- |
     /// | nothing, an expired record, or a failure [`DurableStart::may_take_over`] allows | `Acquired`, fresh journal holding `req.input` (`resumed: None`) |
-    /// | a durable running record whose lease lapsed, fingerprints agreeing | `Acquired` with a new token and lease, the journal kept and returned (`resumed: Some`) |
+    /// | a durable running record whose lease lapsed, fingerprints agreeing | `Acquired` with a new token and lease, the journal and the stored fingerprint (which describes the journal's input) kept, the journal returned (`resumed: Some`) |
     /// | a non-durable running record whose lease lapsed | `Acquired`, fresh journal |
     /// | anything else (running under a live lease, finished, abandoned with a disagreeing fingerprint) | `Existing` |
     ///

@@ -158,6 +158,7 @@ impl Durables {
         &mut self,
         key: &str,
         req: &DurableStart<'_>,
+        fingerprint: Option<Box<str>>,
         journal: Journal,
         now: Tick,
     ) -> FencingToken {
@@ -169,7 +170,7 @@ impl Durables {
             Durable {
                 status: RecordStatus::Running,
                 token,
-                fingerprint: req.fingerprint.map(Box::from),
+                fingerprint,
                 result: None,
                 lease_until: now,
                 expires_at: NEVER,
@@ -329,11 +330,16 @@ impl JournalStore for MemoryStore {
                     ));
                 }
             }
+            // A takeover keeps the stored fingerprint: it describes the journal's input.
+            let fingerprint = match (&resumed, durables.map.get(req.key)) {
+                (Some(_), Some(held)) => held.fingerprint.clone(),
+                _ => req.fingerprint.map(Box::from),
+            };
             let journal = resumed.clone().unwrap_or_else(|| Journal {
                 input: req.input.to_vec(),
                 entries: Vec::new(),
             });
-            let token = durables.insert_running(req.key, &req, journal, now);
+            let token = durables.insert_running(req.key, &req, fingerprint, journal, now);
             Ok(DurableStartOutcome::Acquired { token, resumed })
         })
     }
