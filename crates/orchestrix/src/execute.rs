@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,7 @@ use crate::durable::entry::Entry;
 use crate::durable::journaling::Journaling;
 use crate::hooks::{Event, Hooks};
 use crate::result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
-use crate::step::{Step, StepError, panic_message};
+use crate::step::{ErrorKind, Step, StepError, panic_message};
 
 /// Builds the output from the context once every step completed.
 pub(crate) type OutputFn<I, O> = Box<dyn Fn(&Context<I>) -> Result<O, StepError> + Send + Sync>;
@@ -219,7 +218,15 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 step: &self.step_names[i],
                 attempts: restored.attempts,
             });
-            tracing::info!(step = %self.step_names[i], attempts = restored.attempts, "step restored from the journal");
+            let span = tracing::info_span!(
+                "step",
+                step = %self.step_names[i],
+                workflow.task.name = %self.step_names[i],
+                attempts = restored.attempts,
+                workflow.task.run.result = "skip",
+                restored = true,
+            );
+            span.in_scope(|| tracing::info!("step restored from the journal"));
             self.completed(i, completed);
         }
         for (i, step) in steps.iter_mut().enumerate() {
@@ -355,8 +362,38 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         started: Instant,
     ) -> (StepResult, Result<(), FlowError>) {
         let step = &self.steps[i];
+        let span = tracing::info_span!(
+            "step",
+            step = %step.name,
+            workflow.task.name = %step.name,
+            attempts = tracing::field::Empty,
+            workflow.task.run.result = tracing::field::Empty,
+        );
+        // Instrumenting costs a little even when no subscriber listens: skip it then.
+        if span.is_disabled() {
+            let (result, outcome, _) = self.attempts(i, ctx, started).await;
+            return (result, outcome);
+        }
+        let (result, outcome, last) = self
+            .attempts(i, ctx, started)
+            .instrument(span.clone())
+            .await;
+        span.record("attempts", result.attempts);
+        span.record("workflow.task.run.result", task_result(result.status, last));
+        (result, outcome)
+    }
+
+    /// The attempts of the step at `i`; beside its result, how its last attempt ended.
+    async fn attempts(
+        &self,
+        i: usize,
+        ctx: &Context<I>,
+        started: Instant,
+    ) -> (StepResult, Result<(), FlowError>, Option<ErrorKind>) {
+        let step = &self.steps[i];
         let mut result = StepResult::pending(&step.name);
         let mut attempt = 0;
+        let mut last = None;
         let outcome = loop {
             if attempt > 0 && ctx.is_cancelled() {
                 result.status = Status::Cancelled;
@@ -369,14 +406,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 step: &step.name,
                 attempt,
             });
-            let span = tracing::info_span!("step", step = %step.name, attempt);
             let run = (step.run)(ctx.clone());
-            // Instrumenting costs a little even when no subscriber listens: skip it then.
-            let run = if span.is_disabled() {
-                Either::Left(run)
-            } else {
-                Either::Right(run.instrument(span))
-            };
             let outcome = match step.timeout {
                 Some(limit) => tokio::time::timeout(limit, run)
                     .await
@@ -394,10 +424,11 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                         attempts: attempt,
                         duration: result.duration,
                     });
-                    return (result, Ok(()));
+                    return (result, Ok(()), None);
                 }
                 Err(err) => err,
             };
+            last = Some(err.kind());
             let message = err.to_string();
             if ctx.is_cancelled() {
                 // A step failing while its run is cancelled is taken to have stopped because
@@ -408,7 +439,18 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             }
             let retry_in =
                 (attempt <= step.retry.max_retries()).then(|| step.retry.sleep_before(attempt - 1));
-            tracing::debug!(step = %step.name, attempt, error = %message, ?retry_in, "step attempt failed");
+            if let Some(delay) = retry_in {
+                // A retry is an event of the step's span: which attempt failed, and when the
+                // next one starts. The message is the step's own error text.
+                tracing::info!(
+                    attempt,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    error = %message,
+                    "step attempt failed; retrying"
+                );
+            } else {
+                tracing::debug!(step = %step.name, attempt, error = %message, "step attempt failed");
+            }
             self.hooks.emit(Event::StepFail {
                 flow: &self.name,
                 step: &step.name,
@@ -436,7 +478,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             }
         };
         result.duration = started.elapsed();
-        (result, outcome)
+        (result, outcome, last)
     }
 
     /// Starts the group's steps together and applies the group's failure rule. In a durable
@@ -564,5 +606,16 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 }),
             }
         }
+    }
+}
+
+/// A step's `workflow.task.run.result`, from its status and how its last attempt ended.
+fn task_result(status: Status, last: Option<ErrorKind>) -> &'static str {
+    match (status, last) {
+        (Status::Completed, _) => "success",
+        (Status::Cancelled, _) => "cancellation",
+        (_, Some(ErrorKind::TimedOut)) => "timeout",
+        (_, Some(ErrorKind::Panicked)) => "error",
+        _ => "failure",
     }
 }

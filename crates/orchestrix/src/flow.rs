@@ -14,6 +14,7 @@ use crate::hooks::{ConsoleLogger, Hooks, Plugin};
 use crate::idempotency::{Fingerprint, flow_prefix};
 use crate::step::{Parallel, Step, StepError};
 use crate::store::{IdempotencyStore, MemoryStore};
+use crate::telemetry::FlowMetrics;
 
 pub(crate) type ValidatorFn<I> = Box<dyn Fn(&I) -> Result<(), Vec<String>> + Send + Sync>;
 
@@ -71,6 +72,8 @@ pub(crate) struct FlowInner<I, O> {
     pub(crate) key_prefix: Box<str>,
     /// Set for a durable flow: its keyed runs are journaled.
     pub(crate) durable: Option<Durability<I>>,
+    /// The flow's metric handles (see [`crate::telemetry`]).
+    pub(crate) metrics: FlowMetrics,
 }
 
 impl<I, O> Clone for Flow<I, O> {
@@ -325,7 +328,8 @@ impl<I, O> FlowBuilder<I, O> {
                 });
             }
         }
-        let step_names = self.steps.iter().map(|s| Arc::clone(&s.name)).collect();
+        let step_names: Arc<[Arc<str>]> = self.steps.iter().map(|s| Arc::clone(&s.name)).collect();
+        let metrics = FlowMetrics::register(&self.name, &step_names);
         let key_prefix = flow_prefix(&self.name).into_boxed_str();
         let store: Arc<dyn IdempotencyStore> =
             self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
@@ -352,6 +356,7 @@ impl<I, O> FlowBuilder<I, O> {
                 fingerprint: self.fingerprint,
                 key_prefix,
                 durable,
+                metrics,
             }),
         })
     }

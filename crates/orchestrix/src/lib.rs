@@ -57,6 +57,7 @@ mod run;
 mod step;
 pub mod store;
 mod stored;
+pub mod telemetry;
 
 pub use context::{Context, StateError};
 pub use durable::Recovered;

@@ -25,6 +25,7 @@ use crate::result::{FlowError, FlowResult, Status};
 use crate::step::panic_message;
 use crate::store::{RecordView, StoreError};
 use crate::stored::StoredError;
+use crate::telemetry::{Outcome, execution_result};
 
 /// Why [`Flow::run`] returned no result, or returned one that could not be persisted.
 ///
@@ -89,12 +90,29 @@ where
     /// last renewal. To stop a run with compensation, fire the token given to
     /// [`RunOptions::cancellation`] (see the rule in [`crate::idempotency`]).
     pub async fn run(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
+        let name = &self.inner.plan.name;
         let span = tracing::info_span!(
             "flow",
-            flow = %self.inner.plan.name,
-            key = options.key.as_deref()
+            flow = %name,
+            key = options.key.as_deref(),
+            workflow.name = %name,
+            workflow.execution.id = tracing::field::Empty,
+            workflow.execution.result = tracing::field::Empty,
+            replayed = tracing::field::Empty,
         );
-        self.decide(input, options).instrument(span).await
+        let mut waited = false;
+        let outcome = self
+            .decide(input, options, &span, &mut waited)
+            .instrument(span.clone())
+            .await;
+        self.inner.metrics.run(classify(&outcome, waited));
+        if !span.is_disabled()
+            && let Ok(result) = &outcome
+        {
+            span.record("workflow.execution.result", execution_result(result.status));
+            span.record("replayed", result.replayed);
+        }
+        outcome
     }
 
     /// Validates, then runs the steps unkeyed or lets the store decide.
@@ -102,24 +120,41 @@ where
     /// The execution itself is boxed ([`execute`](Self::execute), [`own`](Self::own)), so
     /// the future every run builds, moves and awaits holds only the decision (1.1 KB instead
     /// of 2.3 KB for the benchmarks' flow), and a replay never copies the rest.
-    async fn decide(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
+    async fn decide(
+        &self,
+        input: I,
+        options: RunOptions,
+        span: &tracing::Span,
+        waited: &mut bool,
+    ) -> Result<FlowResult<O>, RunError<O>> {
         options.validate()?;
         if let Some(rejected) = self.validate(&input) {
             return Ok(self.notify(rejected));
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
-            let run = RunIdentity::Random(fastrand::u128(..));
+            let id = fastrand::u128(..);
+            if !span.is_disabled() {
+                span.record("workflow.execution.id", format_args!("{id:032x}"));
+            }
+            let run = RunIdentity::Random(id);
             let result = self
                 .execute(input, run, options.cancel_token(), Track::Off)
                 .await;
             return Ok(self.notify(result));
         };
+        if !span.is_disabled() {
+            span.record("workflow.execution.id", key.as_str());
+        }
         if self.inner.durable.is_some() {
-            return Box::pin(self.run_durable(&key, input, &options)).await;
+            return Box::pin(self.run_durable(&key, input, &options, waited)).await;
         }
         match self.acquire(&key, &input, &options).await? {
             Decided::Acquired(owner) => Box::pin(self.own(owner, input, &options)).await,
             Decided::Finished(replay) => Ok(replay?),
+            Decided::Waited(replay) => {
+                *waited = true;
+                Ok(replay?)
+            }
             Decided::Running => Ok(self.running()),
         }
     }
@@ -311,8 +346,9 @@ where
         }
     }
 
-    /// Stage 5: tell the plugins how the run ended.
+    /// Stage 5: tell the plugins (and the metrics) how the run ended.
     pub(crate) fn notify(&self, result: FlowResult<O>) -> FlowResult<O> {
+        self.inner.metrics.executed(&result);
         let plan = &self.inner.plan;
         match &result.error {
             None => plan.hooks.emit(Event::FlowComplete {
@@ -327,6 +363,25 @@ where
             }),
         }
         result
+    }
+}
+
+/// How one call of `run` ended, for `orchestrix_runs_total`.
+fn classify<O>(outcome: &Result<FlowResult<O>, RunError<O>>, waited: bool) -> Outcome {
+    match outcome {
+        Ok(r) if r.replayed && waited => Outcome::Waited,
+        Ok(r) if r.replayed => Outcome::Replayed,
+        Ok(r) if r.status == Status::Running => Outcome::Running,
+        Ok(r) if matches!(r.error, Some(FlowError::Validation { .. })) => Outcome::Rejected,
+        Ok(r) if r.steps.iter().any(|s| s.restored) => Outcome::Resumed,
+        Ok(_) => Outcome::Executed,
+        Err(RunError::NotPersisted { .. }) => Outcome::NotPersisted,
+        Err(RunError::Idempotency(e)) => match e {
+            IdempotencyError::KeyReused { .. } => Outcome::KeyReused,
+            IdempotencyError::AlreadyRunning { .. } => Outcome::AlreadyRunning,
+            IdempotencyError::WaitTimedOut { .. } => Outcome::WaitTimedOut,
+            _ => Outcome::Error,
+        },
     }
 }
 

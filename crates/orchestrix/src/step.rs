@@ -36,6 +36,15 @@ use crate::store::BoxError;
 pub struct StepError {
     source: BoxError,
     transient: bool,
+    kind: ErrorKind,
+}
+
+/// How an attempt ended badly, for spans: the step's own error, its timeout, or a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorKind {
+    Failed,
+    TimedOut,
+    Panicked,
 }
 
 impl StepError {
@@ -44,6 +53,7 @@ impl StepError {
         Self {
             source: err.into(),
             transient: false,
+            kind: ErrorKind::Failed,
         }
     }
 
@@ -70,11 +80,21 @@ impl StepError {
     }
 
     pub(crate) fn timed_out(after: Duration) -> Self {
-        Self::msg(format_args!("attempt timed out after {after:?}"))
+        Self {
+            kind: ErrorKind::TimedOut,
+            ..Self::msg(format_args!("attempt timed out after {after:?}"))
+        }
     }
 
     pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
-        Self::msg(format_args!("panicked: {}", panic_message(payload)))
+        Self {
+            kind: ErrorKind::Panicked,
+            ..Self::msg(format_args!("panicked: {}", panic_message(payload)))
+        }
+    }
+
+    pub(crate) fn kind(&self) -> ErrorKind {
+        self.kind
     }
 }
 

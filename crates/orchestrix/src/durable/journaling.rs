@@ -9,6 +9,7 @@ use super::entry::{Entry, Resume};
 use crate::idempotency::Ownership;
 use crate::result::FlowError;
 use crate::store::{JournalStore, StoreError};
+use crate::telemetry;
 
 /// How many times an entry is attempted while the store fails, before the run stops.
 const WRITE_ATTEMPTS: u32 = 3;
@@ -32,7 +33,8 @@ impl Journaling<'_> {
         let mut attempt = 1;
         loop {
             let key = self.owner.key();
-            match self.store.append(key, self.owner.token(), &bytes).await {
+            let append = self.store.append(key, self.owner.token(), &bytes);
+            match telemetry::observe(self.owner.store(), "append", append).await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::StaleToken) => {
                     tracing::warn!(

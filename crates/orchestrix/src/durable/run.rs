@@ -49,6 +49,7 @@ where
         key: &str,
         input: I,
         options: &RunOptions,
+        waited: &mut bool,
     ) -> Result<FlowResult<O>, RunError<O>> {
         let (durability, journal) = self.durable_parts()?;
         let journaled = journal_input(durability, &input, options)?;
@@ -75,6 +76,10 @@ where
                     .await
             }
             Decided::Finished(replay) => Ok(replay?),
+            Decided::Waited(replay) => {
+                *waited = true;
+                Ok(replay?)
+            }
             Decided::Running => Ok(self.running()),
         }
     }

@@ -89,6 +89,7 @@ use crate::store::{
     JournalStore, Record, RecordStatus, RecordView, StartRequest, StartSeen, StoreError,
     fingerprints_agree,
 };
+use crate::telemetry;
 
 pub(crate) use fingerprint::Computed;
 pub use fingerprint::{Fingerprint, fingerprint_of};
@@ -256,7 +257,7 @@ pub async fn admit(
     Ok(
         match admit_with(store, req, |record| record.to_record()).await? {
             Decided::Acquired(owner) => Admission::Acquired(owner),
-            Decided::Finished(record) => Admission::Finished(record),
+            Decided::Finished(record) | Decided::Waited(record) => Admission::Finished(record),
             Decided::Running => Admission::Running,
         },
     )
@@ -267,6 +268,8 @@ pub async fn admit(
 pub(crate) enum Decided<T, A = Ownership> {
     Acquired(A),
     Finished(T),
+    /// Finished, after waiting for the owner (`OnRunning::Wait`).
+    Waited(T),
     Running,
 }
 
@@ -308,6 +311,7 @@ async fn after_seen<T, A>(
                 key: req.key.to_owned(),
             });
         }
+        Seen::Finished(read) if waiting_since.is_some() => return Ok(Some(Decided::Waited(read))),
         Seen::Finished(read) => return Ok(Some(Decided::Finished(read))),
         Seen::Running => {}
     }
@@ -392,11 +396,9 @@ pub(crate) async fn admit_with<T: Send>(
             rerun_failed: !req.cache_result,
         };
         let mut seen = None;
-        let outcome = store
-            .start_seen(start, &mut |record| {
-                seen = Some(Seen::judge(&req, record, &mut read));
-            })
-            .await?;
+        let mut visit = |record: RecordView<'_>| seen = Some(Seen::judge(&req, record, &mut read));
+        let started = store.start_seen(start, &mut visit);
+        let outcome = telemetry::observe(&**store, "start", started).await?;
         let seen = match (outcome, seen) {
             (StartSeen::Acquired(token), _) => {
                 return Ok(Decided::Acquired(Ownership::acquired(store, &req, token)));
@@ -434,7 +436,8 @@ pub(crate) async fn admit_durable<T: Send>(
             input,
             retain,
         };
-        let seen = match journal.start_durable(start).await? {
+        let started = telemetry::observe(&**store, "start_durable", journal.start_durable(start));
+        let seen = match started.await? {
             DurableStartOutcome::Acquired { token, resumed } => {
                 let owner = Ownership::acquired(store, &req, token);
                 return Ok(Decided::Acquired((owner, resumed)));
@@ -533,6 +536,11 @@ impl Ownership {
         &self.key
     }
 
+    /// The store the key is owned in.
+    pub(crate) fn store(&self) -> &dyn IdempotencyStore {
+        &*self.store
+    }
+
     /// The fencing token of this ownership.
     pub fn token(&self) -> FencingToken {
         self.token
@@ -546,7 +554,9 @@ impl Ownership {
 
     /// Marks the lease lost and cancels the work.
     pub(crate) fn lose(&self, cancel: &CancellationToken) {
-        self.lost.store(true, Ordering::SeqCst);
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            telemetry::lease_lost(&*self.store);
+        }
         cancel.cancel();
     }
 
@@ -575,8 +585,12 @@ impl Ownership {
         let mut renewed_at = Instant::now();
         loop {
             tokio::time::sleep(interval).await;
-            match self.store.renew(&self.key, self.token, self.lease).await {
-                Ok(()) => renewed_at = Instant::now(),
+            let renewal = self.store.renew(&self.key, self.token, self.lease);
+            match telemetry::observe(&*self.store, "renew", renewal).await {
+                Ok(()) => {
+                    renewed_at = Instant::now();
+                    telemetry::renewed(&*self.store);
+                }
                 Err(StoreError::StaleToken) => {
                     tracing::warn!(key = %self.key, "idempotency lease lost to another owner; cancelling the run");
                     self.lose(cancel);
@@ -621,16 +635,23 @@ impl Ownership {
         let mut attempt = 1;
         let mut ambiguous = false;
         loop {
+            let store = &*self.store;
             let finish = |status| {
-                self.store
-                    .finish(&self.key, self.token, status, result, ttl)
+                let finish = store.finish(&self.key, self.token, status, result, ttl);
+                telemetry::observe(store, "finish", finish)
             };
             let outcome = match settlement {
                 Settlement::Complete => finish(FinalStatus::Completed).await,
                 Settlement::Fail => finish(FinalStatus::Failed).await,
-                Settlement::Release => self.store.release(&self.key, self.token).await,
-                Settlement::Suspend => match self.store.journal_store() {
-                    Some(journal) => journal.suspend(&self.key, self.token).await,
+                Settlement::Release => {
+                    let release = store.release(&self.key, self.token);
+                    telemetry::observe(store, "release", release).await
+                }
+                Settlement::Suspend => match store.journal_store() {
+                    Some(journal) => {
+                        let suspend = journal.suspend(&self.key, self.token);
+                        telemetry::observe(store, "suspend", suspend).await
+                    }
                     None => Err(StoreError::backend_msg(
                         "a run can only be suspended on a store that keeps journals",
                     )),

@@ -429,6 +429,14 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         None
     }
+
+    /// What kind of store this is, as the `store` label of the engine's metrics:
+    /// `memory`, `redis`, `postgres`, `sqlite`, `dynamodb` for this workspace's stores,
+    /// `custom` by default. A fixed word, never anything from a record. The engine times
+    /// the calls of every store but `memory` (in-process calls are not worth a clock read).
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// The polling interval of the default [`IdempotencyStore::wait_for_change`].

@@ -659,4 +659,8 @@ impl IdempotencyStore for MemoryStore {
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
 }
