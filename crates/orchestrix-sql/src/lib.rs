@@ -13,6 +13,11 @@
 //!   compared with the same clock; expired rows count as absent in every statement, and
 //!   [`cleanup`](orchestrix::store::IdempotencyStore::cleanup) deletes them in batches of
 //!   1000.
+//! * **Durable records in the same row.** Both are
+//!   [`JournalStore`](orchestrix::store::JournalStore)s for durable flows: a durable
+//!   record keeps its lease apart from its expiry (so it outlives the lease, resumable),
+//!   and its journal in its own row, so the statement that takes an abandoned run over
+//!   returns the journal it fenced. Every journal operation is one statement too.
 //! * **Prepared once.** Each store builds its SQL once (the table name is configurable,
 //!   so the text is not static); sqlx prepares each statement once per connection.
 //!
@@ -44,6 +49,7 @@
 // Without a backend feature only the shared pieces remain, and nothing uses them.
 #![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 
+mod journal;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod row;
@@ -51,6 +57,7 @@ mod row;
 mod sqlite;
 mod table;
 
+pub use journal::DEFAULT_MAX_JOURNAL_BYTES;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_OPERATION_TIMEOUT, PgStore};
 pub use row::DEFAULT_MAX_RESULT_BYTES;
