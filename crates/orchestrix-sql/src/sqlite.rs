@@ -4,9 +4,14 @@
 //!
 //! One `STRICT` table, one row per key: `key TEXT PRIMARY KEY`, schema version `v`,
 //! `status`, `token` (32 hex digits), `fingerprint`, `result BLOB`, and `expires_at REAL`
-//! (Unix seconds by SQLite's own clock: the lease of a running record, the TTL of a
-//! finished one, `NULL` = kept forever). `sweep_at`, indexed, tells
+//! (Unix seconds by SQLite's own clock: when the row goes — the lease of a running record,
+//! the TTL of a finished one, `NULL` = kept forever). `sweep_at`, indexed, tells
 //! [`cleanup`](IdempotencyStore::cleanup) where to look (see below).
+//!
+//! Durable records (the [`JournalStore`] side) are rows
+//! of the same table with a few more columns: a lease of their own (`lease_until`), so
+//! that `expires_at` can outlive it, and the journal. See the `durable` module, also for
+//! how they are swept and what a blocked durable start writes.
 //!
 //! # One statement per operation
 //!
@@ -43,19 +48,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
-    StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus,
+    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, SqlStr};
 
+use crate::journal::DEFAULT_MAX_JOURNAL_BYTES;
 use crate::row::{
     CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, RECORD_COLUMNS, decode_record, fit_result, store_error,
 };
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
+
+mod durable;
 
 /// How long a statement waits for another connection or process to release the write
 /// lock before failing with [`StoreError::Backend`].
@@ -96,6 +104,7 @@ pub struct SqliteStore {
     table: TableName,
     sql: Arc<Statements>,
     max_result_bytes: usize,
+    max_journal_bytes: usize,
 }
 
 /// The SQL of every operation, built once per table name. sqlx prepares each text once per
@@ -109,6 +118,7 @@ struct Statements {
     delete: SqlStr,
     cleanup: SqlStr,
     migrate: [SqlStr; 2],
+    journal: durable::Statements,
 }
 
 impl SqliteStore {
@@ -166,6 +176,7 @@ impl SqliteStore {
             sql: Arc::new(Statements::for_table(&table)),
             table,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
         }
     }
 
@@ -188,23 +199,36 @@ impl SqliteStore {
         self
     }
 
+    /// Keeps durable runs' journals up to `bytes` each: the input and the entries, each
+    /// entry with its 4-byte length. An append past it is [`StoreError::TooLarge`] and
+    /// appends nothing. Default [`DEFAULT_MAX_JOURNAL_BYTES`] (64 MiB); capped at SQLite's
+    /// own limit of 10⁹ bytes.
+    pub fn with_max_journal_bytes(mut self, bytes: usize) -> Self {
+        self.max_journal_bytes = bytes.min(SQLITE_MAX_LENGTH);
+        self
+    }
+
     /// The table holding the records.
     pub fn table(&self) -> &str {
         self.table.as_str()
     }
 
-    /// Creates the table and its expiry index if they do not exist.
+    /// Creates the table and its indexes if they do not exist, and adds the columns of
+    /// durable records to a table created by an earlier build. One `BEGIN IMMEDIATE`
+    /// transaction, so processes migrating the same file at once take turns.
     ///
     /// # Errors
     /// [`StoreError::Backend`] if the database cannot be written.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        for ddl in &self.sql.migrate {
-            sqlx::query(ddl.clone())
-                .execute(&self.writer)
-                .await
-                .map_err(store_error)?;
-        }
-        Ok(())
+        let migrate = async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            for ddl in &self.sql.migrate {
+                sqlx::query(ddl.clone()).execute(&mut *tx).await?;
+            }
+            self.sql.journal.upgrade(&mut tx, &self.table).await?;
+            tx.commit().await
+        };
+        migrate.await.map_err(store_error)
     }
 
     /// Closes the store's connections, checkpointing the WAL into the database file.
@@ -231,6 +255,7 @@ impl fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("table", &self.table)
             .field("max_result_bytes", &self.max_result_bytes)
+            .field("max_journal_bytes", &self.max_journal_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -242,7 +267,8 @@ impl Statements {
         let cols = RECORD_COLUMNS;
         let live = format!("(expires_at IS NULL OR expires_at > {NOW})");
         let owned = format!(
-            "key = ?1 AND token = ?2 AND status = 'running' AND v = {v} AND expires_at > {NOW}"
+            "key = ?1 AND token = ?2 AND status = 'running' AND v = {v} AND {}",
+            durable::owner_lease()
         );
         // Expired, or StartRequest::may_take_over in SQL. NULL (a damaged row) is not free,
         // and neither is a failed row whose token or fingerprint would not decode.
@@ -263,6 +289,9 @@ impl Statements {
             keep_or_take("result", "NULL"),
             keep_or_take("expires_at", "excluded.expires_at"),
         ]
+        .into_iter()
+        .chain(durable::NOT_DURABLE.map(|(column, plain)| keep_or_take(column, plain)))
+        .collect::<Vec<_>>()
         .join(", ");
         Self {
             get: statement(format!("SELECT {cols} FROM {t} WHERE key = ?1 AND {live}")),
@@ -273,12 +302,14 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET {take_over} \
                  RETURNING token IS ?2 AS acquired, {cols}"
             )),
+            // A finished durable record leaves the lease index; its journal stays.
             finish: statement(format!(
-                "UPDATE {t} SET status = ?3, result = ?4, \
+                "UPDATE {t} SET status = ?3, result = ?4, lease_until = NULL, \
                    expires_at = {NOW} + ?5, sweep_at = {NOW} + ?5 WHERE {owned}"
             )),
             renew: statement(format!(
-                "UPDATE {t} SET expires_at = {NOW} + ?3, sweep_at = {NOW} + ?3 WHERE {owned}"
+                "UPDATE {t} SET {} WHERE {owned}",
+                durable::renewed()
             )),
             release: statement(format!("DELETE FROM {t} WHERE {owned}")),
             delete: statement(format!("DELETE FROM {t} WHERE key = ?1")),
@@ -305,6 +336,7 @@ impl Statements {
                      WHERE sweep_at IS NOT NULL"
                 )),
             ],
+            journal: durable::Statements::for_table(table),
         }
     }
 }
@@ -402,5 +434,9 @@ impl IdempotencyStore for SqliteStore {
                 return Ok(removed);
             }
         }
+    }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
     }
 }
