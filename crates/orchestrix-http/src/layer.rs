@@ -1,101 +1,17 @@
-//! The layer, its builder and its configuration.
+//! The layer and its builder: how an application configures the idempotent service.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method, StatusCode, header};
-use orchestrix::idempotency::{OptionError, validate_lease, validate_on_running, validate_ttl};
+use http::{HeaderName, Method, StatusCode, request};
+use orchestrix::OnRunning;
 use orchestrix::store::IdempotencyStore;
-use orchestrix::{KeyError, OnRunning};
 use tower::Layer;
 
+use crate::config::{Config, ConfigError, Scope};
+use crate::key::{client_key, store_key};
 use crate::service::IdempotencyService;
-
-/// The header that carries the key unless [`key_header`](IdempotencyLayerBuilder::key_header)
-/// names another.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// The header set on every replayed response.
-pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
-
-/// Longest key accepted in the header, in characters.
-pub const MAX_KEY_CHARS: usize = 255;
-
-/// Default limit of a request body (and of a response body kept for replay): 1 MiB.
-pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
-
-/// Default time a response is kept for replay: 24 hours.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// Default lease of a request being processed: the core's default (30 seconds), renewed
-/// while it runs.
-pub use orchestrix::idempotency::DEFAULT_LEASE;
-
-/// Default prefix of every key in the store, so HTTP keys never collide with flow keys.
-pub const DEFAULT_KEY_PREFIX: &str = "http:";
-
-const MAX_KEY_PREFIX_BYTES: usize = 256;
-
-/// The default of [`cache_status`](IdempotencyLayerBuilder::cache_status): every final
-/// status below 500 except 409 Conflict and 429 Too Many Requests.
-///
-/// A 2xx/3xx/4xx answer is the outcome of the operation and must be replayed; 5xx, 409
-/// and 429 say "not now", so the key is freed and a retry runs the handler again.
-pub fn default_cache_status(status: StatusCode) -> bool {
-    !status.is_server_error()
-        && status != StatusCode::CONFLICT
-        && status != StatusCode::TOO_MANY_REQUESTS
-}
-
-/// Why a configuration was refused by [`IdempotencyLayerBuilder::build`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The TTL, lease or wait timeout is zero or out of range.
-    #[error(transparent)]
-    Duration(#[from] OptionError),
-    /// The key prefix is too long or contains control characters.
-    #[error("invalid key prefix: {0}")]
-    KeyPrefix(KeyError),
-    /// No method was configured, so the layer would never apply.
-    #[error("no HTTP method configured")]
-    NoMethods,
-}
-
-pub(crate) type CacheStatus = dyn Fn(StatusCode) -> bool + Send + Sync;
-
-/// Everything a request needs, shared by all clones of the service.
-pub(crate) struct Config {
-    pub(crate) store: Arc<dyn IdempotencyStore>,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) key_header: HeaderName,
-    pub(crate) require_key: bool,
-    pub(crate) cache_status: Arc<CacheStatus>,
-    pub(crate) ttl: Duration,
-    pub(crate) lease: Duration,
-    pub(crate) on_running: OnRunning,
-    pub(crate) body_limit: usize,
-    pub(crate) stored_headers: Vec<HeaderName>,
-    pub(crate) key_prefix: String,
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("store", &self.store)
-            .field("methods", &self.methods)
-            .field("key_header", &self.key_header)
-            .field("require_key", &self.require_key)
-            .field("ttl", &self.ttl)
-            .field("lease", &self.lease)
-            .field("on_running", &self.on_running)
-            .field("body_limit", &self.body_limit)
-            .field("stored_headers", &self.stored_headers)
-            .field("key_prefix", &self.key_prefix)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A [`tower::Layer`] that makes POST and PATCH handlers idempotent with the
 /// `Idempotency-Key` header, on any [`IdempotencyStore`].
@@ -107,8 +23,10 @@ pub struct IdempotencyLayer {
 }
 
 impl IdempotencyLayer {
-    /// The layer with every default: POST and PATCH, key required, responses kept 24 h,
-    /// 409 for a concurrent duplicate, 1 MiB body limit.
+    /// The layer with every default, which are the safe choices: POST and PATCH, key
+    /// required, keys scoped per client by their credentials (`Authorization`, else
+    /// `Cookie`), only 2xx and 3xx responses kept, for 24 h, 409 for a concurrent
+    /// duplicate, 1 MiB body limit, 30 s for a response body to be kept.
     pub fn new(store: Arc<dyn IdempotencyStore>) -> Self {
         Self {
             config: Arc::new(IdempotencyLayerBuilder::new(store).into_config()),
@@ -118,6 +36,39 @@ impl IdempotencyLayer {
     /// A builder to change the defaults.
     pub fn builder(store: Arc<dyn IdempotencyStore>) -> IdempotencyLayerBuilder {
         IdempotencyLayerBuilder::new(store)
+    }
+
+    /// The key under which this layer keeps the record of a request with these `parts`
+    /// (its key header and its client's [scope](IdempotencyLayerBuilder::scope)), or
+    /// `None` if they carry no usable key.
+    ///
+    /// For operators, who reach records with the store's own API: deleting this key with
+    /// [`IdempotencyStore::delete`] lets the client run the operation again.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use orchestrix::store::{IdempotencyStore, MemoryStore};
+    /// use orchestrix_http::IdempotencyLayer;
+    ///
+    /// # async fn support_case() -> Result<(), orchestrix::store::StoreError> {
+    /// let store = Arc::new(MemoryStore::new());
+    /// let layer = IdempotencyLayer::new(store.clone());
+    /// let (parts, ()) = http::Request::post("/payments")
+    ///     .header("authorization", "Bearer a-client-token")
+    ///     .header("idempotency-key", "order-123")
+    ///     .body(())
+    ///     .expect("a valid request")
+    ///     .into_parts();
+    /// if let Some(key) = layer.store_key(&parts) {
+    ///     store.delete(&key).await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn store_key(&self, parts: &request::Parts) -> Option<String> {
+        let config = &self.config;
+        let key = client_key(&parts.headers, &config.key_header).ok()??;
+        Some(store_key(&config.key_prefix, &config.scope, parts, &key))
     }
 }
 
@@ -142,7 +93,7 @@ impl<S> Layer<S> for IdempotencyLayer {
 ///     .key_prefix("payments:")
 ///     .ttl(Duration::from_secs(3600))
 ///     .on_running(OnRunning::Wait { timeout: Duration::from_secs(10) })
-///     .cache_status(|status| status.is_success())
+///     .final_client_errors([StatusCode::PAYMENT_REQUIRED])
 ///     .build()?;
 /// # Ok::<(), orchestrix_http::ConfigError>(())
 /// ```
@@ -161,28 +112,7 @@ impl fmt::Debug for IdempotencyLayerBuilder {
 impl IdempotencyLayerBuilder {
     fn new(store: Arc<dyn IdempotencyStore>) -> Self {
         Self {
-            config: Config {
-                store,
-                methods: vec![Method::POST, Method::PATCH],
-                key_header: IDEMPOTENCY_KEY,
-                require_key: true,
-                cache_status: Arc::new(default_cache_status),
-                ttl: DEFAULT_TTL,
-                lease: DEFAULT_LEASE,
-                on_running: OnRunning::ReturnRunning,
-                body_limit: DEFAULT_BODY_LIMIT,
-                stored_headers: vec![
-                    header::CONTENT_TYPE,
-                    header::CONTENT_ENCODING,
-                    header::CONTENT_LANGUAGE,
-                    header::CONTENT_LOCATION,
-                    header::LOCATION,
-                    header::ETAG,
-                    header::LAST_MODIFIED,
-                    header::LINK,
-                ],
-                key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
-            },
+            config: Config::new(store),
         }
     }
 
@@ -210,15 +140,64 @@ impl IdempotencyLayerBuilder {
         self
     }
 
-    /// Which response statuses are kept and replayed (default: [`default_cache_status`]).
-    /// For any other status the key is freed after the response, so a retry runs the
-    /// handler again.
+    /// Names the client of a request, so that clients never share keys: the function's
+    /// answer is part of the key in the store. Typically it reads the principal that an
+    /// authentication layer in front of this one put into the request's extensions.
+    ///
+    /// `None` means the request has no client: it shares one key space with every other
+    /// request without one, as with [`unscoped`](Self::unscoped).
+    ///
+    /// The default, without a call to `scope` or `unscoped`, is the request's credentials:
+    /// its `Authorization` header, else its `Cookie` header, else no client.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use orchestrix::store::MemoryStore;
+    /// use orchestrix_http::IdempotencyLayer;
+    ///
+    /// /// What the authentication layer puts into a request's extensions.
+    /// #[derive(Clone)]
+    /// struct Principal {
+    ///     account_id: u64,
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::builder(Arc::new(MemoryStore::new()))
+    ///     .scope(|parts| {
+    ///         let principal = parts.extensions.get::<Principal>()?;
+    ///         Some(principal.account_id.to_string())
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), orchestrix_http::ConfigError>(())
+    /// ```
     #[must_use]
-    pub fn cache_status(
+    pub fn scope(
         mut self,
-        cache: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
+        scope: impl Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
-        self.config.cache_status = Arc::new(cache);
+        self.config.scope = Scope::Custom(Arc::new(scope));
+        self
+    }
+
+    /// Keys are not scoped by client: any request with a key can replay that key's
+    /// response. Only for endpoints whose callers are verified another way and share one
+    /// key space on purpose, such as a webhook whose sender puts a unique event id in the
+    /// key and signs every delivery.
+    #[must_use]
+    pub fn unscoped(mut self) -> Self {
+        self.config.scope = Scope::Unscoped;
+        self
+    }
+
+    /// The client errors (4xx) that the handler returns on purpose as the final answer to
+    /// an operation, to be kept and replayed like a success: 402 for a declined card,
+    /// say. Default: none.
+    ///
+    /// Every 2xx and 3xx response is kept. Any other response frees the key, so that a
+    /// retry runs the handler again: a 400, 415 or 422 from an extractor that refused the
+    /// request before the handler ran, a 409 or 429 that says "not now", every 5xx.
+    #[must_use]
+    pub fn final_client_errors(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.config.final_client_errors = statuses.into_iter().collect();
         self
     }
 
@@ -257,6 +236,17 @@ impl IdempotencyLayerBuilder {
         self
     }
 
+    /// How long the layer reads a response body to keep it, from the response's head to
+    /// the body's end (default 30 s; 1 ms to 24 h). The response streams to its client as
+    /// it arrives either way; a body still going at the deadline goes on streaming, but
+    /// the key is marked processed without a replayable response, and the layer's task
+    /// for the request ends.
+    #[must_use]
+    pub fn response_body_timeout(mut self, timeout: Duration) -> Self {
+        self.config.response_body_timeout = timeout;
+        self
+    }
+
     /// The response headers kept and replayed (default: `content-type`,
     /// `content-encoding`, `content-language`, `content-location`, `location`, `etag`,
     /// `last-modified`, `link`). Others — `set-cookie` for one — reach the first client
@@ -279,23 +269,10 @@ impl IdempotencyLayerBuilder {
     ///
     /// # Errors
     /// [`ConfigError`] for a zero or out-of-range duration, a key prefix that is over
-    /// 256 bytes or contains control characters, or an empty method list.
+    /// 256 bytes or contains control characters, an empty method list, or a final client
+    /// error that is not a 4xx status.
     pub fn build(self) -> Result<IdempotencyLayer, ConfigError> {
-        let c = &self.config;
-        validate_ttl(c.ttl)?;
-        validate_lease(c.lease)?;
-        validate_on_running(c.on_running)?;
-        if c.key_prefix.len() > MAX_KEY_PREFIX_BYTES {
-            return Err(ConfigError::KeyPrefix(KeyError::TooLong {
-                len: c.key_prefix.len(),
-            }));
-        }
-        if let Some((at, _)) = c.key_prefix.char_indices().find(|(_, ch)| ch.is_control()) {
-            return Err(ConfigError::KeyPrefix(KeyError::ControlCharacter { at }));
-        }
-        if c.methods.is_empty() {
-            return Err(ConfigError::NoMethods);
-        }
+        self.config.validate()?;
         Ok(IdempotencyLayer {
             config: Arc::new(self.into_config()),
         })
@@ -309,6 +286,8 @@ impl IdempotencyLayerBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use orchestrix::KeyError;
+    use orchestrix::idempotency::OptionError;
     use orchestrix::store::MemoryStore;
 
     fn builder() -> IdempotencyLayerBuilder {
@@ -360,21 +339,12 @@ mod tests {
             builder().methods([]).build().err(),
             Some(ConfigError::NoMethods)
         );
-    }
-
-    #[test]
-    fn default_cache_status_keeps_outcomes_and_frees_transient_answers() {
-        for kept in [200, 201, 204, 303, 400, 404, 422] {
-            assert!(
-                default_cache_status(StatusCode::from_u16(kept).unwrap()),
-                "{kept}"
-            );
-        }
-        for freed in [409, 429, 500, 502, 503] {
-            assert!(
-                !default_cache_status(StatusCode::from_u16(freed).unwrap()),
-                "{freed}"
-            );
-        }
+        assert_eq!(
+            builder()
+                .final_client_errors([StatusCode::PAYMENT_REQUIRED, StatusCode::BAD_GATEWAY])
+                .build()
+                .err(),
+            Some(ConfigError::NotAClientError(StatusCode::BAD_GATEWAY))
+        );
     }
 }

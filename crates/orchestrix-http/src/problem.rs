@@ -36,7 +36,8 @@ pub(crate) enum Problem {
     InFlight,
     /// Waited for the request holding the key, and it did not finish in time.
     WaitTimedOut { waited: Duration },
-    /// The request was processed, but its response could not be kept for replay.
+    /// The request was processed, but its response was not kept for replay (too large,
+    /// too slow, broken, or refused by the store).
     ResponseNotKept { status: Option<StatusCode> },
     /// The store failed, so nothing was run (fail closed).
     StoreUnavailable,
@@ -112,17 +113,17 @@ impl Problem {
             Self::UnreadableBody => {
                 "the request body could not be read completely; nothing was processed".to_owned()
             }
-            Self::KeyReused => "this idempotency key was already used with a different request (method, path or body); use a new key for a new operation".to_owned(),
+            Self::KeyReused => "this idempotency key was already used with a different request (method, path, content type or body); use a new key for a new operation".to_owned(),
             Self::InFlight => "a request with this idempotency key is still being processed; retry later to receive its response".to_owned(),
             Self::WaitTimedOut { waited } => format!(
                 "a request with this idempotency key is still being processed after waiting {} ms; retry later to receive its response",
                 waited.as_millis()
             ),
             Self::ResponseNotKept { status: Some(status) } => format!(
-                "a request with this idempotency key was already processed (status {}), but its response was too large to keep for replay; it will not be processed again",
+                "a request with this idempotency key was already processed (status {}), but its response was not kept for replay (too large, too slow, or it failed while being sent); it will not be processed again",
                 status.as_u16()
             ),
-            Self::ResponseNotKept { status: None } => "a request with this idempotency key was already processed, but its response was too large to keep for replay; it will not be processed again".to_owned(),
+            Self::ResponseNotKept { status: None } => "a request with this idempotency key was already processed, but its response was not kept for replay (too large, too slow, or it failed while being sent); it will not be processed again".to_owned(),
             Self::StoreUnavailable => "the idempotency store could not be reached, so the request was not processed; retry later".to_owned(),
             Self::StoredResponseUnreadable => "the stored response for this idempotency key could not be decoded, so the request was not processed again".to_owned(),
             Self::Aborted => "the request's handler stopped before answering".to_owned(),

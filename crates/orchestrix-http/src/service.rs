@@ -1,32 +1,34 @@
 //! The path of one request through the layer, in order:
-//! key → body → fingerprint → admit (the store decides) → run and persist, or replay, or
+//! key (scoped to the client) → body → fingerprint, in the caller's task; then, in a task
+//! of the request's own, admit (the store decides) → run and persist, or replay, or
 //! refuse.
 
 use std::any::Any;
-use std::convert::Infallible;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum_core::body::Body;
-use bytes::{Bytes, BytesMut};
-use futures_util::future::{self, BoxFuture};
-use futures_util::{FutureExt, StreamExt, stream};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, response};
-use http_body::{Body as HttpBody, Frame};
-use http_body_util::{BodyExt, BodyStream, StreamBody};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
 use orchestrix::IdempotencyError;
 use orchestrix::idempotency::{Admission, AdmitRequest, Ownership, Settlement, admit};
 use orchestrix::store::{Record, StoreError};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use crate::layer::{Config, IDEMPOTENCY_REPLAYED};
+use crate::config::{Config, IDEMPOTENCY_REPLAYED};
+use crate::extensions::{LeaseLost, RequestKey};
+use crate::key::{client_key, store_key};
 use crate::problem::Problem;
-use crate::request::{fingerprint, read_body, scoped_key};
+use crate::request::{fingerprint, read_body};
 use crate::stored::Stored;
+use crate::tee::{self, Kept};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,8 +37,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// It answers with `Response<axum::body::Body>` and passes the inner service's errors
 /// through unchanged.
 ///
-/// It must be polled inside a Tokio runtime (as every axum server is): an admitted
-/// request's handler runs in a task of its own.
+/// It must be polled inside a Tokio runtime (as every axum server is): from admission on,
+/// an idempotent request runs in a task of its own.
+///
+/// # Cancel safety
+/// Dropping the response future (the client hung up) never leaves the key locked with
+/// nobody running it: an admission already sent to the store is completed in the task,
+/// and if the handler has not started yet, the key is freed at once. A handler that has
+/// started runs to its end, and its response is kept for the retry.
 ///
 /// # Panics
 /// Never on its own. A panic of the inner service is resumed in the caller's task, after
@@ -113,9 +121,12 @@ where
     if !config.methods.contains(request.method()) {
         return pass_through(inner, request).await;
     }
-    let key = match scoped_key(request.headers(), &config.key_header, &config.key_prefix) {
-        Ok(Some(key)) => key,
-        Ok(None) if !config.require_key => return pass_through(inner, request).await,
+    let (parts, body) = request.into_parts();
+    let key = match client_key(&parts.headers, &config.key_header) {
+        Ok(Some(key)) => store_key(&config.key_prefix, &config.scope, &parts, &key),
+        Ok(None) if !config.require_key => {
+            return pass_through(inner, Request::from_parts(parts, body)).await;
+        }
         Ok(None) => {
             return Ok(Problem::MissingKey {
                 header: config.key_header.to_string(),
@@ -124,12 +135,52 @@ where
         }
         Err(problem) => return Ok(problem.into_response()),
     };
-    let (parts, body) = request.into_parts();
     let body = match read_body(&parts.headers, body, config.body_limit).await {
         Ok(body) => body,
         Err(problem) => return Ok(problem.into_response()),
     };
-    let fingerprint = fingerprint(&parts.method, &parts.uri, &body);
+    let fingerprint = fingerprint(&parts, &body);
+    // From here on the store is involved, so the rest runs in a task of its own: a client
+    // that hangs up can neither leave the key locked with nobody running it (an admission
+    // that went through is completed, then undone) nor cut a handler off halfway (it runs
+    // to its end, and its response is kept for the retry).
+    let (answer, answered) = oneshot::channel();
+    let request = Request::from_parts(parts, Body::from(body));
+    tokio::spawn(admit_and_run(
+        config,
+        inner,
+        key,
+        fingerprint,
+        request,
+        answer,
+    ));
+    match answered.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Ok(Problem::Aborted.into_response()),
+    }
+}
+
+/// What the task of an idempotent request sends back: the response or the inner
+/// service's error, or the handler's panic to resume in the caller's task.
+type Answer<E> = Result<Result<Response<Body>, E>, Box<dyn Any + Send>>;
+
+/// Asks the store whether this request runs, then runs it, replays what is stored, or
+/// refuses; sends the outcome to `answer`.
+async fn admit_and_run<S, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    key: String,
+    fingerprint: String,
+    request: Request<Body>,
+    answer: oneshot::Sender<Answer<S::Error>>,
+) where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
     let admission = admit(
         &config.store,
         AdmitRequest {
@@ -141,19 +192,31 @@ where
         },
     )
     .await;
-    match admission {
-        Ok(Admission::Acquired(ownership)) => {
-            let request = Request::from_parts(parts, Body::from(body));
-            run(config, inner, ownership, request).await
+    let refusal = match admission {
+        Ok(Admission::Acquired(ownership)) if answer.is_closed() => {
+            tracing::debug!(
+                key,
+                "the client hung up before its handler started; freeing the key"
+            );
+            settle(ownership, Settlement::Release, None).await;
+            return;
         }
-        Ok(Admission::Finished(record)) => Ok(replay(record)),
+        Ok(Admission::Acquired(ownership)) => {
+            run(&config, inner, ownership, request, answer).await;
+            return;
+        }
+        Ok(Admission::Finished(record)) => {
+            let _ = answer.send(Ok(Ok(replay(record))));
+            return;
+        }
         Ok(Admission::Running) => {
             tracing::debug!(key, "idempotent request already in flight");
-            Ok(Problem::InFlight.into_response())
+            Problem::InFlight
         }
-        Ok(_) => Ok(Problem::Misconfigured.into_response()),
-        Err(error) => Ok(refusal(&key, error).into_response()),
-    }
+        Ok(_) => Problem::Misconfigured,
+        Err(error) => refused(&key, error),
+    };
+    let _ = answer.send(Ok(Ok(refusal.into_response())));
 }
 
 async fn pass_through<S, ReqBody, ResBody>(
@@ -171,167 +234,111 @@ where
     Ok(response.map(Body::new))
 }
 
-/// Runs the handler as the key's owner, then keeps or frees the key.
-///
-/// The work runs in its own task: once a request has been admitted, a client that hangs
-/// up does not cut the handler off halfway, and its response is still stored for the
-/// retry that will follow.
+/// Runs the handler as the key's owner (with a [`LeaseLost`] and a [`RequestKey`] in its
+/// request's extensions), sends its response to `answer` as soon as its
+/// head is ready, keeps a copy of its body, and stores the outcome or frees the key.
 async fn run<S, ResBody>(
-    config: Arc<Config>,
+    config: &Config,
     mut inner: S,
     ownership: Ownership,
-    request: Request<Body>,
-) -> Result<Response<Body>, S::Error>
-where
+    mut request: Request<Body>,
+    answer: oneshot::Sender<Answer<S::Error>>,
+) where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let task = tokio::spawn(async move {
-        let limit = config.body_limit;
-        let work = async move {
-            let (parts, body) = inner.call(request).await?.into_parts();
-            Ok::<_, S::Error>((parts, collect(body, limit).await))
-        };
-        let lease_lost = CancellationToken::new();
-        let outcome = AssertUnwindSafe(ownership.hold(&lease_lost, work))
-            .catch_unwind()
-            .await;
-        match outcome {
-            Ok(Ok((parts, collected))) => {
-                Ok(Ok(persist(&config, ownership, parts, collected).await))
-            }
-            Ok(Err(error)) => {
-                settle(ownership, Settlement::Release, None).await;
-                Ok(Err(error))
-            }
-            Err(panic) => {
-                settle(ownership, Settlement::Release, None).await;
-                Err(panic)
-            }
+    let lease_lost = CancellationToken::new();
+    let extensions = request.extensions_mut();
+    extensions.insert(LeaseLost::new(lease_lost.clone()));
+    extensions.insert(RequestKey::of_store_key(ownership.key()));
+    let called = AssertUnwindSafe(ownership.hold(&lease_lost, inner.call(request)))
+        .catch_unwind()
+        .await;
+    let response = match called {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            settle(ownership, Settlement::Release, None).await;
+            let _ = answer.send(Ok(Err(error)));
+            return;
         }
-    });
-    match task.await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(panic)) => resume(panic),
-        Err(join) => match join.try_into_panic() {
-            Ok(panic) => resume(panic),
-            Err(_) => Ok(Problem::Aborted.into_response()),
-        },
-    }
-}
-
-fn resume(panic: Box<dyn Any + Send>) -> ! {
-    std::panic::resume_unwind(panic)
-}
-
-/// A response body read up to the limit.
-enum Collected<B> {
-    /// All of it.
-    Whole {
-        data: Bytes,
-        trailers: Option<HeaderMap>,
-    },
-    /// Over the limit: what was read, and the rest still to stream.
-    TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
-    /// The body failed after `prefix`.
-    Broken { prefix: Bytes, error: BoxError },
-}
-
-async fn collect<B>(body: B, limit: usize) -> Collected<B>
-where
-    B: HttpBody<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = Box::pin(body);
-    let mut data = BytesMut::new();
-    if body.size_hint().lower() > limit as u64 {
-        return Collected::TooLarge {
-            prefix: Bytes::new(),
-            rest: body,
-        };
-    }
-    let mut trailers: Option<HeaderMap> = None;
-    loop {
-        let frame = body.frame().await;
-        match frame {
-            None => break,
-            Some(Err(error)) => {
-                return Collected::Broken {
-                    prefix: data.freeze(),
-                    error: error.into(),
-                };
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(chunk) => {
-                    data.extend_from_slice(&chunk);
-                    if data.len() > limit {
-                        return Collected::TooLarge {
-                            prefix: data.freeze(),
-                            rest: body,
-                        };
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(more) = frame.into_trailers() {
-                        trailers.get_or_insert_with(HeaderMap::new).extend(more);
-                    }
-                }
-            },
+        Err(panic) => {
+            settle(ownership, Settlement::Release, None).await;
+            let _ = answer.send(Err(panic));
+            return;
         }
+    };
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    if !config.keeps(status) {
+        settle(ownership, Settlement::Release, None).await;
+        let _ = answer.send(Ok(Ok(Response::from_parts(parts, Body::new(body)))));
+        return;
     }
-    Collected::Whole {
-        data: data.freeze(),
-        trailers,
+    let headers = kept_headers(&parts.headers, &config.stored_headers);
+    let (body, collector) = tee::split(body, config.body_limit);
+    let _ = answer.send(Ok(Ok(Response::from_parts(parts, body))));
+    let (kept, tail) = keep_copy(&ownership, &lease_lost, collector, config).await;
+    persist(config, ownership, status, headers, kept).await;
+    if let Some(tail) = tail {
+        tail.send();
     }
 }
 
-/// Keeps the response for replay if its status is cached, frees the key otherwise, and
-/// hands the response on — whether or not the store accepted it.
-async fn persist<B>(
+/// Collects the copy of the response body, still holding the key.
+async fn keep_copy<B>(
+    ownership: &Ownership,
+    lease_lost: &CancellationToken,
+    collector: tee::Collector<B>,
     config: &Config,
-    ownership: Ownership,
-    parts: response::Parts,
-    collected: Collected<B>,
-) -> Response<Body>
+) -> (Kept, Option<tee::Tail<B>>)
 where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let status = parts.status;
-    let cached = (config.cache_status)(status);
-    let (stored, body) = match collected {
-        Collected::Whole { data, trailers } => {
-            let stored = cached.then(|| Stored::Response {
-                status,
-                headers: kept_headers(&parts.headers, &config.stored_headers),
-                body: data.clone(),
-            });
-            (stored, whole_body(data, trailers))
+    let collecting = ownership.hold(lease_lost, collector.collect(config.response_body_timeout));
+    match AssertUnwindSafe(collecting).catch_unwind().await {
+        Ok((kept, tail)) => (kept, Some(tail)),
+        Err(_) => {
+            // The handler ran, so the key is kept; the client's side reports an error.
+            tracing::error!(
+                key = ownership.key(),
+                "the response body panicked while being read"
+            );
+            (Kept::Broken, None)
         }
-        Collected::TooLarge { prefix, rest } => {
+    }
+}
+
+/// Stores the response, or, when it was not kept whole, that the request was processed:
+/// either way the handler never runs again under this key.
+async fn persist(
+    config: &Config,
+    ownership: Ownership,
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    kept: Kept,
+) {
+    let stored = match kept {
+        Kept::Whole(body) => Stored::Response {
+            status,
+            headers,
+            body,
+        },
+        not_kept => {
             tracing::warn!(
                 key = ownership.key(),
-                limit = config.body_limit,
-                "idempotent response is over the body limit; it reaches this client but cannot be replayed"
+                %status,
+                why = not_kept.reason(),
+                "the response reaches its client but is not kept for replay; the key is marked processed"
             );
-            (
-                cached.then_some(Stored::NotKept { status }),
-                rest_of_body(prefix, rest),
-            )
+            Stored::NotKept { status }
         }
-        Collected::Broken { prefix, error } => (None, broken_body(prefix, error)),
     };
-    match stored {
-        Some(stored) => {
-            let bytes = stored.encode();
-            settle(ownership, Settlement::Complete, Some((&bytes, config.ttl))).await;
-        }
-        None => settle(ownership, Settlement::Release, None).await,
-    }
-    Response::from_parts(parts, body)
+    let bytes = stored.encode();
+    settle(ownership, Settlement::Complete, Some((&bytes, config.ttl))).await;
 }
 
 /// Applies the settlement; a failure is logged, never returned, because the response must
@@ -350,10 +357,10 @@ async fn settle(
             ?settlement,
             "the lease on the idempotency key was lost while the handler ran; another request owns it now"
         ),
-        Err(error @ StoreError::TooLarge { .. }) => tracing::warn!(
+        Err(error) if error.finished_without_result() => tracing::warn!(
             key,
             %error,
-            "the response was too large for the store; the key is marked processed without a replayable response"
+            "the store refused the response; the key is marked processed without a replayable response"
         ),
         Err(error) => tracing::error!(
             key,
@@ -374,33 +381,6 @@ fn kept_headers(headers: &HeaderMap, names: &[HeaderName]) -> Vec<(HeaderName, H
                 .map(move |value| (name.clone(), value.clone()))
         })
         .collect()
-}
-
-fn whole_body(data: Bytes, trailers: Option<HeaderMap>) -> Body {
-    match trailers {
-        None => Body::from(data),
-        Some(trailers) => Body::new(StreamBody::new(stream::iter([
-            Ok::<_, Infallible>(Frame::data(data)),
-            Ok(Frame::trailers(trailers)),
-        ]))),
-    }
-}
-
-fn rest_of_body<B>(prefix: Bytes, rest: Pin<Box<B>>) -> Body
-where
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let head = stream::once(future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
-    let tail = BodyStream::new(rest).map(|frame| frame.map_err(Into::into));
-    Body::new(StreamBody::new(head.chain(tail)))
-}
-
-fn broken_body(prefix: Bytes, error: BoxError) -> Body {
-    Body::new(StreamBody::new(stream::iter([
-        Ok(Frame::data(prefix)),
-        Err(error),
-    ])))
 }
 
 /// The stored response, byte for byte, marked as a replay.
@@ -437,7 +417,7 @@ fn replay(record: Record) -> Response<Body> {
 }
 
 /// The answer when the store refused to admit the request.
-fn refusal(key: &str, error: IdempotencyError) -> Problem {
+fn refused(key: &str, error: IdempotencyError) -> Problem {
     match error {
         IdempotencyError::KeyReused { .. } => Problem::KeyReused,
         IdempotencyError::AlreadyRunning { .. } => Problem::InFlight,

@@ -10,7 +10,7 @@
 //! ```text
 //! "OXHR" version:u8 kind:u8 status:u16
 //! kind 1 (response):  header-count:u32 { name-len:u32 name value-len:u32 value }* body-len:u64 body
-//! kind 2 (not kept):  nothing more — the response was too large to keep
+//! kind 2 (not kept):  nothing more — the response was not kept (too large, too slow, broken)
 //! ```
 //! All integers are big-endian.
 
@@ -31,8 +31,9 @@ pub(crate) enum Stored {
         headers: Vec<(HeaderName, HeaderValue)>,
         body: Bytes,
     },
-    /// The handler ran and answered `status`, but its body was over the limit, so it
-    /// cannot be replayed. The operation must still never run again under this key.
+    /// The handler ran and answered `status`, but its body was not kept (over the size
+    /// limit, past the time limit, or it failed), so it cannot be replayed. The operation
+    /// must still never run again under this key.
     NotKept { status: StatusCode },
 }
 

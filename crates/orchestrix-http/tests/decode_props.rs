@@ -16,10 +16,20 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use common::{Http, app, serve};
 
-/// Stores `bytes` as the completed response under the layer's key for `key`, without a
+/// The key under which `layer` keeps the record of a request with `key` and no credentials.
+fn store_key(layer: &IdempotencyLayer, key: &str) -> String {
+    let (parts, ()) = http::Request::post("/")
+        .header("idempotency-key", key)
+        .body(())
+        .unwrap()
+        .into_parts();
+    layer.store_key(&parts).unwrap()
+}
+
+/// Stores `bytes` as the completed response under `layer`'s key for `key`, without a
 /// fingerprint (so any request with the key may replay it).
-async fn store_response(store: &MemoryStore, key: &str, bytes: &[u8]) {
-    let key = format!("{}{key}", orchestrix_http::DEFAULT_KEY_PREFIX);
+async fn store_response(store: &MemoryStore, layer: &IdempotencyLayer, key: &str, bytes: &[u8]) {
+    let key = store_key(layer, key);
     let req = StartRequest {
         key: &key,
         fingerprint: None,
@@ -70,16 +80,15 @@ fn any_stored_bytes_are_replayed_or_refused_and_nothing_runs() {
         .build()
         .unwrap();
     let store = Arc::new(MemoryStore::new());
+    let layer = IdempotencyLayer::new(Arc::clone(&store) as Arc<dyn IdempotencyStore>);
     let (http, probe, real) = runtime.block_on(async {
-        let (router, probe) = app(IdempotencyLayer::new(
-            Arc::clone(&store) as Arc<dyn IdempotencyStore>
-        ));
+        let (router, probe) = app(layer.clone());
         let http = Http::new(serve(router).await);
         // One real response, for the near-valid cases.
         let first = http.post("/orders", Some("real"), "{}").await;
         assert_eq!(first.status.as_u16(), 201);
         let real = store
-            .get(&format!("{}real", orchestrix_http::DEFAULT_KEY_PREFIX))
+            .get(&store_key(&layer, "real"))
             .await
             .unwrap()
             .and_then(|r| r.result)
@@ -96,7 +105,7 @@ fn any_stored_bytes_are_replayed_or_refused_and_nothing_runs() {
     let outcome = runner.run(&strategy, |bytes| {
         let key = format!("garbage-{}", case.fetch_add(1, Ordering::Relaxed));
         runtime.block_on(async {
-            store_response(&store, &key, &bytes).await;
+            store_response(&store, &layer, &key, &bytes).await;
             let runs_before = probe.runs();
             let request = http.post_request("/orders", &key, "{}");
             let reply = http.try_request(request).await.map_err(|e| {

@@ -53,10 +53,11 @@ async fn garbage_under_the_key_in_redis_is_503_and_nothing_runs() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let redis_key = format!("{prefix}http:{key}");
+    let layer = IdempotencyLayer::new(store);
+    let redis_key = format!("{prefix}{}", behaviour::store_key_of(&layer, &key));
     let () = raw.set_ex(&redis_key, "not a record", 60).await.unwrap();
 
-    let (router, probe) = common::app(IdempotencyLayer::new(store));
+    let (router, probe) = common::app(layer);
     let http = common::Http::new(common::serve(router).await);
     let detail = http
         .post("/orders", Some(&key), "{}")

@@ -7,13 +7,16 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, RedisError};
 
 use crate::RedisStore;
+use crate::durable::{DEFAULT_MAX_JOURNAL_BYTES, REDIS_MAX_VALUE};
 
 /// The key prefix used unless [`RedisStoreBuilder::key_prefix`] sets another.
 pub const DEFAULT_KEY_PREFIX: &str = "orchestrix:";
 
 /// The largest result stored unless [`RedisStoreBuilder::max_result_size`] sets another:
-/// Redis's own default limit for one value (`proto-max-bulk-len`, 512 MiB).
-pub const DEFAULT_MAX_RESULT_SIZE: usize = 512 * 1024 * 1024;
+/// Redis's own default limit for one value (`proto-max-bulk-len`, 512 MiB), less the most
+/// a record adds around its result (65,573 bytes: the header, the longest fingerprint and
+/// the result flag), so a stored record never exceeds 512 MiB.
+pub const DEFAULT_MAX_RESULT_SIZE: usize = 512 * 1024 * 1024 - crate::record::MAX_OVERHEAD;
 
 const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,6 +64,7 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     response_timeout: Duration,
     max_result_size: usize,
+    max_journal_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -84,6 +88,7 @@ impl RedisStoreBuilder {
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
         }
     }
 
@@ -119,6 +124,19 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The largest, in bytes, a durable run's record may grow to: its journal (input and
+    /// entries, each with an 8-byte length), fingerprint and 76-byte header (default
+    /// [`DEFAULT_MAX_JOURNAL_BYTES`], 64 MiB; at most Redis's own limit for one value,
+    /// 512 MiB, to which larger settings are lowered). A durable start whose input, or an
+    /// append whose entry, would pass it is
+    /// [`StoreError::TooLarge`](orchestrix::store::StoreError::TooLarge), and nothing is
+    /// written. The result a finished run stores after its journal is bounded by
+    /// [`max_result_size`](Self::max_result_size) instead.
+    pub fn max_journal_bytes(mut self, bytes: usize) -> Self {
+        self.max_journal_bytes = bytes.min(REDIS_MAX_VALUE);
+        self
+    }
+
     /// Connects now and returns the store.
     ///
     /// The connection reconnects by itself afterwards; an operation made while Redis is
@@ -138,7 +156,11 @@ impl RedisStoreBuilder {
                     .map_err(RedisStoreError::Connect)?
             }
         };
-        Ok(store(manager, self.key_prefix, self.max_result_size))
+        let limits = Limits {
+            max_result_size: self.max_result_size,
+            max_journal_bytes: self.max_journal_bytes,
+        };
+        Ok(store(manager, self.key_prefix, limits))
     }
 
     /// Returns the store at once and connects on its first operation, for services that
@@ -161,7 +183,11 @@ impl RedisStoreBuilder {
                     .map_err(RedisStoreError::InvalidSettings)?
             }
         };
-        Ok(store(manager, self.key_prefix, self.max_result_size))
+        let limits = Limits {
+            max_result_size: self.max_result_size,
+            max_journal_bytes: self.max_journal_bytes,
+        };
+        Ok(store(manager, self.key_prefix, limits))
     }
 }
 
@@ -188,10 +214,35 @@ fn manager_config(connection: Duration, response: Duration) -> ConnectionManager
         .set_max_delay(connection)
 }
 
-fn store(conn: ConnectionManager, key_prefix: String, max_result_size: usize) -> RedisStore {
+/// The sizes a store refuses to store past.
+struct Limits {
+    max_result_size: usize,
+    max_journal_bytes: usize,
+}
+
+fn store(conn: ConnectionManager, key_prefix: String, limits: Limits) -> RedisStore {
     RedisStore {
         conn,
         key_prefix: Arc::from(key_prefix),
-        max_result_size,
+        max_result_size: limits.max_result_size,
+        max_journal_bytes: limits.max_journal_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis's own limit for one string value (and, by default, one argument).
+    const REDIS_MAX_VALUE: usize = 512 * 1024 * 1024;
+
+    /// The largest record that can hold a result of the default limit is exactly as long
+    /// as Redis allows a value to be.
+    #[test]
+    fn the_default_result_limit_leaves_room_for_the_largest_record_around_it() {
+        assert_eq!(
+            DEFAULT_MAX_RESULT_SIZE + crate::record::MAX_OVERHEAD,
+            REDIS_MAX_VALUE
+        );
     }
 }

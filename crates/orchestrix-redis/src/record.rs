@@ -18,6 +18,10 @@
 //!
 //! The key's own expiry is the lease (running) or the TTL (finished); no expiry means
 //! "keep until deleted".
+//!
+//! Durable runs' records share the version digit and the key but use uppercase status
+//! letters, keep their lease inside the value and their journal at the end: see
+//! `durable/layout.rs`. [`decode`] reads both.
 
 use orchestrix::store::{FencingToken, Record, RecordStatus, SCHEMA_VERSION, StoreError};
 
@@ -29,6 +33,9 @@ const FP_AT: usize = 38;
 const NO_FINGERPRINT: &[u8; 4] = b"ffff";
 /// The longest fingerprint the layout holds.
 pub(crate) const MAX_FINGERPRINT_LEN: usize = 0xfffe;
+/// The most bytes a record holds besides its result: the header, the longest fingerprint
+/// and the result flag.
+pub(crate) const MAX_OVERHEAD: usize = FP_AT + MAX_FINGERPRINT_LEN + 1;
 /// The result flag: no result follows.
 pub(crate) const NO_RESULT: u8 = b'-';
 /// The result flag: the result follows.
@@ -149,6 +156,9 @@ pub(crate) fn decode(key: &str, value: &[u8]) -> Result<Record, StoreError> {
         return Err(UndecodableRecord::BadVersion(version).into());
     }
     Record::check_version(u32::from(version - b'0'))?;
+    if crate::durable::is_durable_value(value) {
+        return crate::durable::decode_record(key, value);
+    }
     if value.len() < FP_AT + 1 {
         return Err(UndecodableRecord::Truncated(value.len()).into());
     }
@@ -295,6 +305,13 @@ mod tests {
             encode(RecordStatus::Running, token(), Some(&longer), None),
             Err(StoreError::Encode(_))
         ));
+    }
+
+    #[test]
+    fn max_overhead_is_what_the_longest_fingerprint_and_no_result_take() {
+        let longest = "x".repeat(MAX_FINGERPRINT_LEN);
+        let encoded = encode(RecordStatus::Completed, token(), Some(&longest), Some(b"")).unwrap();
+        assert_eq!(encoded.len(), MAX_OVERHEAD);
     }
 
     #[test]

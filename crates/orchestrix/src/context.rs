@@ -1,11 +1,13 @@
 //! The context a step runs in: the run's input, its shared state, its cancellation.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 /// What one step hands the next: the input, typed state by name, and the cancellation
@@ -39,12 +41,36 @@ pub struct Context<I> {
     /// `CancellationToken` takes a lock, cloning an `Arc` does not, and the engine clones
     /// the context for every step attempt.
     group: Option<Arc<CancellationToken>>,
+    /// The step (or compensation) this context was handed to, if any.
+    step: Option<StepSlot>,
+    /// Durable runs only: the state keys the step has written, for its checkpoint.
+    writes: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 struct Shared<I> {
     input: I,
     state: Mutex<HashMap<String, Value>>,
     cancel: CancellationToken,
+    /// What step keys derive from: the run's scoped key, or a random id for a run without.
+    run: RunIdentity,
+    /// The flow's step names, by position.
+    names: Option<Arc<[Arc<str>]>>,
+}
+
+/// Where a context is being used: a step's position, and whether for its compensation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StepSlot {
+    pub(crate) position: usize,
+    pub(crate) compensation: bool,
+}
+
+/// What a run's step keys derive from.
+#[derive(Debug, Clone)]
+pub(crate) enum RunIdentity {
+    /// The run's scoped idempotency key: step keys are the same in every run of the key.
+    Key(Arc<str>),
+    /// A run without a key: step keys are stable within the run only.
+    Random(u128),
 }
 
 /// A state value could not be converted to or from JSON.
@@ -74,6 +100,8 @@ impl<I> Clone for Context<I> {
         Self {
             shared: Arc::clone(&self.shared),
             group: self.group.clone(),
+            step: self.step,
+            writes: self.writes.clone(),
         }
     }
 }
@@ -86,13 +114,27 @@ impl<I> Context<I> {
 
     /// A context for `input` cancelled through `cancel`.
     pub fn with_cancellation(input: I, cancel: CancellationToken) -> Self {
+        Self::for_run(input, cancel, RunIdentity::Random(fastrand::u128(..)), None)
+    }
+
+    /// The context of one run of a flow: its identity and step names give steps their keys.
+    pub(crate) fn for_run(
+        input: I,
+        cancel: CancellationToken,
+        run: RunIdentity,
+        names: Option<Arc<[Arc<str>]>>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 input,
                 state: Mutex::new(HashMap::new()),
                 cancel,
+                run,
+                names,
             }),
             group: None,
+            step: None,
+            writes: None,
         }
     }
 
@@ -101,7 +143,85 @@ impl<I> Context<I> {
         Self {
             shared: Arc::clone(&self.shared),
             group: Some(Arc::new(cancel)),
+            step: self.step,
+            writes: self.writes.clone(),
         }
+    }
+
+    /// The same run's context, handed to the step (or compensation) in `slot`; with
+    /// `writes`, every key the step sets is recorded there.
+    pub(crate) fn for_step(&self, slot: StepSlot, writes: Option<Arc<Mutex<Vec<String>>>>) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            group: self.group.clone(),
+            step: Some(slot),
+            writes,
+        }
+    }
+
+    /// The state under `keys`, as stored (a key without a value is left out).
+    pub(crate) fn state_of(&self, keys: &[String]) -> Vec<(String, Value)> {
+        let state = self.state();
+        keys.iter()
+            .filter_map(|k| state.get(k).map(|v| (k.clone(), v.clone())))
+            .collect()
+    }
+
+    /// Restores state written by an earlier run (a resumed durable run).
+    pub(crate) fn restore(&self, values: impl IntoIterator<Item = (String, Value)>) {
+        self.state().extend(values);
+    }
+
+    /// A key for what the current step does downstream, to send as the `Idempotency-Key`
+    /// of the payment (or any) API it calls: 32 hex digits, derived from the run's
+    /// idempotency key, the step's position and name, and whether this is the step or its
+    /// compensation.
+    ///
+    /// The same in every attempt of the step, and in every run of the same key: after a
+    /// crash, a resumed durable run (or a re-run of a non-durable one) sends the same key,
+    /// so the downstream API does not act twice either. A compensation gets a key of its
+    /// own. For a run without an idempotency key the step keys are stable within the run
+    /// only. `None` outside a step (a context you built yourself).
+    ///
+    /// ```
+    /// # use orchestrix::{Context, StepError};
+    /// async fn charge(ctx: Context<u64>) -> Result<(), StepError> {
+    ///     let idempotency_key = ctx.step_key().unwrap_or_default();
+    ///     // POST /v1/charges with `Idempotency-Key: {idempotency_key}` ...
+    ///     # let _ = idempotency_key;
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn step_key(&self) -> Option<String> {
+        let slot = self.step?;
+        let name = self
+            .shared
+            .names
+            .as_ref()
+            .and_then(|names| names.get(slot.position))
+            .map_or("", |n| &**n);
+        let mut hasher = Sha256::new();
+        match &self.shared.run {
+            RunIdentity::Key(key) => {
+                hasher.update(b"k");
+                hasher.update((key.len() as u64).to_le_bytes());
+                hasher.update(key.as_bytes());
+            }
+            RunIdentity::Random(id) => {
+                hasher.update(b"r");
+                hasher.update(id.to_le_bytes());
+            }
+        }
+        hasher.update((slot.position as u64).to_le_bytes());
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update([u8::from(slot.compensation)]);
+        let digest = hasher.finalize();
+        let mut hex = String::with_capacity(32);
+        for byte in &digest[..16] {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        Some(hex)
     }
 
     /// The run's input.
@@ -117,6 +237,12 @@ impl<I> Context<I> {
         let key = key.into();
         match serde_json::to_value(value) {
             Ok(v) => {
+                if let Some(writes) = &self.writes {
+                    let mut writes = writes.lock().unwrap_or_else(|p| p.into_inner());
+                    if !writes.contains(&key) {
+                        writes.push(key.clone());
+                    }
+                }
                 self.state().insert(key, v);
                 Ok(())
             }

@@ -1,10 +1,14 @@
 //! Runs a flow's steps: retries, timeouts, parallel groups, cancellation, compensation.
 //!
-//! Nothing here knows about idempotency; [`crate::run`] wraps this in the store stages.
+//! Nothing here knows about stores: [`crate::run`] wraps this in the store stages. What a
+//! run records as it goes is one parameter, [`Track`]: nothing (a plain run), which steps
+//! completed (a keyed run, for when its future is dropped), or every step in a durable
+//! run's journal, which also says what an earlier run of the key already did.
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::Either;
@@ -13,7 +17,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::context::Context;
+use crate::context::{Context, StepSlot};
+use crate::durable::entry::Entry;
+use crate::durable::journaling::Journaling;
 use crate::hooks::{Event, Hooks};
 use crate::result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
 use crate::step::{Step, StepError, panic_message};
@@ -35,16 +41,45 @@ pub(crate) struct Plan<I, O> {
     pub(crate) name: Arc<str>,
     /// Every step in declaration order.
     pub(crate) steps: Vec<Step<I>>,
-    pub(crate) step_names: Vec<Arc<str>>,
+    pub(crate) step_names: Arc<[Arc<str>]>,
     pub(crate) stages: Vec<Stage>,
     pub(crate) output: Option<OutputFn<I, O>>,
     pub(crate) hooks: Hooks,
     pub(crate) compensate_on_cancel: bool,
 }
 
+/// What a run records as its steps go.
+#[derive(Clone, Copy)]
+pub(crate) enum Track<'a> {
+    /// Nothing: a run without a key.
+    Off,
+    /// Which steps completed: a keyed run, whose record must say so if its future is
+    /// dropped before the run ends.
+    Progress(&'a Progress),
+    /// Everything, in the journal of a durable run.
+    Journal(&'a Journaling<'a>),
+}
+
+/// The steps a keyed run completed so far, by position, with attempts and duration.
+#[derive(Debug, Default)]
+pub(crate) struct Progress(Mutex<Vec<(usize, u32, Duration)>>);
+
+impl Progress {
+    fn completed(&self, position: usize, result: &StepResult) {
+        let mut done = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        done.push((position, result.attempts, result.duration));
+    }
+
+    /// The steps completed so far.
+    pub(crate) fn snapshot(&self) -> Vec<(usize, u32, Duration)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 impl<I: Send + Sync + 'static, O> Plan<I, O> {
-    /// Runs every stage in order, then compensates if the run did not complete.
-    pub(crate) async fn execute(&self, ctx: Context<I>) -> FlowResult<O> {
+    /// Runs every stage in order, then compensates if the run did not complete. A durable
+    /// run skips what its journal says earlier runs completed.
+    pub(crate) async fn execute(&self, ctx: Context<I>, track: Track<'_>) -> FlowResult<O> {
         let started = Instant::now();
         self.hooks.emit(Event::FlowStart { flow: &self.name });
         let mut steps: Vec<StepResult> = self.step_names.iter().map(StepResult::pending).collect();
@@ -52,19 +87,28 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         // recorded, so a flow without compensations never allocates here.
         let mut completed = Vec::new();
         let mut error = None;
+        if let Track::Journal(journal) = track {
+            error = self.restore(journal, &mut steps, &mut completed);
+        }
         // Each step starts when the previous one ended: one clock read per step.
         let mut clock = started;
         for stage in &self.stages {
+            if error.is_some() {
+                break;
+            }
             if ctx.is_cancelled() {
                 error = Some(FlowError::Cancelled);
                 break;
             }
             let outcome = match stage {
                 Stage::Single(i) => {
-                    let (result, outcome, ended) = self.run_step(*i, &ctx, clock).await;
-                    clock = ended;
-                    steps[*i] = result;
-                    outcome.map(|()| self.completed(*i, &mut completed))
+                    let (outcome, ended) = self.step(*i, &ctx, clock, track, &mut steps).await;
+                    clock = ended.unwrap_or(clock);
+                    outcome.map(|ran| {
+                        if ran {
+                            self.completed(*i, &mut completed);
+                        }
+                    })
                 }
                 Stage::Parallel {
                     steps: range,
@@ -76,6 +120,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                             *fail_fast,
                             &ctx,
                             clock,
+                            track,
                             &mut steps,
                             &mut completed,
                         )
@@ -86,7 +131,6 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             };
             if let Err(e) = outcome {
                 error = Some(e);
-                break;
             }
         }
         if error.is_none() && ctx.is_cancelled() {
@@ -110,9 +154,34 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             Some(FlowError::Cancelled) => Status::Cancelled,
             Some(_) => Status::Failed,
         };
-        if status == Status::Failed || (status == Status::Cancelled && self.compensate_on_cancel) {
-            self.compensate(&ctx, &completed, &mut steps, &mut compensation_failures)
-                .await;
+        // A durable run that lost its ownership stops without compensating: its next owner
+        // resumes from the journal and counts the journaled steps as done.
+        let owner_gone = matches!(track, Track::Journal(journal) if journal.lost());
+        let compensate =
+            status == Status::Failed || (status == Status::Cancelled && self.compensate_on_cancel);
+        if compensate && !owner_gone {
+            if let (Track::Journal(journal), Some(error)) = (track, &error)
+                && status == Status::Failed
+                && journal.resume.failed.is_none()
+            {
+                // A crash while compensating resumes the compensation, not the run.
+                let position = steps.iter().position(|s| s.status == Status::Failed);
+                let name = position.map_or("", |p| &*self.step_names[p]);
+                let failed = Entry::Failed {
+                    position,
+                    name: name.to_owned(),
+                    error: error.clone(),
+                };
+                journal.note(name, &failed).await;
+            }
+            self.compensate(
+                &ctx,
+                track,
+                &completed,
+                &mut steps,
+                &mut compensation_failures,
+            )
+            .await;
             clock = Instant::now();
         }
         FlowResult {
@@ -125,6 +194,135 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             compensation_failures,
             replayed: false,
         }
+    }
+
+    /// A resumed durable run: marks the steps its journal says completed (in completion
+    /// order, so they compensate in reverse), and returns the failure of a run that was
+    /// already failing. The state they wrote was restored with the context.
+    fn restore(
+        &self,
+        journal: &Journaling<'_>,
+        steps: &mut [StepResult],
+        completed: &mut Vec<usize>,
+    ) -> Option<FlowError> {
+        let resume = &journal.resume;
+        for &i in &resume.order {
+            let Some(Some(restored)) = resume.restored.get(i) else {
+                continue;
+            };
+            steps[i].status = Status::Completed;
+            steps[i].attempts = restored.attempts;
+            steps[i].duration = restored.duration;
+            steps[i].restored = true;
+            self.hooks.emit(Event::StepRestored {
+                flow: &self.name,
+                step: &self.step_names[i],
+                attempts: restored.attempts,
+            });
+            tracing::info!(step = %self.step_names[i], attempts = restored.attempts, "step restored from the journal");
+            self.completed(i, completed);
+        }
+        for (i, step) in steps.iter_mut().enumerate() {
+            if resume.was_compensated(i) {
+                step.status = Status::Cancelled;
+            }
+        }
+        let (position, error) = resume.failed.clone()?;
+        if let Some(step) = position.and_then(|p| steps.get_mut(p)) {
+            step.status = Status::Failed;
+        }
+        Some(error)
+    }
+
+    /// Runs the step at `i` unless the journal already has it. `Ok(true)` when it ran and
+    /// completed (and, in a durable run, its checkpoint is written), `Ok(false)` when it
+    /// was restored; beside it, when the step ended if it ran.
+    async fn step(
+        &self,
+        i: usize,
+        ctx: &Context<I>,
+        started: Instant,
+        track: Track<'_>,
+        steps: &mut [StepResult],
+    ) -> (Result<bool, FlowError>, Option<Instant>) {
+        let (result, outcome) = self.tracked_step(i, ctx, started, track).await;
+        let ended = result.as_ref().map(|r| started + r.duration);
+        if let Some(result) = result {
+            steps[i] = result;
+        }
+        (outcome, ended)
+    }
+
+    /// [`step`](Self::step), returning the step's result (`None` when restored) beside the
+    /// outcome, so parallel branches can run it concurrently.
+    async fn tracked_step(
+        &self,
+        i: usize,
+        ctx: &Context<I>,
+        started: Instant,
+        track: Track<'_>,
+    ) -> (Option<StepResult>, Result<bool, FlowError>) {
+        let step = &self.steps[i];
+        let journal = match track {
+            Track::Journal(journal) => Some(journal),
+            _ => None,
+        };
+        if let Some(journal) = journal {
+            if journal.resume.is_restored(i) {
+                return (None, Ok(false));
+            }
+            if step.at_most_once {
+                if journal.resume.is_interrupted(i) {
+                    let mut result = StepResult::pending(&step.name);
+                    result.status = Status::Failed;
+                    let error = FlowError::StepInterrupted {
+                        step: step.name.to_string(),
+                    };
+                    result.error = Some(error.to_string());
+                    return (Some(result), Err(error));
+                }
+                let mark = Entry::Started {
+                    position: i,
+                    name: step.name.to_string(),
+                };
+                if let Err(e) = journal.write(&step.name, &mark).await {
+                    return (Some(StepResult::pending(&step.name)), Err(e));
+                }
+            }
+        }
+        let writes = journal.map(|_| Arc::new(Mutex::new(Vec::new())));
+        let slot = StepSlot {
+            position: i,
+            compensation: false,
+        };
+        let step_ctx = ctx.for_step(slot, writes.clone());
+        let (result, outcome) = self.run_step(i, &step_ctx, started).await;
+        if outcome.is_err() {
+            return (Some(result), outcome.map(|()| true));
+        }
+        match track {
+            Track::Off => {}
+            Track::Progress(progress) => progress.completed(i, &result),
+            Track::Journal(journal) => {
+                let written = writes
+                    .as_ref()
+                    .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                    .unwrap_or_default();
+                let entry = Entry::Completed {
+                    position: i,
+                    name: step.name.to_string(),
+                    attempts: result.attempts,
+                    duration: result.duration,
+                    state: step_ctx.state_of(&written),
+                };
+                if let Err(e) = journal.write(&step.name, &entry).await {
+                    // The step completed but is not recorded: it is compensated with the
+                    // others, and a resumed run would run it again.
+                    return (Some(result), Err(e));
+                }
+            }
+        }
+        (Some(result), Ok(true))
     }
 
     /// The output, from the output builder. A builder that panics fails the run like a
@@ -150,13 +348,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
     }
 
     /// Runs one step, started at `started`, to completion or exhaustion of its retries.
-    /// Returns when it ended.
     async fn run_step(
         &self,
         i: usize,
         ctx: &Context<I>,
         started: Instant,
-    ) -> (StepResult, Result<(), FlowError>, Instant) {
+    ) -> (StepResult, Result<(), FlowError>) {
         let step = &self.steps[i];
         let mut result = StepResult::pending(&step.name);
         let mut attempt = 0;
@@ -188,17 +385,16 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             };
             let err = match outcome {
                 Ok(()) => {
-                    let ended = Instant::now();
                     result.status = Status::Completed;
                     result.error = None;
-                    result.duration = ended.duration_since(started);
+                    result.duration = started.elapsed();
                     self.hooks.emit(Event::StepComplete {
                         flow: &self.name,
                         step: &step.name,
                         attempts: attempt,
                         duration: result.duration,
                     });
-                    return (result, Ok(()), ended);
+                    return (result, Ok(()));
                 }
                 Err(err) => err,
             };
@@ -239,18 +435,21 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 () = tokio::time::sleep(delay) => {}
             }
         };
-        let ended = Instant::now();
-        result.duration = ended.duration_since(started);
-        (result, outcome, ended)
+        result.duration = started.elapsed();
+        (result, outcome)
     }
 
-    /// Starts the group's steps together and applies the group's failure rule.
+    /// Starts the group's steps together and applies the group's failure rule. In a durable
+    /// run each branch is journaled as it completes; branches the journal already has are
+    /// not run again, and count as succeeded.
+    #[allow(clippy::too_many_arguments)]
     async fn run_group(
         &self,
         range: Range<usize>,
         fail_fast: bool,
         ctx: &Context<I>,
         started: Instant,
+        track: Track<'_>,
         steps: &mut [StepResult],
         completed: &mut Vec<usize>,
     ) -> Result<(), FlowError> {
@@ -261,7 +460,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             .map(|i| {
                 let group_ctx = &group_ctx;
                 async move {
-                    let (result, outcome, _) = self.run_step(i, group_ctx, started).await;
+                    let (result, outcome) = self.tracked_step(i, group_ctx, started, track).await;
                     (i, result, outcome)
                 }
             })
@@ -269,9 +468,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         let mut first_error = None;
         let mut failures = 0;
         while let Some((i, result, outcome)) = running.next().await {
-            steps[i] = result;
+            if let Some(result) = result {
+                steps[i] = result;
+            }
             match outcome {
-                Ok(()) => self.completed(i, completed),
+                Ok(true) => self.completed(i, completed),
+                Ok(false) => {}
                 Err(e) => {
                     failures += 1;
                     first_error.get_or_insert(e);
@@ -295,15 +497,21 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             return first_error.map_or(Ok(()), Err);
         }
         match first_error {
+            // A journaling failure (or a lost lease) stops the run whatever the group's rule.
+            Some(e @ (FlowError::JournalWrite { .. } | FlowError::StepInterrupted { .. })) => {
+                Err(e)
+            }
             Some(e) if failures == range.len() => Err(e),
             _ => Ok(()),
         }
     }
 
-    /// Compensates completed steps in reverse completion order.
+    /// Compensates completed steps in reverse completion order. A durable run journals
+    /// each compensation, and skips those its journal says already ran.
     async fn compensate(
         &self,
         ctx: &Context<I>,
+        track: Track<'_>,
         completed: &[usize],
         steps: &mut [StepResult],
         failures: &mut Vec<CompensationFailure>,
@@ -315,12 +523,21 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             let Some(compensate) = &step.compensate else {
                 continue;
             };
+            if let Track::Journal(journal) = track
+                && journal.resume.was_compensated(i)
+            {
+                continue;
+            }
             self.hooks.emit(Event::CompensateStart {
                 flow: &self.name,
                 step: &step.name,
             });
             let span = tracing::info_span!("compensate", step = %step.name);
-            let error = compensate(ctx.clone())
+            let slot = StepSlot {
+                position: i,
+                compensation: true,
+            };
+            let error = compensate(ctx.for_step(slot, None))
                 .instrument(span)
                 .await
                 .err()
@@ -331,7 +548,16 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 error: error.as_deref(),
             });
             match error {
-                None => steps[i].status = Status::Cancelled,
+                None => {
+                    steps[i].status = Status::Cancelled;
+                    if let Track::Journal(journal) = track {
+                        let entry = Entry::Compensated {
+                            position: i,
+                            name: step.name.to_string(),
+                        };
+                        journal.note(&step.name, &entry).await;
+                    }
+                }
                 Some(message) => failures.push(CompensationFailure {
                     step: step.name.to_string(),
                     message,

@@ -5,7 +5,10 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
+
 use crate::context::Context;
+use crate::durable::Durability;
 use crate::execute::{OutputFn, Plan, Stage};
 use crate::hooks::{ConsoleLogger, Hooks, Plugin};
 use crate::idempotency::{Fingerprint, flow_prefix};
@@ -13,6 +16,9 @@ use crate::step::{Parallel, Step, StepError};
 use crate::store::{IdempotencyStore, MemoryStore};
 
 pub(crate) type ValidatorFn<I> = Box<dyn Fn(&I) -> Result<(), Vec<String>> + Send + Sync>;
+
+/// The version of a durable flow that sets none.
+const DEFAULT_VERSION: &str = "1";
 
 /// A flow: named steps over a typed input `I`, producing an optional typed output `O`.
 ///
@@ -63,6 +69,8 @@ pub(crate) struct FlowInner<I, O> {
     pub(crate) fingerprint: Fingerprint<I>,
     /// What the flow's scoped keys start with: its name, escaped, and `:`.
     pub(crate) key_prefix: Box<str>,
+    /// Set for a durable flow: its keyed runs are journaled.
+    pub(crate) durable: Option<Durability<I>>,
 }
 
 impl<I, O> Clone for Flow<I, O> {
@@ -141,6 +149,13 @@ pub enum BuildError {
         /// The step.
         step: String,
     },
+    /// The flow is durable, but its store keeps no journals
+    /// ([`IdempotencyStore::journal_store`] is `None`).
+    #[error("flow {flow:?} is durable, but its store keeps no journals")]
+    StoreKeepsNoJournal {
+        /// The flow.
+        flow: String,
+    },
 }
 
 /// Builds a [`Flow`]. Obtained from [`Flow::builder`].
@@ -155,6 +170,8 @@ pub struct FlowBuilder<I, O> {
     store: Option<Arc<dyn IdempotencyStore>>,
     fingerprint: Fingerprint<I>,
     compensate_on_cancel: bool,
+    durable: Option<Durability<I>>,
+    version: Option<String>,
 }
 
 impl<I, O> FlowBuilder<I, O> {
@@ -171,6 +188,8 @@ impl<I, O> FlowBuilder<I, O> {
             store: None,
             fingerprint: Fingerprint::Input,
             compensate_on_cancel: true,
+            durable: None,
+            version: None,
         }
     }
 
@@ -261,11 +280,23 @@ impl<I, O> FlowBuilder<I, O> {
         self
     }
 
+    /// The version of a durable flow, stored in every journal it writes (default `"1"`).
+    /// A run interrupted under another version is not resumed by this one
+    /// ([`IdempotencyError::JournalVersion`](crate::idempotency::IdempotencyError::JournalVersion)):
+    /// change it when the flow's steps change in a way journals cannot follow (see
+    /// [`FlowBuilder::durable`]).
+    #[must_use]
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
     /// Checks the definition and builds the flow.
     ///
     /// # Errors
     /// [`BuildError`] for an empty name, no steps, a duplicate or empty step name, an
-    /// empty parallel group, or a zero timeout.
+    /// empty parallel group, a zero timeout, or a durable flow on a store without
+    /// journals.
     pub fn build(self) -> Result<Flow<I, O>, BuildError> {
         let flow = || self.name.clone();
         if self.name.is_empty() {
@@ -296,6 +327,15 @@ impl<I, O> FlowBuilder<I, O> {
         }
         let step_names = self.steps.iter().map(|s| Arc::clone(&s.name)).collect();
         let key_prefix = flow_prefix(&self.name).into_boxed_str();
+        let store: Arc<dyn IdempotencyStore> =
+            self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        if self.durable.is_some() && store.journal_store().is_none() {
+            return Err(BuildError::StoreKeepsNoJournal { flow: flow() });
+        }
+        let durable = self.durable.map(|d| Durability {
+            version: self.version.unwrap_or_else(|| DEFAULT_VERSION.to_owned()),
+            ..d
+        });
         Ok(Flow {
             inner: Arc::new(FlowInner {
                 plan: Plan {
@@ -308,12 +348,61 @@ impl<I, O> FlowBuilder<I, O> {
                     compensate_on_cancel: self.compensate_on_cancel,
                 },
                 validator: self.validator,
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store,
                 fingerprint: self.fingerprint,
                 key_prefix,
+                durable,
             }),
         })
     }
+}
+
+impl<I: DeserializeOwned, O> FlowBuilder<I, O> {
+    /// Makes the flow **durable**: each keyed run journals its input and every step it
+    /// completes (with the state the step wrote), so that a run whose owner died (a crash,
+    /// a dropped future, a lost lease) resumes where it stopped when the key is run again,
+    /// [resumed](Flow::resume) or [recovered](Flow::recover), instead of starting over. A
+    /// completed step never runs again; the step in flight may, unless it is
+    /// [at most once](crate::Step::at_most_once). Unkeyed runs are not journaled. The input
+    /// type must also be `DeserializeOwned`, to be read back from the journal.
+    ///
+    /// Needs a store that keeps journals (every store of this workspace does); each step
+    /// costs one more store write. See [`crate::durable`'s guarantees](crate::Flow::resume)
+    /// and the README's "Durable flows" for which step may run again when, and how to
+    /// change a durable flow safely (positions and names identify steps;
+    /// [`version`](Self::version)).
+    ///
+    /// ```
+    /// use orchestrix::{Context, Flow, RunOptions, StepError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let flow = Flow::<u64, ()>::builder("order")
+    ///     .durable()
+    ///     .step("charge", |ctx: Context<u64>| async move {
+    ///         // The same key in every run of this order: send it downstream.
+    ///         let _idempotency_key = ctx.step_key();
+    ///         Ok::<_, StepError>(())
+    ///     })
+    ///     .step("ship", |_ctx: Context<u64>| async { Ok::<_, StepError>(()) })
+    ///     .build()?;
+    /// let result = flow.run(4200, RunOptions::key("order-17")).await?;
+    /// assert!(result.is_completed());
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn durable(mut self) -> Self {
+        self.durable = Some(Durability {
+            decode: decode_input::<I>,
+            version: String::new(),
+        });
+        self
+    }
+}
+
+/// A journaled input, read back.
+fn decode_input<I: DeserializeOwned>(json: &[u8]) -> Result<I, serde_json::Error> {
+    serde_json::from_slice(json)
 }
 
 impl<I, O> fmt::Debug for FlowBuilder<I, O> {

@@ -72,6 +72,16 @@ pub enum Event<'a> {
         /// The delay before the next attempt, or `None` when retries are exhausted.
         retry_in: Option<Duration>,
     },
+    /// A durable run skipped a step because an earlier run of the same key completed it:
+    /// its state was restored from the journal, and it did not run again.
+    StepRestored {
+        /// The flow.
+        flow: &'a str,
+        /// The step.
+        step: &'a str,
+        /// The attempts it took in the run that completed it.
+        attempts: u32,
+    },
     /// A step's compensation started.
     CompensateStart {
         /// The flow.
@@ -228,6 +238,16 @@ impl ConsoleLogger {
                 ),
                 None => format!("{flow} › {step}: attempt {attempt} failed: {error} (giving up)"),
             },
+            Event::StepRestored {
+                flow,
+                step,
+                attempts,
+            } => {
+                let plural = if *attempts == 1 { "" } else { "s" };
+                format!(
+                    "{flow} › {step}: restored from the journal (completed earlier after {attempts} attempt{plural})"
+                )
+            }
             Event::CompensateStart { flow, step } => {
                 format!("{flow} › {step}: compensating")
             }

@@ -46,6 +46,7 @@
 #![warn(missing_docs)]
 
 mod context;
+mod durable;
 mod execute;
 mod flow;
 pub mod hooks;
@@ -58,6 +59,7 @@ pub mod store;
 mod stored;
 
 pub use context::{Context, StateError};
+pub use durable::Recovered;
 pub use flow::{BuildError, Flow, FlowBuilder};
 pub use hooks::{ConsoleLogger, Event, Plugin};
 pub use idempotency::{

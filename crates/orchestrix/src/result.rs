@@ -36,6 +36,10 @@ pub struct StepResult {
     pub duration: Duration,
     /// The last attempt's error, if it failed.
     pub error: Option<String>,
+    /// Whether the step was not run by this run but restored from a durable run's journal
+    /// (it completed in an earlier run of the same key, which was interrupted).
+    #[serde(default)]
+    pub restored: bool,
 }
 
 impl StepResult {
@@ -46,6 +50,7 @@ impl StepResult {
             attempts: 0,
             duration: Duration::ZERO,
             error: None,
+            restored: false,
         }
     }
 }
@@ -82,6 +87,24 @@ pub enum FlowError {
     /// The run was cancelled (by the caller, or because it lost its idempotency lease).
     #[error("run cancelled")]
     Cancelled,
+    /// An at-most-once step ([`Step::at_most_once`](crate::Step::at_most_once)) had started
+    /// in an earlier run of this durable key that was interrupted before it finished, so it
+    /// may or may not have taken effect. It is not run again: the run fails (and
+    /// compensates) instead.
+    #[error("step {step:?} was interrupted in an earlier run and is at most once: not run again")]
+    StepInterrupted {
+        /// The interrupted step.
+        step: String,
+    },
+    /// A durable run could not write a step's checkpoint to its journal (the journal is
+    /// full, or the store kept failing), so it stopped rather than go on unrecorded.
+    #[error("the journal entry of step {step:?} could not be written: {message}")]
+    JournalWrite {
+        /// The step whose entry was not written.
+        step: String,
+        /// Why.
+        message: String,
+    },
 }
 
 impl FlowError {

@@ -1,17 +1,25 @@
 //! The one entry point of a run: validate → acquire → execute → persist → notify.
+//!
+//! A durable flow's keyed run takes the same stages in [`crate::durable`], with two more
+//! between acquire and execute: restore (the journal of an interrupted run) and journal
+//! (each step as it completes).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::context::Context;
+use crate::context::{Context, RunIdentity};
+use crate::execute::{Progress, Track};
 use crate::flow::Flow;
 use crate::hooks::Event;
 use crate::idempotency::{
-    AdmitRequest, Decided, Ending, IdempotencyError, Ownership, RunOptions, Settlement, admit_with,
+    AdmitRequest, Computed, Decided, Ending, IdempotencyError, Ownership, RunOptions, Settlement,
+    admit_with,
 };
 use crate::result::{FlowError, FlowResult, Status};
 use crate::step::panic_message;
@@ -71,13 +79,15 @@ where
     ///
     /// # Cancel safety
     /// Dropping the future mid-run (a timeout around `run`, a request handler dropped when
-    /// its client hangs up) stops the steps at their next await and leaves a keyed record
-    /// running until its lease lapses, exactly like a crash: never longer than one lease
-    /// after the last renewal, and a record dropped before its heartbeat started is
-    /// free after one lease from its acquire. The next caller then runs the flow again.
-    /// To stop a run cleanly, fire the token given to [`RunOptions::cancellation`]: the
-    /// run compensates, and frees its key when nothing it did remains (see the rule in
-    /// [`crate::idempotency`]).
+    /// its client hangs up) stops the steps at their next await, without compensation. A
+    /// keyed run's record is then settled by a task spawned on the current Tokio runtime,
+    /// as a cancellation without compensation would settle it: freed when no step had
+    /// completed, kept as a failure with a `Cancelled` error when one had (so it never runs
+    /// again), and for a durable flow given up with its journal so the next caller resumes
+    /// at once. Outside a runtime (or if that task cannot run) the record stays running
+    /// until its lease lapses, like after a crash: never longer than one lease after the
+    /// last renewal. To stop a run with compensation, fire the token given to
+    /// [`RunOptions::cancellation`] (see the rule in [`crate::idempotency`]).
     pub async fn run(&self, input: I, options: RunOptions) -> Result<FlowResult<O>, RunError<O>> {
         let span = tracing::info_span!(
             "flow",
@@ -98,22 +108,26 @@ where
             return Ok(self.notify(rejected));
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
-            let result = self.execute(input, options.cancel_token()).await;
+            let run = RunIdentity::Random(fastrand::u128(..));
+            let result = self
+                .execute(input, run, options.cancel_token(), Track::Off)
+                .await;
             return Ok(self.notify(result));
         };
+        if self.inner.durable.is_some() {
+            return Box::pin(self.run_durable(&key, input, &options)).await;
+        }
         match self.acquire(&key, &input, &options).await? {
             Decided::Acquired(owner) => Box::pin(self.own(owner, input, &options)).await,
             Decided::Finished(replay) => Ok(replay?),
-            Decided::Running => {
-                let plan = &self.inner.plan;
-                Ok(FlowResult::without_steps(
-                    &plan.name,
-                    Status::Running,
-                    &plan.step_names,
-                    None,
-                ))
-            }
+            Decided::Running => Ok(self.running()),
         }
+    }
+
+    /// The result for a key another caller is running.
+    pub(crate) fn running(&self) -> FlowResult<O> {
+        let plan = &self.inner.plan;
+        FlowResult::without_steps(&plan.name, Status::Running, &plan.step_names, None)
     }
 
     /// Runs the steps under an acquired key, then stores the outcome.
@@ -125,10 +139,27 @@ where
     ) -> Result<FlowResult<O>, RunError<O>> {
         // Made only now: a replay or a refused run never needs a cancellation token.
         let cancel = options.cancel_token();
+        let progress = Arc::new(Progress::default());
+        let run = RunIdentity::Key(Arc::from(owner.key()));
+        let owner = Unsettled::new(owner, self.if_dropped(&progress, options.ttl));
         let result = owner
-            .hold(&cancel, self.execute(input, cancel.clone()))
+            .owner()
+            .hold(
+                &cancel,
+                self.execute(input, run, cancel.clone(), Track::Progress(&progress)),
+            )
             .await;
         let persisted = self.persist(owner, &result, options).await;
+        self.conclude(result, persisted)
+    }
+
+    /// Stage 5 and the answer: notify, then hand the result over, inside
+    /// [`RunError::NotPersisted`] when its outcome could not be stored.
+    pub(crate) fn conclude(
+        &self,
+        result: FlowResult<O>,
+        persisted: Result<(), StoreError>,
+    ) -> Result<FlowResult<O>, RunError<O>> {
         let result = self.notify(result);
         match persisted {
             Ok(()) => Ok(result),
@@ -136,6 +167,17 @@ where
                 result: Box::new(result),
                 source,
             }),
+        }
+    }
+
+    /// How a non-durable run's record is settled if its future is dropped: freed when no
+    /// step completed, otherwise kept as a cancelled failure listing the completed steps.
+    fn if_dropped(&self, progress: &Arc<Progress>, ttl: Option<Duration>) -> IfDropped {
+        IfDropped::ReleaseOrFail {
+            progress: Arc::clone(progress),
+            flow: Arc::clone(&self.inner.plan.name),
+            names: Arc::clone(&self.inner.plan.step_names),
+            ttl,
         }
     }
 
@@ -167,16 +209,7 @@ where
         input: &I,
         options: &RunOptions,
     ) -> Result<Decided<Result<FlowResult<O>, IdempotencyError>>, IdempotencyError> {
-        // The input's `Serialize` (or a custom fingerprint function) is the user's code: a
-        // panic in it is a typed error, before the store is touched.
-        let fingerprint = catch_unwind(AssertUnwindSafe(|| self.inner.fingerprint.of(input)))
-            .unwrap_or_else(|payload| {
-                Err(serde::ser::Error::custom(format_args!(
-                    "fingerprinting the input panicked: {}",
-                    panic_message(&*payload)
-                )))
-            })
-            .map_err(IdempotencyError::Fingerprint)?;
+        let fingerprint = self.fingerprint(input)?;
         admit_with(
             &self.inner.store,
             AdmitRequest {
@@ -191,10 +224,23 @@ where
         .await
     }
 
+    /// The input's fingerprint. Its `Serialize` (or a custom fingerprint function) is the
+    /// user's code: a panic in it is a typed error, before the store is touched.
+    pub(crate) fn fingerprint(&self, input: &I) -> Result<Option<Computed>, IdempotencyError> {
+        catch_unwind(AssertUnwindSafe(|| self.inner.fingerprint.of(input)))
+            .unwrap_or_else(|payload| {
+                Err(serde::ser::Error::custom(format_args!(
+                    "fingerprinting the input panicked: {}",
+                    panic_message(&*payload)
+                )))
+            })
+            .map_err(IdempotencyError::Fingerprint)
+    }
+
     /// A finished record's result, as a replay: a typed "result not stored" when the
     /// record was finished without it (too large, refused, or an output that could not be
     /// kept).
-    fn replay(&self, record: RecordView<'_>) -> Result<FlowResult<O>, IdempotencyError> {
+    pub(crate) fn replay(&self, record: RecordView<'_>) -> Result<FlowResult<O>, IdempotencyError> {
         let not_stored = || IdempotencyError::ResultNotStored {
             key: record.key.to_owned(),
         };
@@ -216,19 +262,32 @@ where
     }
 
     /// Stage 3: the steps.
-    async fn execute(&self, input: I, cancel: CancellationToken) -> FlowResult<O> {
-        Box::pin(
-            self.inner
-                .plan
-                .execute(Context::with_cancellation(input, cancel)),
-        )
-        .await
+    pub(crate) async fn execute(
+        &self,
+        input: I,
+        run: RunIdentity,
+        cancel: CancellationToken,
+        track: Track<'_>,
+    ) -> FlowResult<O> {
+        let ctx = self.context(input, run, cancel);
+        Box::pin(self.inner.plan.execute(ctx, track)).await
+    }
+
+    /// The context of one run.
+    pub(crate) fn context(
+        &self,
+        input: I,
+        run: RunIdentity,
+        cancel: CancellationToken,
+    ) -> Context<I> {
+        let names = Some(Arc::clone(&self.inner.plan.step_names));
+        Context::for_run(input, cancel, run, names)
     }
 
     /// Stage 4: store the outcome, or free the key (see [`Settlement::after`]).
-    async fn persist(
+    pub(crate) async fn persist(
         &self,
-        owner: Ownership,
+        owner: Unsettled,
         result: &FlowResult<O>,
         options: &RunOptions,
     ) -> Result<(), StoreError> {
@@ -236,9 +295,10 @@ where
             status: result.status,
             transient: result.error.as_ref().is_some_and(FlowError::is_transient),
             effects_remain: result.steps.iter().any(|s| s.status == Status::Completed),
+            durable: self.inner.durable.is_some(),
         };
         let settlement = Settlement::after(ending, options.cache_result);
-        if settlement == Settlement::Release {
+        if matches!(settlement, Settlement::Release | Settlement::Suspend) {
             return owner.settle(settlement, &[], None).await;
         }
         let stored = result.to_stored();
@@ -252,7 +312,7 @@ where
     }
 
     /// Stage 5: tell the plugins how the run ended.
-    fn notify(&self, result: FlowResult<O>) -> FlowResult<O> {
+    pub(crate) fn notify(&self, result: FlowResult<O>) -> FlowResult<O> {
         let plan = &self.inner.plan;
         match &result.error {
             None => plan.hooks.emit(Event::FlowComplete {
@@ -268,4 +328,110 @@ where
         }
         result
     }
+}
+
+/// An acquired key whose outcome is not settled yet.
+///
+/// If the run's future is dropped before [`settle`](Self::settle) finishes (a caller's
+/// timeout, a request handler dropped on disconnect), the guard settles the record in a
+/// task spawned on the current Tokio runtime, as a cancellation without compensation
+/// would: see [`IfDropped`]. So a dropped run never leaves a completed step runnable again
+/// once its lease lapses. Without a runtime the record is left to its lease.
+pub(crate) struct Unsettled {
+    owner: Ownership,
+    /// Cleared once the store answered the settlement.
+    armed: bool,
+    if_dropped: IfDropped,
+}
+
+/// What [`Unsettled`] does with a record whose run was dropped.
+pub(crate) enum IfDropped {
+    /// A durable run: give the key up with its journal, so the next caller resumes at once.
+    Suspend,
+    /// A plain keyed run: free the key if no step completed, else keep the outcome as a
+    /// cancelled failure that lists the completed steps.
+    ReleaseOrFail {
+        progress: Arc<Progress>,
+        flow: Arc<str>,
+        names: Arc<[Arc<str>]>,
+        ttl: Option<Duration>,
+    },
+}
+
+impl Unsettled {
+    pub(crate) fn new(owner: Ownership, if_dropped: IfDropped) -> Self {
+        Self {
+            owner,
+            armed: true,
+            if_dropped,
+        }
+    }
+
+    /// The ownership.
+    pub(crate) fn owner(&self) -> &Ownership {
+        &self.owner
+    }
+
+    /// Settles the record; the guard is disarmed once the store has answered, whatever it
+    /// answered.
+    pub(crate) async fn settle(
+        mut self,
+        settlement: Settlement,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let settled = self.owner.settle_in_place(settlement, result, ttl).await;
+        self.armed = false;
+        settled
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let owner = self.owner.duplicate();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(key = %owner.key(), "a keyed run was dropped outside a Tokio runtime; its record stays running until its lease lapses");
+            return;
+        };
+        let (settlement, bytes, ttl) = match &self.if_dropped {
+            IfDropped::Suspend => (Settlement::Suspend, Vec::new(), None),
+            IfDropped::ReleaseOrFail {
+                progress,
+                flow,
+                names,
+                ttl,
+            } => {
+                let done = progress.snapshot();
+                if done.is_empty() {
+                    (Settlement::Release, Vec::new(), None)
+                } else {
+                    (Settlement::Fail, dropped_result(flow, names, &done), *ttl)
+                }
+            }
+        };
+        tracing::warn!(key = %owner.key(), ?settlement, "a keyed run was dropped before it ended; settling its record");
+        runtime.spawn(async move {
+            if let Err(e) = owner.settle_in_place(settlement, &bytes, ttl).await {
+                tracing::warn!(key = %owner.key(), error = %e, "the record of a dropped run could not be settled; it stays running until its lease lapses");
+            }
+        });
+    }
+}
+
+/// The stored outcome of a run dropped after `done` steps completed: cancelled, with
+/// those steps completed and the others pending.
+fn dropped_result(flow: &Arc<str>, names: &[Arc<str>], done: &[(usize, u32, Duration)]) -> Vec<u8> {
+    let mut result =
+        FlowResult::<()>::without_steps(flow, Status::Cancelled, names, Some(FlowError::Cancelled));
+    for &(i, attempts, duration) in done {
+        if let Some(step) = result.steps.get_mut(i) {
+            step.status = Status::Completed;
+            step.attempts = attempts;
+            step.duration = duration;
+        }
+    }
+    result.to_stored().bytes
 }

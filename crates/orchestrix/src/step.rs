@@ -160,6 +160,7 @@ pub struct Step<I> {
     pub(crate) retry: RetryPolicy,
     pub(crate) timeout: Option<Duration>,
     pub(crate) compensate: Option<StepFn<I>>,
+    pub(crate) at_most_once: bool,
 }
 
 impl<I> Step<I> {
@@ -175,6 +176,7 @@ impl<I> Step<I> {
             retry: RetryPolicy::none(),
             timeout: None,
             compensate: None,
+            at_most_once: false,
         }
     }
 
@@ -205,6 +207,23 @@ impl<I> Step<I> {
         self
     }
 
+    /// Makes the step at most once across crashes, in a durable flow: a "started" mark is
+    /// journaled before its first attempt, and a resumed run that finds the step started
+    /// but not finished does not run it again; it fails with
+    /// [`FlowError::StepInterrupted`](crate::FlowError::StepInterrupted) (and compensates).
+    ///
+    /// By default a step is at least once across a crash: the step in flight when the
+    /// owner died runs again when the run resumes (every step before it never does). Use
+    /// this for a side effect you would rather lose than repeat and that has no downstream
+    /// idempotency key ([`Context::step_key`](crate::Context::step_key)). Retries within
+    /// one run are unaffected. It costs one more journal write per run of the step, and
+    /// means nothing outside durable flows.
+    #[must_use]
+    pub fn at_most_once(mut self) -> Self {
+        self.at_most_once = true;
+        self
+    }
+
     /// The step's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -218,6 +237,7 @@ impl<I> fmt::Debug for Step<I> {
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
             .field("compensate", &self.compensate.is_some())
+            .field("at_most_once", &self.at_most_once)
             .finish()
     }
 }

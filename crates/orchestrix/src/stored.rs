@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
 use crate::step::panic_message;
 
-/// The stored form of a finished run, as [`FlowResult::to_stored`] writes it (version 2):
+/// The stored form of a finished run, as [`FlowResult::to_stored`] writes it (version 3):
 /// a compact binary envelope, so a replay reads it back with a few bounds checks instead of
 /// a parse. Every integer is little-endian; `str` is a `u32` byte length and UTF-8 bytes;
 /// `opt` is a byte `0` (absent) or `1` followed by the value.
@@ -24,7 +24,7 @@ use crate::step::panic_message;
 /// A replay of such a record is a typed "result not stored", never a decode error.
 ///
 /// ```text
-/// 0x02  status  ns:u64  steps:u32  { name:str status attempts:u32 ns:u64 error:opt<str> }*
+/// 0x03  status  ns:u64  steps:u32  { name:str status attempts:u32 ns:u64 error:opt<str> restored:u8 }*
 ///       error:opt<u32 length + FlowError as JSON>  compensation_failures:u32 { step:str message:str }*
 ///       output:( 0 | 1 <O as JSON, to the end> | 2 )
 /// ```
@@ -32,7 +32,10 @@ use crate::step::panic_message;
 /// The output stays JSON (any `O: Serialize` fits, and a changed output type is a decode
 /// error, not silent garbage). Version 1, written by earlier builds, was a JSON object; it
 /// is still read (its first byte is `{`).
-const STORED_VERSION: u8 = 2;
+const STORED_VERSION: u8 = 3;
+
+/// Version 2: version 3 without the steps' `restored` flag (written before durable flows).
+const WITHOUT_RESTORED: u8 = 2;
 
 /// The JSON object of version 1.
 const LEGACY_JSON: u8 = b'{';
@@ -230,6 +233,7 @@ impl<O: Serialize + DeserializeOwned> FlowResult<O> {
             w.u32(step.attempts);
             w.u64(nanos(step.duration));
             w.opt_str(step.error.as_deref());
+            w.u8(u8::from(step.restored));
         }
         // `FlowError` holds strings, numbers and flags only: its JSON cannot fail. Were it
         // to, the error is stored as absent rather than the outcome being lost.
@@ -294,7 +298,7 @@ pub(crate) enum StoredError {
     OutputNotKept,
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    #[error("stored result has payload version {0}, this build reads {STORED_VERSION} and 1")]
+    #[error("stored result has payload version {0}, this build reads 1 to {STORED_VERSION}")]
     Version(u8),
     #[error("stored result is truncated or has an impossible length")]
     Truncated,
@@ -314,12 +318,12 @@ impl<O: DeserializeOwned> FlowResult<O> {
         step_names: &[Arc<str>],
         bytes: &[u8],
     ) -> Result<Self, StoredError> {
-        match bytes.first() {
-            Some(&STORED_VERSION) => {}
+        let version = match bytes.first() {
+            Some(&v @ (STORED_VERSION | WITHOUT_RESTORED)) => v,
             Some(&LEGACY_JSON) => return Self::from_legacy_json(flow, bytes),
             Some(&other) => return Err(StoredError::Version(other)),
             None => return Err(StoredError::Truncated),
-        }
+        };
         let mut r = Reader(&bytes[1..]);
         let status = r.status()?;
         let duration = Duration::from_nanos(r.u64()?);
@@ -338,6 +342,7 @@ impl<O: DeserializeOwned> FlowResult<O> {
                 attempts: r.u32()?,
                 duration: Duration::from_nanos(r.u64()?),
                 error: r.opt_str()?.map(str::to_owned),
+                restored: version == STORED_VERSION && r.flag()?,
             });
         }
         let error = if r.flag()? {
@@ -410,6 +415,7 @@ impl<O: DeserializeOwned> FlowResult<O> {
                     attempts,
                     duration: Duration::from_nanos(ns),
                     error,
+                    restored: false,
                 })
                 .collect(),
             output: stored.output,
@@ -436,6 +442,7 @@ mod tests {
                     attempts: 2,
                     duration: Duration::from_micros(5),
                     error: None,
+                    restored: true,
                 },
                 StepResult {
                     name: Arc::from("b"),
@@ -443,6 +450,7 @@ mod tests {
                     attempts: 3,
                     duration: Duration::from_millis(7),
                     error: Some("boom".into()),
+                    restored: false,
                 },
             ],
             output: Some(vec![1, 2]),
@@ -525,9 +533,9 @@ mod tests {
     #[test]
     fn a_stored_result_of_another_payload_version_is_refused() {
         let mut bytes = sample().to_stored().bytes;
-        bytes[0] = 3;
+        bytes[0] = 4;
         let decoded = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &bytes);
-        assert!(matches!(decoded, Err(StoredError::Version(3))));
+        assert!(matches!(decoded, Err(StoredError::Version(4))));
         let legacy = br#"{"v":2,"status":"completed","ns":0,"steps":[]}"#;
         let decoded = FlowResult::<()>::from_stored(&Arc::from("f"), &[], legacy);
         assert!(matches!(decoded, Err(StoredError::Version(2))));
@@ -538,6 +546,27 @@ mod tests {
         let bytes = sample().to_stored().bytes;
         let decoded = FlowResult::<String>::from_stored(&Arc::from("f"), &[], &bytes);
         assert!(matches!(decoded, Err(StoredError::Json(_))));
+    }
+
+    #[test]
+    fn results_stored_by_version_2_are_still_replayed() {
+        // Version 2 (the previous build): no `restored` flag after each step.
+        let mut v2 = vec![2, b'c'];
+        v2.extend_from_slice(&1500u64.to_le_bytes());
+        v2.extend_from_slice(&1u32.to_le_bytes());
+        v2.extend_from_slice(&1u32.to_le_bytes());
+        v2.push(b'a');
+        v2.push(b'c');
+        v2.extend_from_slice(&2u32.to_le_bytes());
+        v2.extend_from_slice(&700u64.to_le_bytes());
+        v2.push(0);
+        v2.push(0);
+        v2.extend_from_slice(&0u32.to_le_bytes());
+        v2.push(1);
+        v2.extend_from_slice(b"[7]");
+        let back = FlowResult::<Vec<u32>>::from_stored(&Arc::from("f"), &[], &v2).ok();
+        let back = back.map(|r| (r.status, r.steps[0].attempts, r.steps[0].restored, r.output));
+        assert_eq!(back, Some((Status::Completed, 2, false, Some(vec![7]))));
     }
 
     #[test]

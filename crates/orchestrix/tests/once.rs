@@ -549,10 +549,10 @@ async fn memory_store_cleanup_returns_every_record_it_removed() {
     assert!(store.is_empty());
 }
 
-// Defect 12: a future dropped between admission and the heartbeat.
+// Defect 12: a future dropped between admission and the heartbeat, or later.
 
 #[tokio::test(start_paused = true)]
-async fn a_run_dropped_right_after_admission_holds_its_key_for_one_lease_at_most() {
+async fn a_run_dropped_before_any_step_completed_frees_its_key_at_once() {
     let store = memory();
     let (started, gate) = (Arc::new(AtomicU32::new(0)), Arc::new(Notify::new()));
     let flow = Flow::<u64, ()>::builder("dropped")
@@ -571,13 +571,13 @@ async fn a_run_dropped_right_after_admission_holds_its_key_for_one_lease_at_most
         dropped.is_err(),
         "the run should have been dropped by the timeout"
     );
-    let record = store.get("dropped:k").await.ok().flatten();
-    assert_eq!(record.map(|r| r.status), Some(RecordStatus::Running));
-    tokio::time::sleep(lease).await;
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    // The guard releases the key in a task of its own: give it a turn, not a lease.
+    tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(
         store.get("dropped:k").await.ok(),
         Some(None),
-        "the key is free after one lease"
+        "nothing remained: key freed"
     );
     let retry = tokio::spawn({
         let flow = flow.clone();
@@ -589,4 +589,55 @@ async fn a_run_dropped_right_after_admission_holds_its_key_for_one_lease_at_most
         .await
         .unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(retried.status, Status::Completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_dropped_after_a_step_completed_keeps_its_outcome_and_never_reruns_it() {
+    let store = memory();
+    let log = Log::default();
+    let (started, gate) = (Arc::new(AtomicU32::new(0)), Arc::new(Notify::new()));
+    let flow = Flow::<u64, ()>::builder("dropped")
+        .store(Arc::clone(&store))
+        .then(log.step("charge"))
+        .then(gated("ship", &started, &gate))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(1), flow.run(1, RunOptions::key("k"))).await;
+    assert!(dropped.is_err());
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let record = store.get("dropped:k").await.ok().flatten();
+    assert_eq!(record.map(|r| r.status), Some(RecordStatus::Failed));
+    let retry = ok(bounded("the retry", flow.run(1, RunOptions::key("k"))).await);
+    assert!(retry.replayed);
+    assert_eq!(retry.status, Status::Cancelled);
+    assert_eq!(
+        retry.step("charge").map(|s| s.status),
+        Some(Status::Completed)
+    );
+    assert_eq!(log.runs(), 1, "charge never runs twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_run_holds_its_key_for_one_lease_at_most() {
+    let store = memory();
+    let (started, gate) = (Arc::new(AtomicU32::new(0)), Arc::new(Notify::new()));
+    let flow = Flow::<u64, ()>::builder("crashed")
+        .store(Arc::clone(&store))
+        .then(gated("work", &started, &gate))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lease = Duration::from_secs(5);
+    // A crash: the run is never polled again and never dropped, so nothing settles it.
+    let mut run = Box::pin(flow.run(1, RunOptions::key("k").lease(lease)));
+    let _ = tokio::time::timeout(Duration::from_millis(1), &mut run).await;
+    std::mem::forget(run);
+    let record = store.get("crashed:k").await.ok().flatten();
+    assert_eq!(record.map(|r| r.status), Some(RecordStatus::Running));
+    tokio::time::sleep(lease).await;
+    assert_eq!(
+        store.get("crashed:k").await.ok(),
+        Some(None),
+        "free after one lease"
+    );
 }

@@ -1,5 +1,5 @@
-//! A payment-webhook receiver that processes every event once, however often it is
-//! delivered.
+//! A payment-webhook receiver that processes every event once per sender, however often
+//! it is delivered.
 //!
 //! ```text
 //! cargo run -p orchestrix-http --example webhooks [-- [--port N | N] [--store redis://HOST:PORT]]
@@ -9,10 +9,12 @@
 //! `--store` or `ORCHESTRIX_STORE` names a Redis URL. Try:
 //!
 //! ```text
-//! curl -i -X POST localhost:3000/webhooks/payments -H 'Idempotency-Key: evt_1' \
-//!      -H 'content-type: application/json' -d '{"id":"evt_1","type":"payment.succeeded","amount":4200}'
+//! curl -i -X POST localhost:3000/webhooks/payments -H 'Authorization: Bearer acme-secret' \
+//!      -H 'Idempotency-Key: evt_1' -H 'content-type: application/json' \
+//!      -d '{"id":"evt_1","type":"payment.succeeded","amount":4200}'
 //! # the same delivery again: the first answer, with `idempotency-replayed: true`
-//! curl localhost:3000/stats   # {"processed":1,"balance":4200}
+//! # the same event id from another sender (Bearer globex-secret): processed, for globex
+//! curl localhost:3000/stats   # {"processed":2,"balance":8400}
 //! ```
 
 mod app;
@@ -95,6 +97,14 @@ async fn main() -> anyhow::Result<()> {
     println!("webhooks: listening on http://{addr} with the {described}");
     println!(
         "  POST /webhooks/payments  (Idempotency-Key: <event id>, body {{\"id\",\"type\",\"amount\"}})   GET /stats"
+    );
+    let senders: Vec<String> = app::SENDERS
+        .iter()
+        .map(|(name, token)| format!("{name} (Authorization: Bearer {token})"))
+        .collect();
+    println!(
+        "  keys are scoped per verified sender: {}",
+        senders.join(", ")
     );
     println!(
         "  usage: webhooks [--port N | N] [--store redis://HOST:PORT]   (or PORT, ORCHESTRIX_STORE)"

@@ -7,18 +7,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
+use futures_util::{StreamExt, stream};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use orchestrix_http::IdempotencyLayer;
+use orchestrix_http::{IdempotencyLayer, LeaseLost, RequestKey};
 use tokio::sync::watch;
 
 /// Serves `router` on an ephemeral port of 127.0.0.1 until the test's runtime ends.
@@ -34,6 +36,17 @@ pub async fn serve(router: Router) -> SocketAddr {
 pub struct Probe {
     runs: AtomicUsize,
     gate: watch::Sender<bool>,
+    live_bodies: Arc<AtomicUsize>,
+}
+
+/// Counts a response body of the test app while it exists.
+#[derive(Debug)]
+pub struct LiveBody(Arc<AtomicUsize>);
+
+impl Drop for LiveBody {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Probe {
@@ -61,6 +74,39 @@ impl Probe {
     fn ran(&self) -> usize {
         self.runs.fetch_add(1, Ordering::SeqCst) + 1
     }
+
+    /// How many response bodies of `/endless` and `/trickle` exist right now (held by
+    /// whoever is streaming or collecting them).
+    pub fn live_bodies(&self) -> usize {
+        self.live_bodies.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no response body of the app is alive any more.
+    pub async fn wait_for_no_live_bodies(&self, bound: Duration) {
+        tokio::time::timeout(bound, async {
+            while self.live_bodies() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a response body outlived its request");
+    }
+
+    fn live_body(&self) -> LiveBody {
+        self.live_bodies.fetch_add(1, Ordering::SeqCst);
+        LiveBody(Arc::clone(&self.live_bodies))
+    }
+}
+
+/// The first chunk of the streamed test responses.
+pub const FIRST_CHUNK: &str = "first chunk;";
+/// The last chunk of `/trickle`.
+pub const LAST_CHUNK: &str = "last chunk";
+
+/// A JSON order, as `/json` expects it.
+#[derive(Debug, serde::Deserialize)]
+pub struct Order {
+    pub amount: i64,
 }
 
 /// The size of the `/big` response body.
@@ -74,11 +120,23 @@ pub const BIG_RESPONSE: usize = 64 * 1024;
 /// - `POST /slow`: 201 once the probe's gate opens;
 /// - `POST /panics`: panics on its first run, 201 afterwards;
 /// - `POST /big`: 200 with a [`BIG_RESPONSE`]-byte body;
+/// - `POST /json`: 201 for a JSON [`Order`] (axum's `Json` extractor answers 415 without
+///   a JSON content type and 422 for a body that is not an order, before the handler);
+/// - `POST /declined`: 402, a deliberate final answer;
+/// - `POST /broken`: 201 whose body fails after its [`FIRST_CHUNK`];
+/// - `POST /trickle`: 201 whose body sends [`FIRST_CHUNK`], then [`LAST_CHUNK`] once the
+///   probe's gate opens;
+/// - `POST /endless`: 201 whose body sends [`FIRST_CHUNK`] and never ends;
+/// - `POST /keyed`: the handler's [`RequestKey`] and its `for_step("charge")` as the
+///   body, 503 on its first run and 201 afterwards;
+/// - `POST /lease`: waits (up to 10 s) for its [`LeaseLost`] to fire, then answers 200
+///   `lease lost`, or 500 if it never fired;
 /// - `GET /orders`: 200, never idempotent.
 pub fn app(layer: IdempotencyLayer) -> (Router, Arc<Probe>) {
     let probe = Arc::new(Probe {
         runs: AtomicUsize::new(0),
         gate: watch::channel(false).0,
+        live_bodies: Arc::new(AtomicUsize::new(0)),
     });
     let p = Arc::clone(&probe);
     let orders = move |body: Bytes| {
@@ -128,8 +186,91 @@ pub fn app(layer: IdempotencyLayer) -> (Router, Arc<Probe>) {
         p.ran();
         async move { "[]" }
     };
+    let p = Arc::clone(&probe);
+    let json = move |Json(order): Json<Order>| {
+        let run = p.ran();
+        async move { created(run, format!("{{\"amount\":{}}}", order.amount).as_bytes()) }
+    };
+    let p = Arc::clone(&probe);
+    let declined = move || {
+        p.ran();
+        async move { (StatusCode::PAYMENT_REQUIRED, "card declined") }
+    };
+    let p = Arc::clone(&probe);
+    let broken = move || {
+        p.ran();
+        async move {
+            let frames = stream::iter([
+                Ok(Bytes::from_static(FIRST_CHUNK.as_bytes())),
+                Err(std::io::Error::other("the database went away mid-body")),
+            ]);
+            (StatusCode::CREATED, Body::from_stream(frames))
+        }
+    };
+    let p = Arc::clone(&probe);
+    let trickle = move || {
+        p.ran();
+        let live = p.live_body();
+        let mut gate = p.gate.subscribe();
+        async move {
+            let last = async move {
+                let _ = gate.wait_for(|open| *open).await;
+                drop(live);
+                Ok::<_, Infallible>(Bytes::from_static(LAST_CHUNK.as_bytes()))
+            };
+            let frames = stream::once(async { Ok(Bytes::from_static(FIRST_CHUNK.as_bytes())) })
+                .chain(stream::once(last));
+            (StatusCode::CREATED, Body::from_stream(frames))
+        }
+    };
+    let p = Arc::clone(&probe);
+    let endless = move || {
+        p.ran();
+        let live = p.live_body();
+        async move {
+            let frames = stream::once(async { Ok(Bytes::from_static(FIRST_CHUNK.as_bytes())) })
+                .chain(stream::pending())
+                .map(move |frame: Result<Bytes, Infallible>| {
+                    let _alive = &live;
+                    frame
+                });
+            (StatusCode::CREATED, Body::from_stream(frames))
+        }
+    };
+    let p = Arc::clone(&probe);
+    let keyed = move |Extension(key): Extension<RequestKey>| {
+        let run = p.ran();
+        async move {
+            let status = if run == 1 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::CREATED
+            };
+            (status, format!("{key} {}", key.for_step("charge")))
+        }
+    };
+    let p = Arc::clone(&probe);
+    let lease = move |Extension(lease): Extension<LeaseLost>| {
+        p.ran();
+        async move {
+            match tokio::time::timeout(Duration::from_secs(10), lease.lost()).await {
+                Ok(()) => (StatusCode::OK, "lease lost"),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the lease was never lost",
+                ),
+            }
+        }
+    };
     let router = Router::new()
         .route("/orders", post(orders).get(list))
+        .route("/keyed", post(keyed))
+        .route("/lease", post(lease))
+        .route("/json", post(json))
+        .route("/declined", post(declined))
+        .route("/broken", post(broken))
+        .route("/trickle", post(trickle))
+        .route("/endless", post(endless))
         .route("/invalid", post(invalid))
         .route("/flaky", post(flaky))
         .route("/slow", post(slow))
@@ -236,6 +377,46 @@ impl Http {
         self.request(request.body(body).unwrap()).await
     }
 
+    /// POSTs `body` with the key header's raw bytes (if any) and `headers` (no content
+    /// type unless `headers` has one).
+    pub async fn post_with(
+        &self,
+        path: &str,
+        key: Option<&[u8]>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        self.request(self.post_request_with(path, key, headers, body))
+            .await
+    }
+
+    /// The request [`post_with`](Self::post_with) sends.
+    pub fn post_request_with(
+        &self,
+        path: &str,
+        key: Option<&[u8]>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Request<BoxBody<Bytes, Infallible>> {
+        let mut request = Request::post(format!("http://{}{path}", self.addr));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", HeaderValue::from_bytes(key).unwrap());
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(full(body)).unwrap()
+    }
+
+    /// Sends `request` and returns the response as soon as its head arrives, with its body
+    /// still streaming.
+    pub async fn open(
+        &self,
+        request: Request<BoxBody<Bytes, Infallible>>,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        self.client.request(request).await.expect("HTTP exchange")
+    }
+
     pub async fn request(&self, request: Request<BoxBody<Bytes, Infallible>>) -> Reply {
         self.try_request(request).await.expect("HTTP exchange")
     }
@@ -280,7 +461,7 @@ pub fn chunked(total: usize, chunk: usize) -> BoxBody<Bytes, Infallible> {
         let len = chunk.min(total - i * chunk);
         Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'a'; len])))
     });
-    StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)))
 }
 
 /// A key no other test uses.

@@ -44,14 +44,22 @@
 //!   that completes after the token fired counts as completed (and is compensated).
 //! * **A lost lease** cancels the run that lost it, through the run's own child token:
 //!   the library never cancels a token it was given, which may be shared by other runs.
+//! * **A dropped `run` future** (a caller's timeout around `run`, a request handler
+//!   dropped on disconnect) is settled by a task spawned on the current Tokio runtime as
+//!   a cancellation without compensation: the key is freed if no step had completed, and
+//!   the outcome kept as a cancelled failure if one had (a durable flow gives the key up
+//!   with its journal, so the next caller resumes at once).
+//! * **A durable flow** ([`FlowBuilder::durable`](crate::FlowBuilder::durable)) journals
+//!   each completed step: after a crash the next owner resumes at the first unfinished
+//!   step, and only the step in flight may run again (never an
+//!   [`at_most_once`](crate::Step::at_most_once) step).
 //!
 //! The exceptions, where a completed step **can** run again:
 //!
-//! * **A crash, or a dropped `run` future** (a caller's timeout around `run`, a request
-//!   handler dropped on disconnect): the record stays running until its lease lapses
-//!   (30 s by default, never longer than one lease after the last renewal), then the next
-//!   caller runs the flow again from its first step. Durable flows, when they land,
-//!   resume instead (see the README's list of what is not there yet).
+//! * **A crash of a non-durable run** (the process killed, or a `run` future dropped
+//!   outside a Tokio runtime): the record stays running until its lease lapses (30 s by
+//!   default, never longer than one lease after the last renewal), then the next caller
+//!   runs the flow again from its first step. Make the flow durable to resume instead.
 //! * **A store that cannot be reached** when the outcome is stored (or that refuses even
 //!   the small write of a finish without its result): the owner gets
 //!   [`RunError::NotPersisted`](crate::RunError::NotPersisted) with its result, and the
@@ -69,6 +77,7 @@ mod options;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -76,10 +85,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::result::Status;
 use crate::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, RecordView, StartRequest,
-    StartSeen, StoreError, fingerprints_agree,
+    DurableStart, DurableStartOutcome, FencingToken, FinalStatus, IdempotencyStore, Journal,
+    JournalStore, Record, RecordStatus, RecordView, StartRequest, StartSeen, StoreError,
+    fingerprints_agree,
 };
 
+pub(crate) use fingerprint::Computed;
 pub use fingerprint::{Fingerprint, fingerprint_of};
 pub(crate) use options::flow_prefix;
 pub use options::{
@@ -128,6 +139,71 @@ pub enum IdempotencyError {
     /// The input could not be serialized for its fingerprint.
     #[error("input could not be fingerprinted: {0}")]
     Fingerprint(#[source] serde_json::Error),
+    /// A durable run's journal does not match this build's flow: the step at `position`
+    /// has another name (the flow changed between the interrupted run and its resumption).
+    /// Nothing ran; the journal is kept for a build that matches it.
+    #[error(
+        "the journal of {key:?} does not match the flow: at position {position} it has step {found:?}, the flow has {expected:?}"
+    )]
+    JournalMismatch {
+        /// The (scoped) key.
+        key: String,
+        /// The step position that differs.
+        position: usize,
+        /// The flow's step at that position, if it has one.
+        expected: Option<String>,
+        /// The step the journal names there.
+        found: String,
+    },
+    /// A durable run's journal was written by another version of the flow
+    /// ([`FlowBuilder::version`](crate::FlowBuilder::version)). Nothing ran; the journal is
+    /// kept for a build of that version.
+    #[error(
+        "the journal of {key:?} was written by flow version {found:?}, this flow is version {expected:?}"
+    )]
+    JournalVersion {
+        /// The (scoped) key.
+        key: String,
+        /// The version that wrote the journal.
+        found: String,
+        /// This flow's version.
+        expected: String,
+    },
+    /// A durable run's journal could not be read back (it is malformed, or its input does
+    /// not decode as the flow's input). Nothing ran.
+    #[error("the journal of {key:?} cannot be read: {message}")]
+    JournalUnreadable {
+        /// The (scoped) key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+    /// The input of a durable run would not read back from its journal (for example a
+    /// `NaN`, which JSON writes as `null`), so the run could not be resumed. Nothing ran.
+    #[error("the input cannot be journaled: {0}")]
+    InputNotJournaled(#[source] serde_json::Error),
+    /// `resume`, `redrive` or `recover` on a flow that is not durable.
+    #[error("flow {flow:?} is not durable: it keeps no journal to resume or redrive")]
+    NotDurable {
+        /// The flow.
+        flow: String,
+    },
+    /// `resume` or `redrive` of a key with no durable run under it.
+    #[error("no durable run under key {key:?}")]
+    NoDurableRun {
+        /// The (scoped) key.
+        key: String,
+    },
+    /// `redrive` of a durable run that did not fail (it is running or completed).
+    #[error(
+        "the durable run under key {key:?} is {status}, not failed: only a failure is redriven"
+    )]
+    NotFailed {
+        /// The (scoped) key.
+        key: String,
+        /// Its status.
+        status: RecordStatus,
+    },
     /// The store failed or holds an undecodable record (fail closed: nothing ran).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -186,9 +262,10 @@ pub async fn admit(
     )
 }
 
-/// [`admit`]'s decision, with a finished record already read by the caller's `read`.
-pub(crate) enum Decided<T> {
-    Acquired(Ownership),
+/// [`admit`]'s decision, with a finished record already read by the caller's `read`; `A`
+/// is what an acquire hands over (the ownership, and for a durable run its journal).
+pub(crate) enum Decided<T, A = Ownership> {
+    Acquired(A),
     Finished(T),
     Running,
 }
@@ -198,6 +275,103 @@ enum Seen<T> {
     Reused,
     Finished(T),
     Running,
+}
+
+impl<T> Seen<T> {
+    /// The first half of the decision table, on a record that holds the key.
+    fn judge(
+        req: &AdmitRequest<'_>,
+        record: RecordView<'_>,
+        read: impl FnOnce(RecordView<'_>) -> T,
+    ) -> Self {
+        if !fingerprints_agree(req.fingerprint, record.fingerprint) {
+            Self::Reused
+        } else if record.status != RecordStatus::Running {
+            Self::Finished(read(record))
+        } else {
+            Self::Running
+        }
+    }
+}
+
+/// What a caller that was shown a record does next: `Some` decision to return, or `None`
+/// to ask the store again (after waiting for the record to change).
+async fn after_seen<T, A>(
+    store: &Arc<dyn IdempotencyStore>,
+    req: &AdmitRequest<'_>,
+    seen: Seen<T>,
+    waiting_since: &mut Option<Instant>,
+) -> Result<Option<Decided<T, A>>, IdempotencyError> {
+    match seen {
+        Seen::Reused => {
+            return Err(IdempotencyError::KeyReused {
+                key: req.key.to_owned(),
+            });
+        }
+        Seen::Finished(read) => return Ok(Some(Decided::Finished(read))),
+        Seen::Running => {}
+    }
+    match req.on_running {
+        OnRunning::ReturnRunning => Ok(Some(Decided::Running)),
+        OnRunning::Error => Err(IdempotencyError::AlreadyRunning {
+            key: req.key.to_owned(),
+        }),
+        OnRunning::Wait { timeout } => {
+            let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
+            let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
+                return Err(IdempotencyError::WaitTimedOut {
+                    key: req.key.to_owned(),
+                    waited,
+                });
+            };
+            store.wait_for_change(req.key, left).await?;
+            Ok(None)
+        }
+    }
+}
+
+impl Ownership {
+    /// A second handle on the same ownership, for the guard that settles a dropped run.
+    pub(crate) fn duplicate(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            key: self.key.clone(),
+            token: self.token,
+            lease: self.lease,
+            lost: Arc::clone(&self.lost),
+        }
+    }
+
+    /// The ownership of `key` under `token`, acquired some other way than [`admit`] (a
+    /// durable run's redrive).
+    pub(crate) fn new(
+        store: &Arc<dyn IdempotencyStore>,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            store: Arc::clone(store),
+            key: key.to_owned(),
+            token,
+            lease,
+            lost: Arc::default(),
+        }
+    }
+
+    fn acquired(
+        store: &Arc<dyn IdempotencyStore>,
+        req: &AdmitRequest<'_>,
+        token: FencingToken,
+    ) -> Self {
+        Self {
+            store: Arc::clone(store),
+            key: req.key.to_owned(),
+            token,
+            lease: req.lease,
+            lost: Arc::default(),
+        }
+    }
 }
 
 /// [`admit`], reading a finished record in place with `read` (through
@@ -220,25 +394,12 @@ pub(crate) async fn admit_with<T: Send>(
         let mut seen = None;
         let outcome = store
             .start_seen(start, &mut |record| {
-                seen = Some(
-                    if !fingerprints_agree(req.fingerprint, record.fingerprint) {
-                        Seen::Reused
-                    } else if record.status != RecordStatus::Running {
-                        Seen::Finished(read(record))
-                    } else {
-                        Seen::Running
-                    },
-                );
+                seen = Some(Seen::judge(&req, record, &mut read));
             })
             .await?;
         let seen = match (outcome, seen) {
             (StartSeen::Acquired(token), _) => {
-                return Ok(Decided::Acquired(Ownership {
-                    store: Arc::clone(store),
-                    key: req.key.to_owned(),
-                    token,
-                    lease: req.lease,
-                }));
+                return Ok(Decided::Acquired(Ownership::acquired(store, &req, token)));
             }
             (StartSeen::Existing, Some(seen)) => seen,
             (StartSeen::Existing, None) => {
@@ -247,38 +408,48 @@ pub(crate) async fn admit_with<T: Send>(
                 )));
             }
         };
-        match seen {
-            Seen::Reused => {
-                return Err(IdempotencyError::KeyReused {
-                    key: req.key.to_owned(),
-                });
-            }
-            Seen::Finished(read) => return Ok(Decided::Finished(read)),
-            Seen::Running => {}
+        if let Some(decided) = after_seen(store, &req, seen, &mut waiting_since).await? {
+            return Ok(decided);
         }
-        match req.on_running {
-            OnRunning::ReturnRunning => return Ok(Decided::Running),
-            OnRunning::Error => {
-                return Err(IdempotencyError::AlreadyRunning {
-                    key: req.key.to_owned(),
-                });
+    }
+}
+
+/// [`admit_with`] for a durable run: the store's [`JournalStore::start_durable`], which
+/// also takes over an abandoned run of the same input and hands back its journal.
+pub(crate) async fn admit_durable<T: Send>(
+    store: &Arc<dyn IdempotencyStore>,
+    journal: &dyn JournalStore,
+    req: AdmitRequest<'_>,
+    input: &[u8],
+    retain: Option<Duration>,
+    mut read: impl FnMut(RecordView<'_>) -> T + Send,
+) -> Result<Decided<T, (Ownership, Option<Journal>)>, IdempotencyError> {
+    let mut waiting_since = None;
+    loop {
+        let start = DurableStart {
+            key: req.key,
+            fingerprint: req.fingerprint,
+            lease: req.lease,
+            rerun_failed: !req.cache_result,
+            input,
+            retain,
+        };
+        let seen = match journal.start_durable(start).await? {
+            DurableStartOutcome::Acquired { token, resumed } => {
+                let owner = Ownership::acquired(store, &req, token);
+                return Ok(Decided::Acquired((owner, resumed)));
             }
-            OnRunning::Wait { timeout } => {
-                let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
-                let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
-                    return Err(IdempotencyError::WaitTimedOut {
-                        key: req.key.to_owned(),
-                        waited,
-                    });
-                };
-                store.wait_for_change(req.key, left).await?;
-            }
+            DurableStartOutcome::Existing(record) => Seen::judge(&req, record.view(), &mut read),
+        };
+        if let Some(decided) = after_seen(store, &req, seen, &mut waiting_since).await? {
+            return Ok(decided);
         }
     }
 }
 
 /// What happens to an owned record after the run: the second half of the decision table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Settlement {
     /// Store the result as completed.
     Complete,
@@ -286,6 +457,9 @@ pub enum Settlement {
     Fail,
     /// Delete the record: the operation did not happen, or its result is not to be kept.
     Release,
+    /// Durable runs: keep the record and its journal, and give the key up now, so the next
+    /// caller resumes the run where it stopped ([`JournalStore::suspend`]).
+    Suspend,
 }
 
 /// How an owned run ended, as far as its record is concerned: what
@@ -299,6 +473,8 @@ pub struct Ending {
     pub transient: bool,
     /// Something the run did remains: a step completed and was not compensated.
     pub effects_remain: bool,
+    /// The run is durable: it keeps a journal, and can be resumed instead of re-run.
+    pub durable: bool,
 }
 
 impl Settlement {
@@ -313,13 +489,21 @@ impl Settlement {
     /// | cancelled, nothing remains (no step completed, or all were compensated) | any | `Release` |
     /// | cancelled, a completed step remains | any | `Fail`: kept as a failure with a `Cancelled` error, so the step never runs again |
     ///
+    /// A durable run differs in two rows, where it keeps its journal for the next caller to
+    /// resume instead ([`Suspend`](Self::Suspend)): a cancelled run whose completed steps
+    /// remain, and a transient failure (with `cache_result`).
+    ///
     /// A `Release` is what lets a later caller run the operation again, so it is chosen
     /// only where nothing the run did remains or the caller asked for it
     /// (`cache_result(false)`, a transient error).
     pub fn after(ending: Ending, cache_result: bool) -> Self {
         match ending.status {
             Status::Completed if cache_result => Self::Complete,
-            Status::Failed if cache_result && !ending.transient => Self::Fail,
+            Status::Failed if !cache_result => Self::Release,
+            Status::Failed if ending.transient && ending.durable => Self::Suspend,
+            Status::Failed if ending.transient => Self::Release,
+            Status::Failed => Self::Fail,
+            Status::Cancelled if ending.effects_remain && ending.durable => Self::Suspend,
             Status::Cancelled if ending.effects_remain => Self::Fail,
             _ => Self::Release,
         }
@@ -336,6 +520,8 @@ pub struct Ownership {
     key: String,
     token: FencingToken,
     lease: Duration,
+    /// Set when the heartbeat (or a journal append) learned the lease was lost.
+    lost: Arc<AtomicBool>,
 }
 
 /// How many times persisting an outcome is attempted before the error is surfaced.
@@ -350,6 +536,18 @@ impl Ownership {
     /// The fencing token of this ownership.
     pub fn token(&self) -> FencingToken {
         self.token
+    }
+
+    /// Whether the lease was lost while the work ran ([`hold`](Self::hold) then fired
+    /// its token): another owner may have the key now.
+    pub fn lease_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Marks the lease lost and cancels the work.
+    pub(crate) fn lose(&self, cancel: &CancellationToken) {
+        self.lost.store(true, Ordering::SeqCst);
+        cancel.cancel();
     }
 
     /// Runs `work` while a heartbeat renews the lease every third of its length. If the
@@ -381,12 +579,12 @@ impl Ownership {
                 Ok(()) => renewed_at = Instant::now(),
                 Err(StoreError::StaleToken) => {
                     tracing::warn!(key = %self.key, "idempotency lease lost to another owner; cancelling the run");
-                    cancel.cancel();
+                    self.lose(cancel);
                     return;
                 }
                 Err(e) if renewed_at.elapsed() + interval >= self.lease => {
                     tracing::warn!(key = %self.key, error = %e, "could not renew the idempotency lease before it lapsed; cancelling the run");
-                    cancel.cancel();
+                    self.lose(cancel);
                     return;
                 }
                 Err(e) => {
@@ -409,7 +607,19 @@ impl Ownership {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
+        self.settle_in_place(settlement, result, ttl).await
+    }
+
+    /// [`settle`](Self::settle), keeping the ownership: a guard can still act on it if the
+    /// future settling it is dropped half-way.
+    pub(crate) async fn settle_in_place(
+        &self,
+        settlement: Settlement,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
         let mut attempt = 1;
+        let mut ambiguous = false;
         loop {
             let finish = |status| {
                 self.store
@@ -419,12 +629,28 @@ impl Ownership {
                 Settlement::Complete => finish(FinalStatus::Completed).await,
                 Settlement::Fail => finish(FinalStatus::Failed).await,
                 Settlement::Release => self.store.release(&self.key, self.token).await,
+                Settlement::Suspend => match self.store.journal_store() {
+                    Some(journal) => journal.suspend(&self.key, self.token).await,
+                    None => Err(StoreError::backend_msg(
+                        "a run can only be suspended on a store that keeps journals",
+                    )),
+                },
             };
             match outcome {
                 Err(StoreError::Backend(e)) if attempt < SETTLE_ATTEMPTS => {
                     tracing::warn!(key = %self.key, error = %e, attempt, "persisting the run's outcome failed; retrying");
                     tokio::time::sleep(Duration::from_millis(25) * 4u32.pow(attempt)).await;
                     attempt += 1;
+                    ambiguous = true;
+                }
+                // A release (or suspend) that failed without an answer may have been
+                // applied: a retry then finds the record gone or no longer ours. Either
+                // way the key is not held by this run and nothing of it is kept.
+                Err(StoreError::StaleToken)
+                    if ambiguous
+                        && matches!(settlement, Settlement::Release | Settlement::Suspend) =>
+                {
+                    return Ok(());
                 }
                 other => return other,
             }
@@ -445,9 +671,25 @@ mod tests {
                 status,
                 transient,
                 effects_remain,
+                durable: false,
             };
             Settlement::after(ending, cache)
         };
+        let durable = |status, cache, transient, effects_remain| {
+            let ending = Ending {
+                status,
+                transient,
+                effects_remain,
+                durable: true,
+            };
+            Settlement::after(ending, cache)
+        };
+        assert_eq!(durable(Completed, true, false, true), Complete);
+        assert_eq!(durable(Failed, true, false, true), Fail);
+        assert_eq!(durable(Failed, true, true, true), Suspend);
+        assert_eq!(durable(Failed, false, true, true), Release);
+        assert_eq!(durable(Cancelled, true, false, true), Suspend);
+        assert_eq!(durable(Cancelled, true, false, false), Release);
         assert_eq!(after(Completed, true, false, true), Complete);
         assert_eq!(after(Completed, false, false, true), Release);
         assert_eq!(after(Failed, true, false, true), Fail);

@@ -326,6 +326,12 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     /// Marks the owned record finished, `Completed` or `Failed` as `status` says, with
     /// the encoded result, kept for `ttl`.
     ///
+    /// A finished record is never rewritten. A caller retrying a finish whose reply it
+    /// lost must be able to tell its own applied write from a stale owner: the same status
+    /// and result under its token again answer `Ok`; a record it already finished without
+    /// its result answers [`StoreError::ResultRefused`] (or `TooLarge`); anything else is
+    /// [`StoreError::StaleToken`].
+    ///
     /// # Errors
     /// [`StoreError::StaleToken`] if `token` is not the current owner's.
     /// [`StoreError::TooLarge`] if the backend cannot hold `result`, and
@@ -387,6 +393,10 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
 
     /// Deletes the owned record, so the key is free again (the operation did not happen,
     /// or the caller asked not to keep its result).
+    ///
+    /// A release retried after its reply was lost may answer `StaleToken` (the record it
+    /// deleted is gone); the engine counts that as released, since nothing of the run is
+    /// kept either way.
     ///
     /// # Errors
     /// [`StoreError::StaleToken`] if `token` is not the current owner's.

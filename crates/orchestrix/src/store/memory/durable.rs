@@ -46,6 +46,8 @@ struct Durable {
     retain: Option<Duration>,
     generation: u64,
     journal: Journal,
+    /// `journal.len_bytes()`, kept as entries are appended.
+    journal_bytes: usize,
 }
 
 impl Durable {
@@ -173,6 +175,7 @@ impl Durables {
                 expires_at: NEVER,
                 retain: req.retain,
                 generation: 0,
+                journal_bytes: journal.len_bytes(),
                 journal,
             },
         );
@@ -191,6 +194,15 @@ impl Durables {
         ttl: Option<Duration>,
         now: Tick,
     ) -> Result<(), StoreError> {
+        if self.map.get(key).is_some_and(|d| {
+            d.is_live(now)
+                && d.token == token
+                && d.status == RecordStatus::from(status)
+                && d.result.as_deref() == Some(result)
+        }) {
+            // The same finish again (a caller retrying it): it was applied.
+            return Ok(());
+        }
         let lease_until = {
             let d = self.owned(key, token, now)?;
             d.status = status.into();
@@ -330,11 +342,12 @@ impl JournalStore for MemoryStore {
         let limit = self.journal_limit();
         self.with_state(key, |s, _, now| {
             let d = s.durables.owned(key, token, now)?;
-            let size = d.journal.len_bytes() + entry.len();
+            let size = d.journal_bytes + entry.len();
             if size > limit {
                 return Err(StoreError::TooLarge { size, limit });
             }
             d.journal.entries.push(entry.to_vec());
+            d.journal_bytes = size;
             Ok(())
         })
     }

@@ -262,6 +262,24 @@ impl State {
         }
     }
 
+    /// Whether the live record under `key` was finished by `token` as `status` with
+    /// exactly `result`: what a repeated `finish` finds.
+    fn finished_as(
+        &mut self,
+        key: &str,
+        hash: u64,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        now: Tick,
+    ) -> bool {
+        self.live(key, hash, now).is_some_and(|e| {
+            e.token() == token
+                && e.status() == RecordStatus::from(status)
+                && e.result() == Some(result)
+        })
+    }
+
     /// Removes the record under `key` if `remove` says so, waking its waiters. Whether it
     /// was removed.
     fn remove_if(&mut self, key: &str, hash: u64, remove: impl FnOnce(&Entry) -> bool) -> bool {
@@ -537,6 +555,10 @@ impl IdempotencyStore for MemoryStore {
                 wake(waiters, key.as_bytes());
                 // A TTL too long to represent is no expiry at all.
                 expiries.schedule(entry, hash, after(now, ttl));
+                return Ok(());
+            }
+            if s.finished_as(key, hash, token, status, result, now) {
+                // The same finish again (a caller retrying it): it was applied.
                 return Ok(());
             }
             s.durables.finish(key, token, status, result, ttl, now)?;
