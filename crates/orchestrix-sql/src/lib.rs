@@ -29,6 +29,11 @@
 //!   by the same token, with the same status and a result that does not disagree, answers
 //!   what is stored (`Ok`, or `ResultRefused` when it holds no result) and rewrites
 //!   nothing, so a retry after a lost reply is not mistaken for a lost lease.
+//! * **Durable records in the same row.** Both are
+//!   [`JournalStore`](orchestrix::store::JournalStore)s for durable flows: a durable
+//!   record keeps its lease apart from its expiry (so it outlives the lease, resumable),
+//!   and its journal in its own row, so the statement that takes an abandoned run over
+//!   returns the journal it fenced. Every journal operation is one statement too.
 //! * **Prepared once.** Each store builds its SQL once (the table name is configurable,
 //!   so the text is not static); sqlx prepares each statement once per connection.
 //!
@@ -60,6 +65,7 @@
 // Without a backend feature only the shared pieces remain, and nothing uses them.
 #![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 
+mod journal;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod row;
@@ -67,6 +73,7 @@ mod row;
 mod sqlite;
 mod table;
 
+pub use journal::DEFAULT_MAX_JOURNAL_BYTES;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_OPERATION_TIMEOUT, PgStore};
 pub use row::DEFAULT_MAX_RESULT_BYTES;

@@ -4,8 +4,13 @@
 //!
 //! One row per key: `key text COLLATE "C" PRIMARY KEY`, schema version `v`, `status`,
 //! `token` (32 hex digits), `fingerprint`, `result bytea` and `expires_at timestamptz`
-//! (the lease of a running record, the TTL of a finished one, `NULL` = kept forever).
-//! A partial index on `expires_at` serves [`cleanup`](IdempotencyStore::cleanup).
+//! (when the row goes: the lease of a running record, the TTL of a finished one, `NULL` =
+//! kept forever). A partial index on `expires_at` serves
+//! [`cleanup`](IdempotencyStore::cleanup).
+//!
+//! Durable records (the [`JournalStore`] side) are rows
+//! of the same table with a few more columns: a lease of their own (`lease_until`), so
+//! that `expires_at` can outlive it, and the journal. See the `durable` module.
 //!
 //! # Why `start` is correct under concurrency
 //!
@@ -46,18 +51,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
-    StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus,
+    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
 };
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, SqlStr};
 
+use crate::journal::DEFAULT_MAX_JOURNAL_BYTES;
 use crate::row::{
     CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, Finished, NotFinished, RECORD_COLUMNS, decode_record,
     fit_result, store_error,
 };
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
+
+mod durable;
 
 /// The largest result limit a store accepts: PostgreSQL refuses a `bytea` value, and a
 /// protocol message, of 1 GiB or more, and a finish's message carries the key, token and
@@ -111,6 +119,7 @@ pub struct PgStore {
     table: TableName,
     sql: Arc<Statements>,
     max_result_bytes: usize,
+    max_journal_bytes: usize,
     operation_timeout: Duration,
 }
 
@@ -125,6 +134,7 @@ struct Statements {
     delete: SqlStr,
     cleanup: SqlStr,
     migrate: [SqlStr; 2],
+    journal: durable::Statements,
 }
 
 impl PgStore {
@@ -136,6 +146,7 @@ impl PgStore {
             sql: Arc::new(Statements::for_table(&table)),
             table,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
         }
     }
@@ -159,6 +170,15 @@ impl PgStore {
         self
     }
 
+    /// Keeps durable runs' journals up to `bytes` each: the input and the entries, each
+    /// entry with its 4-byte length. An append past it is [`StoreError::TooLarge`] and
+    /// appends nothing. Default [`DEFAULT_MAX_JOURNAL_BYTES`] (64 MiB); capped 1 MiB below
+    /// PostgreSQL's own limit of 1 GiB for one value (and one message).
+    pub fn with_max_journal_bytes(mut self, bytes: usize) -> Self {
+        self.max_journal_bytes = bytes.min(POSTGRES_MAX_RESULT);
+        self
+    }
+
     /// Bounds every operation, waiting for a pooled connection included; past it the
     /// operation fails with [`StoreError::Backend`]. Default 10 s.
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
@@ -176,8 +196,11 @@ impl PgStore {
         &self.pool
     }
 
-    /// Creates the table and its expiry index if they do not exist. Safe to call from many
-    /// instances at once (they serialise on an advisory lock).
+    /// Creates the table and its indexes if they do not exist, and adds the columns of
+    /// durable records to a table created by an earlier build. Safe to call from many
+    /// instances at once (they serialise on an advisory lock). The catalog is read first,
+    /// so an up-to-date table is never altered: no `ACCESS EXCLUSIVE` lock, no queueing
+    /// behind long readers.
     ///
     /// # Errors
     /// [`StoreError::Backend`] if the server is unreachable or refuses the DDL.
@@ -192,6 +215,7 @@ impl PgStore {
             for ddl in &self.sql.migrate {
                 sqlx::query(ddl.clone()).execute(&mut *tx).await?;
             }
+            self.sql.journal.upgrade(&mut tx, &self.table).await?;
             tx.commit().await
         })
         .await
@@ -311,6 +335,7 @@ impl fmt::Debug for PgStore {
         f.debug_struct("PgStore")
             .field("table", &self.table)
             .field("max_result_bytes", &self.max_result_bytes)
+            .field("max_journal_bytes", &self.max_journal_bytes)
             .field("operation_timeout", &self.operation_timeout)
             .finish_non_exhaustive()
     }
@@ -323,7 +348,8 @@ impl Statements {
         let cols = RECORD_COLUMNS;
         let live = "(expires_at IS NULL OR expires_at > now())";
         let owned = format!(
-            "key = $1 AND token = $2 AND status = 'running' AND v = {v} AND expires_at > now()"
+            "key = $1 AND token = $2 AND status = 'running' AND v = {v} AND {}",
+            durable::OWNER_LEASE
         );
         // StartRequest::may_take_over, in SQL: a failed record of this schema with a
         // well-formed token (a damaged row is reported, never freed), the caller re-runs
@@ -349,7 +375,7 @@ impl Statements {
                    ON CONFLICT (key) DO UPDATE SET \
                      v = excluded.v, status = excluded.status, token = excluded.token, \
                      fingerprint = excluded.fingerprint, result = NULL, \
-                     expires_at = excluded.expires_at \
+                     expires_at = excluded.expires_at, {not_durable} \
                    WHERE cur.expires_at <= now() OR {rerun_cur} \
                    RETURNING {cols} \
                  ) \
@@ -357,25 +383,26 @@ impl Statements {
                  UNION ALL \
                  SELECT false AS acquired, {cols} FROM blocking",
                 rerun_cur = rerunnable("cur"),
+                not_durable = durable::NOT_DURABLE,
             )),
             // The caller's running record, or one it already finished with this status
             // and a result that does not disagree (see `row::Finished`), left as it is.
-            // OR evaluates left to right: a running record never compares results.
+            // OR evaluates left to right: a running record never compares results. A
+            // durable record is owned under `lease_until` (`durable::OWNER_LEASE`); once
+            // finished it leaves the lease index, its journal kept.
             finish: statement(format!(
-                "UPDATE {t} SET status = $3, \
+                "UPDATE {t} SET status = $3, lease_until = NULL, \
                    result = CASE WHEN status = 'running' THEN $4::bytea ELSE result END, \
                    expires_at = CASE WHEN status = 'running' \
                      THEN now() + $5::bigint * interval '1 microsecond' ELSE expires_at END \
                  WHERE key = $1 AND token = $2 AND v = {v} AND ( \
-                   (status = 'running' AND expires_at > now()) \
+                   (status = 'running' AND {owner_lease}) \
                    OR (status = $3 AND {live} \
                        AND (result IS NULL OR $4::bytea IS NULL OR result = $4::bytea))) \
-                 RETURNING result IS NOT NULL AS stored"
+                 RETURNING result IS NOT NULL AS stored",
+                owner_lease = durable::OWNER_LEASE,
             )),
-            renew: statement(format!(
-                "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond' \
-                 WHERE {owned}"
-            )),
+            renew: statement(format!("UPDATE {t} SET {} WHERE {owned}", durable::RENEWED)),
             release: statement(format!("DELETE FROM {t} WHERE {owned}")),
             delete: statement(format!("DELETE FROM {t} WHERE key = $1")),
             // SKIP LOCKED: rows being taken over right now are left to their new owner,
@@ -403,6 +430,7 @@ impl Statements {
                      WHERE expires_at IS NOT NULL"
                 )),
             ],
+            journal: durable::Statements::for_table(table),
         }
     }
 }
@@ -526,5 +554,9 @@ impl IdempotencyStore for PgStore {
                 return Ok(removed);
             }
         }
+    }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
     }
 }

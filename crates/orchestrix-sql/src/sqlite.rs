@@ -4,9 +4,14 @@
 //!
 //! One `STRICT` table, one row per key: `key TEXT PRIMARY KEY`, schema version `v`,
 //! `status`, `token` (32 hex digits), `fingerprint`, `result BLOB`, and `expires_at REAL`
-//! (Unix seconds by SQLite's own clock: the lease of a running record, the TTL of a
-//! finished one, `NULL` = kept forever). `sweep_at`, indexed, tells
+//! (Unix seconds by SQLite's own clock: when the row goes — the lease of a running record,
+//! the TTL of a finished one, `NULL` = kept forever). `sweep_at`, indexed, tells
 //! [`cleanup`](IdempotencyStore::cleanup) where to look (see below).
+//!
+//! Durable records (the [`JournalStore`] side) are rows
+//! of the same table with a few more columns: a lease of their own (`lease_until`), so
+//! that `expires_at` can outlive it, and the journal. See the `durable` module, also for
+//! how they are swept and what a blocked durable start writes.
 //!
 //! # One statement per operation
 //!
@@ -53,20 +58,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
-    StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus,
+    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, SqlStr};
 
+use crate::journal::DEFAULT_MAX_JOURNAL_BYTES;
 use crate::row::{
     CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, Finished, NotFinished, RECORD_COLUMNS, decode_record,
     fit_result, store_error,
 };
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
+
+mod durable;
 
 /// How long a statement waits for another connection or process to release the write
 /// lock before failing with [`StoreError::Backend`].
@@ -107,6 +115,7 @@ pub struct SqliteStore {
     table: TableName,
     sql: Arc<Statements>,
     max_result_bytes: usize,
+    max_journal_bytes: usize,
 }
 
 /// The SQL of every operation, built once per table name. sqlx prepares each text once per
@@ -120,6 +129,7 @@ struct Statements {
     delete: SqlStr,
     cleanup: SqlStr,
     migrate: [SqlStr; 2],
+    journal: durable::Statements,
 }
 
 impl SqliteStore {
@@ -177,6 +187,7 @@ impl SqliteStore {
             sql: Arc::new(Statements::for_table(&table)),
             table,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
         }
     }
 
@@ -199,23 +210,36 @@ impl SqliteStore {
         self
     }
 
+    /// Keeps durable runs' journals up to `bytes` each: the input and the entries, each
+    /// entry with its 4-byte length. An append past it is [`StoreError::TooLarge`] and
+    /// appends nothing. Default [`DEFAULT_MAX_JOURNAL_BYTES`] (64 MiB); capped at SQLite's
+    /// own limit of 10⁹ bytes.
+    pub fn with_max_journal_bytes(mut self, bytes: usize) -> Self {
+        self.max_journal_bytes = bytes.min(SQLITE_MAX_LENGTH);
+        self
+    }
+
     /// The table holding the records.
     pub fn table(&self) -> &str {
         self.table.as_str()
     }
 
-    /// Creates the table and its expiry index if they do not exist.
+    /// Creates the table and its indexes if they do not exist, and adds the columns of
+    /// durable records to a table created by an earlier build. One `BEGIN IMMEDIATE`
+    /// transaction, so processes migrating the same file at once take turns.
     ///
     /// # Errors
     /// [`StoreError::Backend`] if the database cannot be written.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        for ddl in &self.sql.migrate {
-            sqlx::query(ddl.clone())
-                .execute(&self.writer)
-                .await
-                .map_err(store_error)?;
-        }
-        Ok(())
+        let migrate = async {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            for ddl in &self.sql.migrate {
+                sqlx::query(ddl.clone()).execute(&mut *tx).await?;
+            }
+            self.sql.journal.upgrade(&mut tx, &self.table).await?;
+            tx.commit().await
+        };
+        migrate.await.map_err(store_error)
     }
 
     /// Closes the store's connections, checkpointing the WAL into the database file.
@@ -280,6 +304,7 @@ impl fmt::Debug for SqliteStore {
         f.debug_struct("SqliteStore")
             .field("table", &self.table)
             .field("max_result_bytes", &self.max_result_bytes)
+            .field("max_journal_bytes", &self.max_journal_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -291,7 +316,8 @@ impl Statements {
         let cols = RECORD_COLUMNS;
         let live = format!("(expires_at IS NULL OR expires_at > {NOW})");
         let owned = format!(
-            "key = ?1 AND token = ?2 AND status = 'running' AND v = {v} AND expires_at > {NOW}"
+            "key = ?1 AND token = ?2 AND status = 'running' AND v = {v} AND {}",
+            durable::owner_lease()
         );
         // Expired, or StartRequest::may_take_over in SQL. NULL (a damaged row) is not free,
         // and neither is a failed row whose token or fingerprint would not decode.
@@ -312,6 +338,9 @@ impl Statements {
             keep_or_take("result", "NULL"),
             keep_or_take("expires_at", "excluded.expires_at"),
         ]
+        .into_iter()
+        .chain(durable::NOT_DURABLE.map(|(column, plain)| keep_or_take(column, plain)))
+        .collect::<Vec<_>>()
         .join(", ");
         Self {
             get: statement(format!("SELECT {cols} FROM {t} WHERE key = ?1 AND {live}")),
@@ -324,19 +353,23 @@ impl Statements {
             )),
             // The caller's running record, or one it already finished with this status
             // and a result that does not disagree (see `row::Finished`), left as it is.
+            // A durable record is owned under `lease_until` (`durable::owner_lease`); once
+            // finished it leaves the lease index, its journal kept.
             finish: statement(format!(
-                "UPDATE {t} SET status = ?3, \
+                "UPDATE {t} SET status = ?3, lease_until = NULL, \
                    result = iif(status = 'running', ?4, result), \
                    expires_at = iif(status = 'running', {NOW} + ?5, expires_at), \
                    sweep_at = iif(status = 'running', {NOW} + ?5, sweep_at) \
                  WHERE key = ?1 AND token = ?2 AND v = {v} AND ( \
-                   (status = 'running' AND expires_at > {NOW}) \
+                   (status = 'running' AND {owner_lease}) \
                    OR (status = ?3 AND {live} \
                        AND (result IS NULL OR ?4 IS NULL OR result = ?4))) \
-                 RETURNING result IS NOT NULL AS stored"
+                 RETURNING result IS NOT NULL AS stored",
+                owner_lease = durable::owner_lease(),
             )),
             renew: statement(format!(
-                "UPDATE {t} SET expires_at = {NOW} + ?3, sweep_at = {NOW} + ?3 WHERE {owned}"
+                "UPDATE {t} SET {} WHERE {owned}",
+                durable::renewed()
             )),
             release: statement(format!("DELETE FROM {t} WHERE {owned}")),
             delete: statement(format!("DELETE FROM {t} WHERE key = ?1")),
@@ -363,6 +396,7 @@ impl Statements {
                      WHERE sweep_at IS NOT NULL"
                 )),
             ],
+            journal: durable::Statements::for_table(table),
         }
     }
 }
@@ -477,5 +511,9 @@ impl IdempotencyStore for SqliteStore {
                 return Ok(removed);
             }
         }
+    }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
     }
 }
