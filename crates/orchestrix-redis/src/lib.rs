@@ -515,6 +515,10 @@ impl IdempotencyStore for RedisStore {
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
 }
 
 #[cfg(test)]

@@ -559,4 +559,8 @@ impl IdempotencyStore for PgStore {
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
 }

@@ -516,4 +516,8 @@ impl IdempotencyStore for SqliteStore {
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
 }

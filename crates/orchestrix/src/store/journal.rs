@@ -215,7 +215,8 @@ pub struct DurableStart<'a> {
     pub input: &'a [u8],
     /// How long the record is kept once its lease lapsed (an abandoned run stays
     /// resumable that long); `None`: until deleted. Renewals carry the lease forward, so a
-    /// run that is alive is never expired by this.
+    /// run that is alive is never expired by this. The engine passes the run's TTL,
+    /// validated like any TTL (at most 10 years).
     pub retain: Option<Duration>,
 }
 
@@ -339,7 +340,9 @@ pub trait JournalStore: Send + Sync {
 
     /// Keys of abandoned durable runs (running, lease lapsed, not expired) that start with
     /// `prefix`, in ascending byte order, after `after` when given, at most `limit`. Stores
-    /// that can index lease deadlines answer without reading every record.
+    /// that can index lease deadlines answer without reading every record. A record this
+    /// build cannot decode (another schema version) may be listed: resuming it then
+    /// reports the typed error instead of hiding the record.
     ///
     /// # Errors
     /// [`StoreError::Backend`] when the store is unreachable.

@@ -115,7 +115,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use journal::{DurableStart, DurableStartOutcome, Journal, JournalStore, Redrive};
-pub use memory::MemoryStore;
+pub use memory::{DEFAULT_MAX_JOURNAL_BYTES, MemoryStore};
 pub use record::{FencingToken, Record, RecordStatus, RecordView, SCHEMA_VERSION};
 
 /// A boxed error from a backend's client library, kept as the source of a [`StoreError`].
