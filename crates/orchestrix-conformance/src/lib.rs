@@ -20,6 +20,7 @@
 //! lives in [`storm`].
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod journal;
 pub mod storm;
 

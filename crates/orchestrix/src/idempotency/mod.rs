@@ -96,7 +96,7 @@ pub use fingerprint::{Fingerprint, fingerprint_of};
 pub(crate) use options::flow_prefix;
 pub use options::{
     DEFAULT_LEASE, KeyError, KeyScope, MAX_KEY_BYTES, OnRunning, OptionError, RunOptions,
-    validate_key, validate_lease, validate_on_running, validate_ttl,
+    scoped_key, validate_key, validate_lease, validate_on_running, validate_ttl,
 };
 
 /// Why an idempotent run could not start (or could not be replayed). Nothing ran.

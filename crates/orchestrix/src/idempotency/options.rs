@@ -327,6 +327,25 @@ pub(crate) fn flow_prefix(flow: &str) -> String {
     prefix
 }
 
+/// The key a flow named `flow` stores a run of `key` under (with the default
+/// [`KeyScope::Flow`]): the flow's name with `%` and `:` escaped as `%25` and `%3A`, a
+/// `:`, then `key` as given. What tools outside the flow use to find its records, such as
+/// the `orchestrix` command-line tool's `--flow`; `scoped_key(flow, "")` is the prefix
+/// every key of the flow starts with.
+///
+/// ```
+/// use orchestrix::idempotency::scoped_key;
+///
+/// assert_eq!(scoped_key("billing", "order_123"), "billing:order_123");
+/// assert_eq!(scoped_key("orders:refund", "1"), "orders%3Arefund:1");
+/// assert_eq!(scoped_key("billing", ""), "billing:");
+/// ```
+pub fn scoped_key(flow: &str, key: &str) -> String {
+    let mut scoped = flow_prefix(flow);
+    scoped.push_str(key);
+    scoped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +375,23 @@ mod tests {
         let global = opts.scope(KeyScope::Global);
         assert_eq!(global.scoped_key(&flow_prefix("pay")).as_deref(), Some("k"));
         assert_eq!(RunOptions::new().scoped_key(&flow_prefix("pay")), None);
+    }
+
+    #[test]
+    fn scoped_key_is_the_key_a_flow_run_stores() {
+        for (flow, key) in [
+            ("pay", "k"),
+            ("orders:refund", "1001"),
+            ("a%3A", "b:c"),
+            ("", ""),
+        ] {
+            assert_eq!(
+                RunOptions::key(key).scoped_key(&flow_prefix(flow)),
+                Some(scoped_key(flow, key))
+            );
+        }
+        assert_eq!(scoped_key("50%:off", "x"), "50%25%3Aoff:x");
+        assert!(scoped_key("pay", "k").starts_with(&scoped_key("pay", "")));
     }
 
     #[test]

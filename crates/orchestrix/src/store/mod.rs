@@ -105,6 +105,7 @@
 //! }
 //! ```
 
+mod admin;
 mod journal;
 mod memory;
 mod record;
@@ -114,6 +115,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use admin::{
+    DEFAULT_PAGE_SIZE, Lease, ListRequest, Listed, Page, RecordAdmin, RecordInfo, Released,
+    StatusFilter,
+};
 pub use journal::{DurableStart, DurableStartOutcome, Journal, JournalStore, Redrive};
 pub use memory::{DEFAULT_MAX_JOURNAL_BYTES, MemoryStore};
 pub use record::{FencingToken, Record, RecordStatus, RecordView, SCHEMA_VERSION};
@@ -427,6 +432,14 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     /// on a store that answers `None` (the default, for stores that do not). Every store of
     /// this workspace keeps journals; see [`JournalStore`].
     fn journal_store(&self) -> Option<&dyn JournalStore> {
+        None
+    }
+
+    /// The store's record admin, if it offers one: operators' access to its records
+    /// (inspect one, list them by page, release a stuck one), which the `orchestrix`
+    /// command-line tool uses. The engine never calls it. `None` by default; every store of
+    /// this workspace offers one. See [`RecordAdmin`].
+    fn admin(&self) -> Option<&dyn RecordAdmin> {
         None
     }
 

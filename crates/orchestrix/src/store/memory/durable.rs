@@ -50,7 +50,26 @@ struct Durable {
     journal_bytes: usize,
 }
 
+/// A durable record seen by the record admin.
+pub(super) struct Snapshot<'a> {
+    pub(super) view: RecordView<'a>,
+    /// Until when the owner holds it (running records only).
+    pub(super) lease_until: Tick,
+    /// When the record goes.
+    pub(super) expires_at: Tick,
+    pub(super) journal: &'a Journal,
+}
+
 impl Durable {
+    fn snapshot<'a>(&'a self, key: &'a str) -> Snapshot<'a> {
+        Snapshot {
+            view: self.view(key),
+            lease_until: self.lease_until,
+            expires_at: self.expires_at,
+            journal: &self.journal,
+        }
+    }
+
     fn is_live(&self, now: Tick) -> bool {
         self.expires_at > now
     }
@@ -262,6 +281,35 @@ impl Durables {
             Some(d) if d.is_owned_by(token, now) => Ok(d),
             _ => Err(StoreError::StaleToken),
         }
+    }
+
+    /// The live record under `key` as the record admin shows it.
+    pub(super) fn snapshot<'a>(&'a self, key: &'a str, now: Tick) -> Option<Snapshot<'a>> {
+        let d = self.map.get(key).filter(|d| d.is_live(now))?;
+        Some(d.snapshot(key))
+    }
+
+    /// Every live record, in no order, as the record admin shows it.
+    pub(super) fn snapshots(&self, now: Tick) -> impl Iterator<Item = Snapshot<'_>> {
+        self.map
+            .iter()
+            .filter(move |(_, d)| d.is_live(now))
+            .map(|(key, d)| d.snapshot(key))
+    }
+
+    /// The record admin's release: a running record's lease lapses now (unless it had
+    /// already), its journal kept. The live record's status, or `None` when there is none.
+    pub(super) fn lapse(&mut self, key: &str, now: Tick) -> Option<RecordStatus> {
+        let d = self.live(key, now)?;
+        if d.status != RecordStatus::Running {
+            return Some(d.status);
+        }
+        if d.lease_until > now {
+            let retain = d.retain;
+            let key = self.arc_key(key);
+            self.schedule(&key, Some(now), after(now, retain));
+        }
+        Some(RecordStatus::Running)
     }
 
     /// The map's own `Arc` of `key` (the lease index and the heap share it).

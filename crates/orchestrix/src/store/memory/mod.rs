@@ -1,5 +1,6 @@
 //! The embedded, in-process store.
 
+mod admin;
 mod durable;
 
 use std::cmp::Reverse;
@@ -16,8 +17,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus, RecordView,
-    RecordVisitor, StartOutcome, StartRequest, StartSeen, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
+    RecordView, RecordVisitor, StartOutcome, StartRequest, StartSeen, StoreError,
 };
 pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
 use durable::Durables;
@@ -657,6 +658,10 @@ impl IdempotencyStore for MemoryStore {
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
+    }
+
+    fn admin(&self) -> Option<&dyn RecordAdmin> {
         Some(self)
     }
 
