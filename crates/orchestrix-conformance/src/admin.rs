@@ -281,6 +281,54 @@ pub async fn list_filters_by_status(store: &(impl IdempotencyStore + ?Sized)) {
     assert_eq!(listed.first().and_then(|info| info.result_bytes), Some(2));
 }
 
+/// For a keyset store (memory, SQL): pages hold exactly `limit` records, in ascending
+/// byte order of the keys, and a page's cursor is its last key. Not part of
+/// [`admin_conformance_tests!`](crate::admin_conformance_tests): stores that scan list in
+/// their own order.
+pub async fn keyset_pages_hold_limit_records_in_key_order(
+    store: &(impl IdempotencyStore + ?Sized),
+) {
+    let prefix = unique_key("admin-keyset");
+    // Written out of order, with a key that sorts differently by bytes than by text
+    // (`é` is two bytes from 0xc3, after every ASCII key).
+    for name in ["9", "é", "1", "0", "5", "3", "8", "2", "7", "4"] {
+        acquire(store, &format!("{prefix}:{name}"), LONG).await;
+    }
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let req = ListRequest::new(&prefix).limit(4).cursor(cursor.as_deref());
+        let page = match admin(store).list(req).await {
+            Ok(page) => page,
+            Err(e) => panic!("list({prefix:?}) failed: {e}"),
+        };
+        let keys: Vec<String> = page
+            .records
+            .iter()
+            .map(|listed| listed.key()[prefix.len() + 1..].to_owned())
+            .collect();
+        if let Some(next) = &page.next {
+            assert_eq!(
+                Some(next),
+                page.records.last().map(|l| l.key().to_owned()).as_ref()
+            );
+        }
+        pages.push(keys);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        vec![
+            vec!["0", "1", "2", "3"],
+            vec!["4", "5", "7", "8"],
+            vec!["9", "é"],
+        ]
+    );
+}
+
 /// `release` deletes a plain running record: the key is free, the old owner is fenced.
 pub async fn release_deletes_a_plain_running_record(store: &(impl IdempotencyStore + ?Sized)) {
     let key = unique_key("admin-release");

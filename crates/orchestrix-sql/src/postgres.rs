@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
     SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
 };
 use sqlx::postgres::{PgPool, PgRow};
@@ -65,6 +65,7 @@ use crate::row::{
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
 
+mod admin;
 mod durable;
 
 /// The largest result limit a store accepts: PostgreSQL refuses a `bytea` value, and a
@@ -557,6 +558,10 @@ impl IdempotencyStore for PgStore {
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
+    }
+
+    fn admin(&self) -> Option<&dyn RecordAdmin> {
         Some(self)
     }
 

@@ -58,7 +58,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
     SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
 };
 use sqlx::sqlite::{
@@ -74,6 +74,7 @@ use crate::row::{
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
 
+mod admin;
 mod durable;
 
 /// How long a statement waits for another connection or process to release the write
@@ -514,6 +515,10 @@ impl IdempotencyStore for SqliteStore {
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
+    }
+
+    fn admin(&self) -> Option<&dyn RecordAdmin> {
         Some(self)
     }
 

@@ -20,45 +20,17 @@ mod journal {
 }
 
 mod admin {
-    use orchestrix::store::{IdempotencyStore, ListRequest, MemoryStore, StartOutcome};
+    use orchestrix::store::MemoryStore;
 
     orchestrix_conformance::admin_conformance_tests!(async { MemoryStore::new() });
     orchestrix_conformance::admin_journal_conformance_tests!(async { MemoryStore::new() });
 
-    /// The reference keeps keyset order: pages hold exactly `limit` records, in ascending
-    /// key order, and the cursor is the last key of the page.
     #[tokio::test]
-    async fn list_pages_in_key_order_with_the_last_key_as_cursor() {
-        let store = MemoryStore::new();
-        for i in (0..10).rev() {
-            let key = format!("p:{i}");
-            let started = store
-                .start(orchestrix_conformance::request(&key, None))
-                .await;
-            assert!(matches!(started, Ok(StartOutcome::Acquired(_))));
-        }
-        let admin = store.admin().expect("the memory store offers an admin");
-        let mut cursor: Option<String> = None;
-        let mut pages = Vec::new();
-        loop {
-            let req = ListRequest::new("p:").limit(4).cursor(cursor.as_deref());
-            let page = admin.list(req).await.expect("list");
-            let keys: Vec<String> = page.records.iter().map(|r| r.key().to_owned()).collect();
-            assert_eq!(page.next.as_ref(), page.next.as_ref().and(keys.last()));
-            pages.push(keys);
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
-        }
-        assert_eq!(
-            pages,
-            vec![
-                vec!["p:0", "p:1", "p:2", "p:3"],
-                vec!["p:4", "p:5", "p:6", "p:7"],
-                vec!["p:8", "p:9"],
-            ]
-        );
+    async fn keyset_pages_hold_limit_records_in_key_order() {
+        orchestrix_conformance::admin::keyset_pages_hold_limit_records_in_key_order(
+            &MemoryStore::new(),
+        )
+        .await;
     }
 }
 
