@@ -91,6 +91,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin;
 mod builder;
 mod durable;
 mod record;
@@ -103,8 +104,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordStatus, StartOutcome,
-    StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
+    StartOutcome, StartRequest, StoreError,
 };
 use redis::aio::ConnectionManager;
 use redis::{
@@ -513,6 +514,10 @@ impl IdempotencyStore for RedisStore {
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
+    }
+
+    fn admin(&self) -> Option<&dyn RecordAdmin> {
         Some(self)
     }
 

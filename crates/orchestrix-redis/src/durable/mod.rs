@@ -21,6 +21,7 @@
 //! `release` tell a durable run's token by its lowest bit ([`layout`]) and send the durable
 //! script in their one round trip.
 
+pub(crate) mod admin;
 mod index;
 mod layout;
 mod scripts;
