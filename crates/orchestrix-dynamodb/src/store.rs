@@ -18,7 +18,7 @@ use aws_sdk_dynamodb::types::{
     TimeToLiveStatus,
 };
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, SCHEMA_VERSION,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordAdmin, RecordStatus, SCHEMA_VERSION,
     StartOutcome, StartRequest, StoreError,
 };
 
@@ -27,6 +27,8 @@ use crate::item::{
     VERSION, millis, now_ms, number,
 };
 use crate::options::{DynamoOptions, OptionsError};
+
+mod admin;
 
 /// The record is running, under this token, and its lease has not lapsed: the condition
 /// of every owner's write.
@@ -521,6 +523,10 @@ impl IdempotencyStore for DynamoStore {
             };
         }
         Err(request_failed("UpdateItem", err))
+    }
+
+    fn admin(&self) -> Option<&dyn RecordAdmin> {
+        Some(self)
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
