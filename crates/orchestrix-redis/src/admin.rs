@@ -17,8 +17,9 @@
 //! matching keys: only the end of the listing has no next cursor.
 //!
 //! The key prefix is escaped for `MATCH` (`*`, `?`, `[`, `]`, `\`), so it matches as
-//! given. Keys under the store's prefix that start with a NUL byte (the lease index of
-//! durable records) are the store's own, and never listed. Everything read is decoded
+//! given. Keys that hold a NUL byte are no record's (the engine refuses control characters
+//! in keys): they are stores' own, such as the lease index of durable records under
+//! `<prefix>\0durable-leases`, and never listed. Everything read is decoded
 //! with the store's own decoding (`record::decode`, and the durable layout's), so garbage
 //! is a typed error or an undecodable row, and another Redis type under a key is
 //! undecodable too. Leases and expiries are measured on Redis's clock (`TIME`, `PTTL`).
@@ -300,8 +301,9 @@ impl RedisStore {
             .into_iter()
             .filter_map(|key| {
                 let key = key.strip_prefix(prefix)?;
-                // The store's own keys (the lease index) start with a NUL byte.
-                (key.first() != Some(&0)).then(|| String::from_utf8_lossy(key).into_owned())
+                // No record's key holds a NUL byte (the engine refuses control characters):
+                // such keys are stores' own, such as the lease index of durable records.
+                (!key.contains(&0)).then(|| String::from_utf8_lossy(key).into_owned())
             })
             .collect();
         Ok((next, keys))
