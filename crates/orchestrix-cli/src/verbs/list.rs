@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use orchestrix::idempotency::scoped_key;
-use orchestrix::store::{ListRequest, Listed, StatusFilter};
+use std::time::Instant;
+
+use orchestrix::store::{ListRequest, Listed, Page, StatusFilter};
 use serde_json::json;
 
 use super::Store;
@@ -26,11 +28,7 @@ pub(super) async fn run(store: &Store, args: ListArgs) -> anyhow::Result<ExitCod
     } else {
         StatusFilter::Any
     };
-    let request = ListRequest::new(&prefix)
-        .filter(filter)
-        .limit(args.limit as usize)
-        .cursor(args.cursor.as_deref());
-    let page = store.bounded(store.admin()?.list(request)).await?;
+    let page = fill_page(store, &prefix, filter, &args).await?;
     if args.json {
         let records: Vec<_> = page
             .records
@@ -84,6 +82,37 @@ pub(super) async fn run(store: &Store, args: ListArgs) -> anyhow::Result<ExitCod
         None => println!("end of the listing"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Up to `--limit` records from `--cursor` on. A store that bounds the work of one page (a
+/// Redis `SCAN`, a DynamoDB `Scan`) may answer a short page with a cursor: it is asked
+/// again from there until the page is full or the listing ends, for at most `--timeout`;
+/// past that the records found so far are shown, with the cursor to go on from.
+async fn fill_page(
+    store: &Store,
+    prefix: &str,
+    filter: StatusFilter,
+    args: &ListArgs,
+) -> anyhow::Result<Page> {
+    let limit = args.limit as usize;
+    let started = Instant::now();
+    let mut records = Vec::new();
+    let mut cursor = args.cursor.clone();
+    loop {
+        let request = ListRequest::new(prefix)
+            .filter(filter)
+            .limit(limit - records.len())
+            .cursor(cursor.as_deref());
+        let page = store.bounded(store.admin()?.list(request)).await?;
+        records.extend(page.records);
+        cursor = page.next;
+        if cursor.is_none() || records.len() >= limit || started.elapsed() >= store.answer {
+            return Ok(Page {
+                records,
+                next: cursor,
+            });
+        }
+    }
 }
 
 /// Rows under a header, in aligned columns (an undecodable row's error runs on).

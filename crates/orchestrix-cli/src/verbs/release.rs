@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use orchestrix::store::{RecordStatus, Released};
+use orchestrix::store::{Lease, RecordStatus, Released};
 
 use super::{Store, confirm, no_record};
 use crate::cli::ChangeArgs;
@@ -21,9 +21,11 @@ pub(super) async fn run(store: &Store, args: ChangeArgs) -> anyhow::Result<ExitC
     if info.status != RecordStatus::Running {
         bail!(refused(&key, info.status));
     }
-    let lease = info
-        .lease
-        .map_or_else(String::new, |l| format!(", lease {}", render::lease(l)));
+    let lease = match info.lease {
+        Some(Lease::Held { left }) => format!(", lease {} left", render::duration(left)),
+        Some(Lease::Lapsed { ago }) => format!(", lease lapsed {} ago", render::duration(ago)),
+        _ => String::new(),
+    };
     let what = if info.durable {
         "Its lease lapses now and its journal stays: the next run of the key resumes it."
     } else {

@@ -1,65 +1,5 @@
-//! Operator access to a store's records: [`RecordAdmin`].
-//!
-//! A service that runs payments through this library has to answer, at 3 a.m.: which key
-//! is locked, by whom and for how long; which runs are abandoned; and how to free one. The
-//! engine never needs any of this, so it is a capability of its own, like the journal: a
-//! store that offers it returns itself from
-//! [`IdempotencyStore::admin`](super::IdempotencyStore::admin). The `orchestrix`
-//! command-line tool is built on it; so can an admin endpoint of your own.
-//!
-//! ```
-//! use orchestrix::store::{IdempotencyStore, ListRequest, MemoryStore, StatusFilter};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
-//! let admin = store.admin().ok_or("this store offers no record admin")?;
-//! // Every running record of the flow `checkout`, one page at a time.
-//! let prefix = orchestrix::idempotency::scoped_key("checkout", "");
-//! let mut cursor = None;
-//! loop {
-//!     let request = ListRequest::new(&prefix)
-//!         .filter(StatusFilter::Running)
-//!         .limit(100)
-//!         .cursor(cursor.as_deref());
-//!     let page = admin.list(request).await?;
-//!     for listed in &page.records {
-//!         println!("{}", listed.key());
-//!     }
-//!     match page.next {
-//!         Some(next) => cursor = Some(next),
-//!         None => break,
-//!     }
-//! }
-//! # Ok(()) }
-//! ```
-//!
-//! # Guarantees a record admin must give
-//!
-//! * **The store's own decoding.** A record is read as the store reads it for `get`: one
-//!   that cannot be decoded is [`StoreError::Decode`] (or
-//!   [`StoreError::UnsupportedVersion`]) from [`inspect`](RecordAdmin::inspect), a
-//!   [`Listed::Undecodable`] row in a [`list`](RecordAdmin::list) page (never a page
-//!   aborted, never a record skipped), and never a panic.
-//! * **Live records only.** What `get` would find: a record past its TTL, and a plain
-//!   running record past its lease (its key is free), are neither inspected nor listed. A
-//!   durable run whose lease lapsed is live: it is *abandoned*
-//!   ([`Lease::Lapsed`]) until it is resumed or its retention ends.
-//! * **Bounded.** Every call takes a bounded number of round trips (a page of `list` too,
-//!   whatever the number of records) and never loads every record into memory. A `list`
-//!   page may hold fewer records than asked, or none, and still have a
-//!   [`next`](Page::next) cursor: a store that bounds the work of one page (a Redis
-//!   `SCAN`, a DynamoDB `Scan`) stops there. Only `next: None` means the end.
-//! * **Release never loses work.** [`release`](RecordAdmin::release) frees a *running*
-//!   record without its owner's token: a plain one is deleted, so the next run of the key
-//!   starts over; a durable one keeps its journal and only has its lease lapsed, so the
-//!   next run of the key resumes it. Its old owner is fenced out either way (its next
-//!   write is `StaleToken`). A finished record is refused: removing one is a
-//!   [`delete`](super::IdempotencyStore::delete), a decision of another weight (the
-//!   operation may then run again). A record that cannot be decoded is refused too.
-//!
-//! The shared conformance suite (`orchestrix-conformance`, module `admin`) checks this
-//! for every store of this workspace.
+//! Operator access to a store's records: [`RecordAdmin`], whose documentation gives the
+//! guarantees every store's admin keeps.
 
 use std::fmt;
 use std::time::Duration;
@@ -71,8 +11,69 @@ use super::{FencingToken, Journal, RecordStatus, StoreError};
 /// How many records a [`ListRequest`] asks for unless told otherwise.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 
-/// Operator access to a store's records: inspect one, list them page by page, release a
-/// stuck one. See the [module documentation](self) for the guarantees.
+/// Operator access to a store's records: inspect one, list them page by page, release a stuck
+/// one.
+///
+/// A service that runs payments through this library has to answer, at 3 a.m.: which key
+/// is locked, by whom and for how long; which runs are abandoned; and how to free one. The
+/// engine never needs any of this, so it is a capability of its own, like the journal: a
+/// store that offers it returns itself from
+/// [`IdempotencyStore::admin`](super::IdempotencyStore::admin). The `orchestrix`
+/// command-line tool is built on it; so can an admin endpoint of your own.
+///
+/// ```
+/// use orchestrix::store::{IdempotencyStore, ListRequest, MemoryStore, StatusFilter};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let admin = store.admin().ok_or("this store offers no record admin")?;
+/// // Every running record of the flow `checkout`, one page at a time.
+/// let prefix = orchestrix::idempotency::scoped_key("checkout", "");
+/// let mut cursor = None;
+/// loop {
+///     let request = ListRequest::new(&prefix)
+///         .filter(StatusFilter::Running)
+///         .limit(100)
+///         .cursor(cursor.as_deref());
+///     let page = admin.list(request).await?;
+///     for listed in &page.records {
+///         println!("{}", listed.key());
+///     }
+///     match page.next {
+///         Some(next) => cursor = Some(next),
+///         None => break,
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Guarantees a record admin must give
+///
+/// * **The store's own decoding.** A record is read as the store reads it for `get`: one
+///   that cannot be decoded is [`StoreError::Decode`] (or
+///   [`StoreError::UnsupportedVersion`]) from [`inspect`](RecordAdmin::inspect), a
+///   [`Listed::Undecodable`] row in a [`list`](RecordAdmin::list) page (never a page
+///   aborted, never a record skipped), and never a panic.
+/// * **Live records only.** What `get` would find: a record past its TTL, and a plain
+///   running record past its lease (its key is free), are neither inspected nor listed. A
+///   durable run whose lease lapsed is live: it is *abandoned*
+///   ([`Lease::Lapsed`]) until it is resumed or its retention ends.
+/// * **Bounded.** Every call takes a bounded number of round trips (a page of `list` too,
+///   whatever the number of records) and never loads every record into memory. A `list`
+///   page may hold fewer records than asked, or none, and still have a
+///   [`next`](Page::next) cursor: a store that bounds the work of one page (a Redis
+///   `SCAN`, a DynamoDB `Scan`) stops there. Only `next: None` means the end.
+/// * **Release never loses work.** [`release`](RecordAdmin::release) frees a *running*
+///   record without its owner's token: a plain one is deleted, so the next run of the key
+///   starts over; a durable one keeps its journal and only has its lease lapsed, so the
+///   next run of the key resumes it. Its old owner is fenced out either way (its next
+///   write is `StaleToken`). A finished record is refused: removing one is a
+///   [`delete`](super::IdempotencyStore::delete), a decision of another weight (the
+///   operation may then run again). A record that cannot be decoded is refused too.
+///
+/// The shared conformance suite (`orchestrix-conformance`, module `admin`) checks this
+/// for every store of this workspace.
 #[async_trait]
 pub trait RecordAdmin: Send + Sync {
     /// Everything the store holds about the live record under `key` (the full, stored
