@@ -14,6 +14,11 @@
 //! * `outage` — a private `redis-server` is killed during a storm and restarted. Every
 //!   call ends within a bound, every error is a typed store error, no step runs without
 //!   an acquired record, and no key executes twice against the same server instance.
+//! * `big-results` — a private `redis-server` with a value limit
+//!   (`--proto-max-bulk-len 1mb`) or a memory limit (`--maxmemory 4mb`, `noeviction`)
+//!   refuses results above it. Invariant: each key still executes exactly once; the
+//!   caller is told the record was finished without its result, and later callers are
+//!   refused with "result not stored", also after the lease.
 //! * `throughput` — fresh runs/s and replays/s beside the raw round-trip rate of the same
 //!   client, and round trips per operation.
 //! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
@@ -22,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod big_results;
 mod child;
 mod counter;
 mod crash;
@@ -49,6 +55,7 @@ scenarios:
   crash       --store S [--lease-ms 1000] [--rounds 1]
   outage      [--store redis] [--window-keys 20] [--callers 16] [--step-ms 5]
               [--seconds 8] [--down-at-ms 2500] [--down-for-ms 1500]
+  big-results [--limit bulk|memory|all] [--keys 10] [--callers 4] [--lease-ms 1000]
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
   report      [--output PATH] [--seconds 2]
 
@@ -106,6 +113,9 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("outage runs against a private redis-server only: --store redis");
             }
             vec![outage::main(&outage::OutageConfig::from_args(&args)?).await?]
+        }
+        "big-results" => {
+            vec![big_results::main(&big_results::BigResultsConfig::from_args(&args)?).await?]
         }
         "throughput" => {
             throughput::main(

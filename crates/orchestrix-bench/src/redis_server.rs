@@ -1,5 +1,5 @@
 //! A private `redis-server` on a free loopback port, without persistence, that a scenario
-//! can kill and restart. It is this process's child and is killed when dropped.
+//! can kill and restart, or start with limits of its own. It is this process's child and is killed when dropped.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,12 +15,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PrivateRedis {
     port: u16,
     dir: tempfile::TempDir,
+    /// Configuration beyond the defaults (`--maxmemory 4mb`, ...), kept for restarts.
+    config: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts a server on a free port of 127.0.0.1 and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start), with `config` (`["--proto-max-bulk-len", "1mb"]`) added to
+    /// the server's command line.
+    pub async fn start_with(config: &[&str]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .context("finding a free loopback port")?
@@ -32,6 +40,7 @@ impl PrivateRedis {
         let mut server = Self {
             port,
             dir,
+            config: config.iter().map(|&arg| arg.to_owned()).collect(),
             child: None,
         };
         server.spawn().await?;
@@ -65,6 +74,7 @@ impl PrivateRedis {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--protected-mode", "yes", "--logfile", ""])
+            .args(&self.config)
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())

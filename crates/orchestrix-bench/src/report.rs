@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::args::Args;
+use crate::big_results::{BigResultsConfig, Limit};
 use crate::crash::CrashConfig;
 use crate::machine;
 use crate::outage::OutageConfig;
@@ -109,6 +110,19 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
     sections.extend(
         bounded("outage", async {
             Ok(vec![crate::outage::main(&outage).await?])
+        })
+        .await,
+    );
+
+    let big_results = BigResultsConfig {
+        limits: Limit::ALL.to_vec(),
+        keys: 20,
+        callers: 4,
+        lease: Duration::from_secs(1),
+    };
+    sections.extend(
+        bounded("big results", async {
+            Ok(vec![crate::big_results::main(&big_results).await?])
         })
         .await,
     );
@@ -214,7 +228,7 @@ fn render(sections: &[Section], services: &[(StoreKind, String)], took: Duration
          comes from real flows \
          (`Flow::run` with an idempotency key) against real services on 127.0.0.1. Run one \
          scenario alone with `cargo run --release -p orchestrix-bench -- <scenario> --store <store>` \
-         (`storm`, `crash`, `outage`, `throughput`; `--help` lists the options).\n\n\
+         (`storm`, `crash`, `outage`, `big-results`, `throughput`; `--help` lists the options).\n\n\
          **Caveat:** measured on a shared 2-core virtual machine. The harness, its child \
          processes and the servers (Redis, PostgreSQL, the DynamoDB-compatible `moto`) share \
          those two cores, and other work on the host adds noise: read the figures as orders \
