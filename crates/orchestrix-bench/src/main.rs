@@ -9,8 +9,9 @@
 //!   independent counter. Invariant: exactly K executions, each key once.
 //! * `crash` — an owner process is killed with SIGKILL mid-flow; another process takes
 //!   the key over once the lease lapses; the killed owner's late writes (its stale token
-//!   replayed) are refused. Invariant: one completed record holding the new owner's
-//!   result, zero stale overwrites.
+//!   replayed) land while the taker's step is still running, and again after it
+//!   completed, and are refused. Invariant: the taker's record is untouched by them; one
+//!   completed record holding the new owner's result, zero stale overwrites.
 //! * `outage` — a private `redis-server` is killed during a storm and restarted. Every
 //!   call ends within a bound, every error is a typed store error, no step runs without
 //!   an acquired record, and no key executes twice against the same server instance.
