@@ -7,6 +7,10 @@
 //! * `storm` — P processes × C concurrent callers × K keys race for every key; each
 //!   execution of the side effect appends a line to a file opened with `O_APPEND`, an
 //!   independent counter. Invariant: exactly K executions, each key once.
+//!   With `--race expired` every key is first held by an owner process killed with
+//!   SIGKILL, and the callers race to take it over once its lease lapsed; with `--race
+//!   failed` every key's first run fails and the callers race with `cache_result(false)`.
+//!   Invariant: exactly one takeover execution per key.
 //! * `crash` — an owner process is killed with SIGKILL mid-flow; another process takes
 //!   the key over once the lease lapses; the killed owner's late writes (its stale token
 //!   replayed) land while the taker's step is still running, and again after it
@@ -28,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod arrivals;
 mod big_results;
 mod child;
 mod counter;
@@ -39,10 +44,12 @@ mod report;
 mod section;
 mod stores;
 mod storm;
+mod takeover;
 mod throughput;
 mod wire;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use args::Args;
 use section::Section;
@@ -53,6 +60,7 @@ usage: orchestrix-bench <scenario> [options]
 
 scenarios:
   storm       --store S [--processes 4] [--callers 5] [--keys 500]
+              [--race fresh|expired|failed|all] [--lease-ms 1000]
   crash       --store S [--lease-ms 1000] [--rounds 1]
   outage      [--store redis] [--window-keys 20] [--callers 16] [--step-ms 5]
               [--seconds 8] [--down-at-ms 2500] [--down-for-ms 1500]
@@ -103,7 +111,16 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         "report" => return report::main(&args).await,
         "storm" => {
             let size = storm::StormSize::from_args(&args)?;
-            vec![storm::main(&stores_arg(&args)?, &|_| size).await?]
+            let kinds = stores_arg(&args)?;
+            let lease = args.millis("lease-ms", Duration::from_secs(1))?;
+            let mut sections = Vec::new();
+            for race in storm::Race::parse_list(args.get("race").unwrap_or("fresh"))? {
+                sections.push(match race {
+                    storm::Race::Fresh => storm::main(&kinds, &|_| size).await?,
+                    race => takeover::main(&kinds, race, &|_| size, lease).await?,
+                });
+            }
+            sections
         }
         "crash" => {
             vec![crash::main(&stores_arg(&args)?, &crash::CrashConfig::from_args(&args)?).await?]

@@ -17,7 +17,7 @@ use crate::machine;
 use crate::outage::OutageConfig;
 use crate::section::{Section, Table};
 use crate::stores::{Backend, StoreKind};
-use crate::storm::StormSize;
+use crate::storm::{Race, StormSize};
 use crate::throughput::ThroughputConfig;
 
 /// The bound on one scenario of the report.
@@ -29,6 +29,9 @@ const SHARED: [StoreKind; 4] = [
     StoreKind::Sqlite,
     StoreKind::Dynamodb,
 ];
+
+/// The lease of the takeover storms' runs (and of their dead owner).
+const TAKEOVER_LEASE: Duration = Duration::from_secs(2);
 
 /// Where the hand-written section of `BENCHMARKS.md` begins; the report keeps it.
 const KEPT_SECTION: &str = "\n## Engine overhead and the in-memory store (`cargo bench`)";
@@ -89,6 +92,19 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         })
         .await,
     );
+    // The same sizes, over keys that must be taken over; a lease of 2 s leaves the dead
+    // owner's heartbeats (K renewals every 2/3 s) within every store's rate.
+    for race in [Race::ExpiredLease, Race::FailedRecord] {
+        let name = format!("storm ({} race)", race.name());
+        sections.extend(
+            bounded(&name, async {
+                Ok(vec![
+                    crate::takeover::main(&all, race, &storm_size, TAKEOVER_LEASE).await?,
+                ])
+            })
+            .await,
+        );
+    }
     let crash = CrashConfig {
         lease: Duration::from_secs(1),
         rounds: 2,

@@ -108,6 +108,74 @@ fn storm_from_two_processes_on_sqlite_executes_each_key_once() {
     );
 }
 
+/// A storm over keys that must be taken over: `race` is `expired` (an owner process
+/// held every key and was killed) or `failed` (every key's first run failed).
+fn takeover_storm(race: &str, store: &str, processes: &str) -> Output {
+    bench(&[
+        "storm",
+        "--race",
+        race,
+        "--store",
+        store,
+        "--processes",
+        processes,
+        "--callers",
+        "4",
+        "--keys",
+        "40",
+        "--lease-ms",
+        "1000",
+    ])
+}
+
+/// Asserts a takeover storm held and took each of its 40 keys over exactly once.
+fn assert_each_key_taken_over_once(output: &Output, store: &str) {
+    assert_held(output, store);
+    let cells = row_cells(output, store);
+    // Prepared (dead owner's / failed first runs), takeovers executed, distinct keys.
+    assert_eq!(
+        (cells[3].as_str(), cells[5].as_str(), cells[6].as_str()),
+        ("40", "40", "40"),
+        "{cells:?}"
+    );
+}
+
+#[test]
+fn storm_taking_over_expired_leases_on_the_memory_store_executes_each_key_once() {
+    let output = takeover_storm("expired", "memory", "1");
+    assert_each_key_taken_over_once(&output, "memory");
+}
+
+#[test]
+fn storm_taking_over_expired_leases_from_two_processes_on_redis_executes_each_key_once() {
+    let output = takeover_storm("expired", "redis", "2");
+    assert_each_key_taken_over_once(&output, "redis");
+}
+
+#[test]
+fn storm_taking_over_expired_leases_from_two_processes_on_sqlite_executes_each_key_once() {
+    let output = takeover_storm("expired", "sqlite", "2");
+    assert_each_key_taken_over_once(&output, "sqlite");
+}
+
+#[test]
+fn storm_taking_over_failed_records_on_the_memory_store_executes_each_key_once() {
+    let output = takeover_storm("failed", "memory", "1");
+    assert_each_key_taken_over_once(&output, "memory");
+}
+
+#[test]
+fn storm_taking_over_failed_records_from_two_processes_on_redis_executes_each_key_once() {
+    let output = takeover_storm("failed", "redis", "2");
+    assert_each_key_taken_over_once(&output, "redis");
+}
+
+#[test]
+fn storm_taking_over_failed_records_from_two_processes_on_sqlite_executes_each_key_once() {
+    let output = takeover_storm("failed", "sqlite", "2");
+    assert_each_key_taken_over_once(&output, "sqlite");
+}
+
 #[test]
 fn crash_takeover_on_redis_refuses_the_killed_owners_stale_writes_while_the_taker_runs() {
     let output = bench(&["crash", "--store", "redis", "--lease-ms", "1000"]);
