@@ -16,9 +16,12 @@
 //!   replayed) land while the taker's step is still running, and again after it
 //!   completed, and are refused. Invariant: the taker's record is untouched by them; one
 //!   completed record holding the new owner's result, zero stale overwrites.
-//! * `outage` — a private `redis-server` is killed during a storm and restarted. Every
-//!   call ends within a bound, every error is a typed store error, no step runs without
-//!   an acquired record, and no key executes twice against the same server instance.
+//! * `outage` — a private `redis-server` is killed during a storm and restarted
+//!   (`--fault kill`), or frozen with SIGSTOP and thawed with SIGCONT (`--fault stop`, a
+//!   hung server). Every call ends within a bound, every error is a typed store error, no
+//!   step runs without an acquired record, and no key executes twice against the same
+//!   server instance (stop: none after its outcome was stored, and none is still locked
+//!   one lease after the thaw).
 //! * `big-results` — a private `redis-server` with a value limit
 //!   (`--proto-max-bulk-len 1mb`) or a memory limit (`--maxmemory 4mb`, `noeviction`)
 //!   refuses results above it. Invariant: each key still executes exactly once; the
@@ -62,8 +65,11 @@ scenarios:
   storm       --store S [--processes 4] [--callers 5] [--keys 500]
               [--race fresh|expired|failed|all] [--lease-ms 1000]
   crash       --store S [--lease-ms 1000] [--rounds 1]
-  outage      [--store redis] [--window-keys 20] [--callers 16] [--step-ms 5]
-              [--seconds 8] [--down-at-ms 2500] [--down-for-ms 1500]
+  outage      [--store redis] [--fault kill|stop] [--window-keys 20] [--callers 16]
+              [--step-ms 5] [--down-at-ms 2500]
+              [--seconds 8 (kill) | 10 (stop)] [--down-for-ms 1500 (kill) | 6000 (stop)]
+              [--lease-ms 30000 (kill) | 2000 (stop)]
+              [--response-timeout-ms 2000 (kill) | 500 (stop)] [--deadline-ms D]
   big-results [--limit bulk|memory|all] [--keys 10] [--callers 4] [--lease-ms 1000]
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
   report      [--output PATH] [--seconds 2]

@@ -115,20 +115,17 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         })
         .await,
     );
-    let outage = OutageConfig {
-        window_keys: 20,
-        callers: 16,
-        step: Duration::from_millis(5),
-        duration: Duration::from_secs(8),
-        down_at: Duration::from_millis(2500),
-        down_for: Duration::from_millis(1500),
-    };
-    sections.extend(
-        bounded("outage", async {
-            Ok(vec![crate::outage::main(&outage).await?])
-        })
-        .await,
-    );
+    for (name, outage) in [
+        ("outage", OutageConfig::KILL),
+        ("outage (hang)", OutageConfig::STOP),
+    ] {
+        sections.extend(
+            bounded(name, async {
+                Ok(vec![crate::outage::main(&outage).await?])
+            })
+            .await,
+        );
+    }
 
     let big_results = BigResultsConfig {
         limits: Limit::ALL.to_vec(),

@@ -1,8 +1,11 @@
-//! The storm and crash scenarios at small sizes, so `scripts/test` checks their invariants
-//! on every run (the full sizes run from the bench binary). Each test runs the real binary,
-//! which spawns its own child processes, against the services on 127.0.0.1 (Redis at
-//! `REDIS_URL`, a temporary SQLite file); every run uses its own key prefix or file.
-//! The binary exits non-zero when an invariant breaks; the tests also read its table.
+//! The fault scenarios at small sizes, so `scripts/test` checks their invariants on every
+//! run (the full sizes run from the bench binary): storms over fresh keys, expired leases
+//! and failed records, crash takeover, a hung Redis (SIGSTOP / SIGCONT), and results a Redis
+//! refuses. Each test runs the real binary, which spawns its own child processes (and
+//! private `redis-server`s), against the services on 127.0.0.1 (Redis at `REDIS_URL`, a
+//! temporary SQLite file); every run uses its own key prefix or file. The binary exits
+//! non-zero when an invariant breaks; the tests also read its table. Every wait in the
+//! binary is bounded, so a broken invariant fails a test by name instead of hanging it.
 
 use std::process::{Command, Output};
 
@@ -226,4 +229,62 @@ fn big_results_a_redis_refuses_for_its_memory_still_execute_each_key_once() {
     let row = "`--maxmemory 4mb --maxmemory-policy noeviction`";
     assert_held(&output, row);
     assert_eq!(row_cells(&output, row)[3], "3");
+}
+
+/// The value of the row of a measure table whose name starts with `name`.
+fn measure(output: &Output, name: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("| {name}")))
+        .unwrap_or_else(|| panic!("no measure {name:?}:\n{stdout}"));
+    row.split('|').nth(2).unwrap_or_default().trim().to_owned()
+}
+
+#[test]
+fn a_hung_redis_ends_every_call_in_time_and_frees_every_key_one_lease_after_it_resumes() {
+    // The store waits 300 ms for a reply, so a run is given 3.4 s; the server is frozen
+    // for 4 s, longer than that and than the 1 s lease.
+    let output = bench(&[
+        "outage",
+        "--fault",
+        "stop",
+        "--callers",
+        "8",
+        "--window-keys",
+        "10",
+        "--seconds",
+        "5.5",
+        "--down-at-ms",
+        "500",
+        "--down-for-ms",
+        "4000",
+        "--lease-ms",
+        "1000",
+        "--response-timeout-ms",
+        "300",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("all invariants held"),
+        "invariant broken or scenario failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(measure(&output, "runs that hung"), "0");
+    assert_eq!(
+        measure(&output, "executions without an acquired record"),
+        "0"
+    );
+    assert_eq!(
+        measure(
+            &output,
+            "keys executed again after their outcome was stored"
+        ),
+        "0"
+    );
+    assert!(
+        measure(&output, "keys probed one lease after the thaw").ends_with("/ 0"),
+        "{stdout}"
+    );
 }
