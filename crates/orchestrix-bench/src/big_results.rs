@@ -50,8 +50,9 @@ pub enum Limit {
     /// `--proto-max-bulk-len 1mb`: Redis refuses any argument above 1 MiB (and closes the
     /// connection).
     BulkLength,
-    /// `--maxmemory 4mb --maxmemory-policy noeviction`: Redis refuses writes that would
-    /// take it over 4 MiB (`OOM command not allowed`).
+    /// `--maxmemory 4mb --maxmemory-policy noeviction`: Redis refuses writes while its
+    /// memory is over 4 MiB (`OOM command not allowed`), which a 5 MiB argument makes it
+    /// (and keeps it, in the Lua heap, until Lua collects it).
     Memory,
 }
 
