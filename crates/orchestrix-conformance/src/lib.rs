@@ -52,6 +52,16 @@ pub fn request<'a>(key: &'a str, fingerprint: Option<&'a str>) -> StartRequest<'
     }
 }
 
+/// How long a check that bounds its waits may take: a store that hangs fails the check by
+/// name instead of stalling the run.
+const CHECK_BOUND: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(check: &str, work: impl Future<Output = T>) -> T {
+    tokio::time::timeout(CHECK_BOUND, work)
+        .await
+        .unwrap_or_else(|_| panic!("{check} did not finish within {CHECK_BOUND:?}"))
+}
+
 async fn acquire(store: &(impl IdempotencyStore + ?Sized), req: StartRequest<'_>) -> FencingToken {
     match store.start(req).await {
         Ok(StartOutcome::Acquired(token)) => token,
@@ -332,6 +342,35 @@ pub async fn renewed_lease_stays_owned(store: &(impl IdempotencyStore + ?Sized))
     assert_eq!(record.token, token);
 }
 
+/// A renewed lease ends too: renewed with a short lease and then left alone, the key is
+/// taken over once that lease has lapsed, and the old owner is fenced. (A renew that wrote
+/// a far longer lease than asked — a unit slip such as seconds for milliseconds — would
+/// keep a crashed owner's key locked for hours after its last heartbeat.)
+pub async fn renewed_lease_lapses_after_its_renewed_length(
+    store: &(impl IdempotencyStore + ?Sized),
+) {
+    bounded("renewed_lease_lapses_after_its_renewed_length", async {
+        let key = unique_key("renew-lapses");
+        let short = StartRequest {
+            lease: SHORT,
+            ..request(&key, None)
+        };
+        let old = acquire(store, short).await;
+        let renewed = store.renew(&key, old, SHORT).await;
+        assert!(
+            renewed.is_ok(),
+            "renew by the owner must succeed: {renewed:?}"
+        );
+        tokio::time::sleep(PAST_SHORT).await;
+        let new = acquire(store, request(&key, None)).await;
+        assert_ne!(old, new);
+        assert_stale("the old owner's renew", store.renew(&key, old, SHORT).await);
+        let record = store.get(&key).await.ok().flatten();
+        assert_eq!(record.map(|r| r.token), Some(new));
+    })
+    .await;
+}
+
 /// A finished record is gone once its TTL lapses; the key is free again.
 pub async fn finished_record_expires_after_ttl(store: &(impl IdempotencyStore + ?Sized)) {
     let key = unique_key("ttl");
@@ -406,6 +445,40 @@ pub async fn cleanup_succeeds(store: &(impl IdempotencyStore + ?Sized)) {
     assert_eq!(store.get(&key).await.ok(), Some(None));
 }
 
+/// A `complete` retried after it was applied (its reply was lost, or an error was reported
+/// after the write) answers `Ok` and leaves the record as it was; a `fail` by the same
+/// token, or a `complete` with another result, is still `StaleToken`.
+///
+/// Not in [`store_conformance_tests!`]: the memory store answers a repeated `complete`
+/// with `StaleToken`, which is harmless in one process (no reply is ever lost). The remote
+/// stores call it from their own test files.
+pub async fn retried_finish_that_was_applied_is_ok(store: &(impl IdempotencyStore + ?Sized)) {
+    bounded("retried_finish_that_was_applied_is_ok", async {
+        let key = unique_key("retried-finish");
+        let token = acquire(store, request(&key, Some("fp"))).await;
+        let result = b"receipt-42";
+        let first = store.complete(&key, token, result, Some(LONG)).await;
+        assert!(first.is_ok(), "complete failed: {first:?}");
+        let retried = store.complete(&key, token, result, Some(LONG)).await;
+        assert!(
+            retried.is_ok(),
+            "a retried complete must recognise its own applied write: {retried:?}"
+        );
+        assert_stale(
+            "complete with another result",
+            store.complete(&key, token, b"other", Some(LONG)).await,
+        );
+        assert_stale(
+            "fail after complete",
+            store.fail(&key, token, result, Some(LONG)).await,
+        );
+        let record = existing(store, request(&key, Some("fp"))).await;
+        assert_eq!(record.status, RecordStatus::Completed);
+        assert_eq!(record.result.as_deref(), Some(&result[..]));
+    })
+    .await;
+}
+
 /// A value under the key that is not a record written by this store is a typed decode
 /// error for both `get` and `start` — never a panic, never treated as free.
 ///
@@ -461,6 +534,7 @@ macro_rules! store_conformance_tests {
             delete_removes_any_record,
             expired_lease_is_taken_over_and_old_owner_fenced,
             renewed_lease_stays_owned,
+            renewed_lease_lapses_after_its_renewed_length,
             finished_record_expires_after_ttl,
             finished_record_without_ttl_is_kept,
             long_unicode_keys_work,

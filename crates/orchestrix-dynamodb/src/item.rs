@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use orchestrix::store::{Record, RecordStatus, StoreError};
+use orchestrix::store::{FencingToken, Record, RecordStatus, StoreError};
 
 /// The schema version attribute.
 pub(crate) const VERSION: &str = "version";
@@ -27,6 +27,12 @@ pub(crate) const FIXED_ATTRIBUTES: [&str; 6] =
 
 /// DynamoDB's item size limit: attribute names plus values.
 pub(crate) const MAX_ITEM_BYTES: usize = 400 * 1024;
+
+/// The lease end a release writes: the epoch. A released record is a running record whose
+/// lease ended long ago, which every build (older ones included) reads as absent and
+/// `start` takes over, and which no lapsed lease can be mistaken for: so a release retried
+/// after its response was lost recognises its own tombstone by its token and this instant.
+pub(crate) const RELEASED_AT_MS: u64 = 0;
 
 /// Milliseconds since the Unix epoch on this machine's clock (0 for a clock set before it).
 pub(crate) fn now_ms() -> u64 {
@@ -71,6 +77,61 @@ pub(crate) fn finished_item_overhead(
         + NUMBER_AT_LEAST
 }
 
+/// The size DynamoDB counts for `item` against [`MAX_ITEM_BYTES`]: each attribute's name
+/// and value, in UTF-8 bytes for strings, raw bytes for binaries, one byte per two
+/// significant digits plus one for numbers, as DynamoDB documents it ("Item sizes and
+/// formats"). Lists, maps and sets, which no record holds, are counted the same way.
+pub(crate) fn item_size(item: &HashMap<String, AttributeValue>) -> usize {
+    item.iter()
+        .map(|(name, value)| name.len() + value_size(value))
+        .sum()
+}
+
+fn value_size(value: &AttributeValue) -> usize {
+    /// What a list or map costs besides its elements, and each element.
+    const CONTAINER: usize = 3;
+    const ELEMENT: usize = 1;
+    match value {
+        AttributeValue::S(s) => s.len(),
+        AttributeValue::N(n) => number_size(n),
+        AttributeValue::B(b) => b.as_ref().len(),
+        AttributeValue::Ss(set) => set.iter().map(String::len).sum(),
+        AttributeValue::Ns(set) => set.iter().map(|n| number_size(n)).sum(),
+        AttributeValue::Bs(set) => set.iter().map(|b| b.as_ref().len()).sum(),
+        AttributeValue::L(list) => {
+            CONTAINER + list.iter().map(|v| ELEMENT + value_size(v)).sum::<usize>()
+        }
+        AttributeValue::M(map) => {
+            let entries: usize = map
+                .iter()
+                .map(|(k, v)| ELEMENT + k.len() + value_size(v))
+                .sum();
+            CONTAINER + entries
+        }
+        // BOOL, NULL, and any kind a newer SDK adds.
+        _ => 1,
+    }
+}
+
+/// A number's size: one byte per two significant digits (leading and trailing zeros do
+/// not count), plus one.
+fn number_size(n: &str) -> usize {
+    let digits: Vec<u8> = n.bytes().filter(u8::is_ascii_digit).collect();
+    let first = digits.iter().position(|&d| d != b'0');
+    let last = digits.iter().rposition(|&d| d != b'0');
+    let significant = match (first, last) {
+        (Some(first), Some(last)) => last - first + 1,
+        _ => 0,
+    };
+    significant.div_ceil(2) + 1 + usize::from(n.starts_with('-'))
+}
+
+/// The room a result has in `finished`, the item of a record finished without its result:
+/// the item limit less the item's own size and the result attribute's name.
+pub(crate) fn room_for_result(finished: &HashMap<String, AttributeValue>) -> usize {
+    MAX_ITEM_BYTES.saturating_sub(item_size(finished) + RESULT.len())
+}
+
 /// A decoded item: the record and when it stops being live.
 #[derive(Debug)]
 pub(crate) struct StoredRecord {
@@ -83,6 +144,13 @@ impl StoredRecord {
     /// `cutoff_ms` (now minus the skew allowance), the same test the conditions make.
     pub(crate) fn is_live(&self, cutoff_ms: u64) -> bool {
         self.expires_at_ms.is_none_or(|at| at > cutoff_ms)
+    }
+
+    /// Whether this is the tombstone a release by `token` leaves (see [`RELEASED_AT_MS`]).
+    pub(crate) fn is_released_by(&self, token: FencingToken) -> bool {
+        self.record.token == token
+            && self.record.status == RecordStatus::Running
+            && self.expires_at_ms == Some(RELEASED_AT_MS)
     }
 }
 
@@ -242,6 +310,38 @@ mod tests {
         ] {
             assert!(matches!(decode(&broken, "key"), Err(StoreError::Decode(_))));
         }
+    }
+
+    #[test]
+    fn numbers_count_one_byte_per_two_significant_digits_plus_one() {
+        assert_eq!(number_size("0"), 1);
+        assert_eq!(number_size("1"), 2);
+        assert_eq!(number_size("12"), 2);
+        assert_eq!(number_size("123"), 3);
+        assert_eq!(number_size("1700000000123"), 8);
+        assert_eq!(number_size("1700000000000"), 2);
+        assert_eq!(number_size("1000"), 2);
+        assert_eq!(number_size("0.0015"), 2);
+        assert_eq!(number_size("-12"), 3);
+    }
+
+    #[test]
+    fn an_item_counts_names_and_values() {
+        let i = item(&[
+            ("key", s("k")),
+            (VERSION, number(1)),
+            (RESULT, AttributeValue::B(Blob::new(vec![0; 10]))),
+        ]);
+        assert_eq!(item_size(&i), (3 + 1) + (7 + 2) + (6 + 10));
+    }
+
+    #[test]
+    fn the_room_for_a_result_is_what_the_item_leaves() {
+        let i = item(&[("key", s("k")), (FINGERPRINT, s(&"f".repeat(1000)))]);
+        assert_eq!(
+            room_for_result(&i),
+            MAX_ITEM_BYTES - (3 + 1) - (11 + 1000) - RESULT.len()
+        );
     }
 
     #[test]

@@ -38,8 +38,8 @@
 //!   encodes the whole acquire rule (absent; expired; a failure the caller may re-run with
 //!   agreeing fingerprints). When it fails, `ReturnValuesOnConditionCheckFailure=ALL_OLD`
 //!   hands back the record in the way in the same response. `complete`, `fail`, `renew`
-//!   and `release` are one conditional `UpdateItem`/`DeleteItem` on the fencing token,
-//!   the running status and a live lease. `get` is one strongly consistent `GetItem`.
+//!   and `release` are one conditional `UpdateItem` on the fencing token, the running
+//!   status and a live lease. `get` is one strongly consistent `GetItem`.
 //!   DynamoDB serialises conditional writes on one item, so exactly one concurrent
 //!   `start` acquires a free key, and a stale owner can never overwrite a newer run.
 //! * **Expiry.** Every record carries its exact expiry in epoch milliseconds, checked by
@@ -51,8 +51,21 @@
 //!   [`StoreError::Decode`](orchestrix::store::StoreError::Decode) or
 //!   `UnsupportedVersion`, for `get` and `start` alike; such an item is never taken over.
 //!   A result over DynamoDB's 400 KB item limit leaves the record finished without its
-//!   result and returns `TooLarge` (a second request only when DynamoDB alone can tell
-//!   the item is too large). Every request failure is `Backend`.
+//!   result and returns `TooLarge`, whose `limit` is the room the result had in that item,
+//!   fingerprint included (a second request only when DynamoDB alone can tell the item is
+//!   too large). Every request failure is `Backend`.
+//! * **Retries are safe.** The SDK retries a request whose response was lost. A retried
+//!   `start`, `complete` / `fail` or `release` recognises its own applied write in the item
+//!   the refused retry returns (`ReturnValuesOnConditionCheckFailure=ALL_OLD`) and
+//!   succeeds. A finish that finds the record finished by its token and status without a
+//!   result (an earlier attempt stored the status alone) answers `ResultRefused` and
+//!   rewrites nothing; the status-only write that finds the result stored answers `Ok`.
+//!   So that `release` can be recognised too, it does not delete the item: it leaves a
+//!   tombstone, the running record with its lease ended at the epoch (`expires_at_ms =
+//!   0`) and the TTL attribute set to now, which every read treats as absent, `start`
+//!   takes over, and native TTL deletes. Builds before the tombstone read it the same way
+//!   (an expired lease), so they can share the table; their own `release` still deletes,
+//!   and a retry of it answers `StaleToken`.
 //!
 //! # Record layout
 //!
@@ -71,7 +84,8 @@
 //!
 //! `expires_at_ms` is what every condition and read checks, to the millisecond; the TTL
 //! attribute only lets DynamoDB delete the item eventually. A finished record kept
-//! forever has neither.
+//! forever has neither. A released record is its running record with `expires_at_ms`
+//! set to 0 (see *Retries are safe* above).
 //!
 //! # The clock
 //!

@@ -1,5 +1,6 @@
 //! The store: one DynamoDB request per operation.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
     TimeToLiveStatus,
 };
@@ -22,8 +23,8 @@ use orchestrix::store::{
 };
 
 use crate::item::{
-    self, EXPIRES_AT_MS, FINGERPRINT, MAX_ITEM_BYTES, RESULT, STATUS, TOKEN, VERSION, millis,
-    now_ms, number,
+    self, EXPIRES_AT_MS, FINGERPRINT, MAX_ITEM_BYTES, RELEASED_AT_MS, RESULT, STATUS, TOKEN,
+    VERSION, millis, now_ms, number,
 };
 use crate::options::{DynamoOptions, OptionsError};
 
@@ -38,7 +39,8 @@ const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 ///
 /// Every operation is a single request: `start` a conditional `PutItem` that returns the
 /// record holding the key when its condition fails; `complete`, `fail`, `renew` a
-/// conditional `UpdateItem`; `release` a conditional `DeleteItem`; `get` a strongly
+/// conditional `UpdateItem`; `release` a conditional `UpdateItem` that leaves a tombstone
+/// (see the crate documentation); `get` a strongly
 /// consistent `GetItem`. See the [crate documentation](crate) for the record layout and
 /// the clock it relies on.
 ///
@@ -193,6 +195,10 @@ impl DynamoStore {
         )
     }
 
+    /// The conditional `UpdateItem` that finishes the owned record, with `result` or
+    /// without one. Without one, it answers the finished item as DynamoDB stored it
+    /// (`ReturnValues=ALL_NEW`: the item is small then), from which the room a result had
+    /// is computed.
     async fn write_finished(
         &self,
         key: &str,
@@ -200,7 +206,7 @@ impl DynamoStore {
         status: RecordStatus,
         result: Option<&[u8]>,
         ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
         let now = now_ms();
         // The result is set first: a server that applies an update piecemeal (moto) fails
         // on it before touching anything else.
@@ -227,10 +233,13 @@ impl DynamoStore {
             .expression_attribute_values(":running", running())
             .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        if let Some(result) = result {
-            request = request
-                .expression_attribute_names("#r", RESULT)
-                .expression_attribute_values(":result", AttributeValue::B(Blob::new(result)));
+        match result {
+            Some(result) => {
+                request = request
+                    .expression_attribute_names("#r", RESULT)
+                    .expression_attribute_values(":result", AttributeValue::B(Blob::new(result)));
+            }
+            None => request = request.return_values(ReturnValue::AllNew),
         }
         if let Some(ttl) = ttl {
             let expiry = self.expiry(now, ttl);
@@ -239,7 +248,7 @@ impl DynamoStore {
                 .expression_attribute_values(":ttl", number(expiry.ttl_secs));
         }
         let err = match request.send().await {
-            Ok(_) => return Ok(()),
+            Ok(output) => return Ok(output.attributes),
             Err(err) => err,
         };
         if let Some(UpdateItemError::ConditionalCheckFailedException(failed)) =
@@ -247,18 +256,21 @@ impl DynamoStore {
         {
             let found = failed
                 .item()
-                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok());
-            // Exactly what this write makes, under our token: an earlier attempt of this
-            // very request was applied and the SDK retried it (its response was lost).
-            let applied = found.is_some_and(|found| {
-                found.record.token == token
-                    && found.record.status == status
-                    && found.record.result.as_deref() == result
-            });
-            return if applied {
-                Ok(())
-            } else {
-                Err(StoreError::StaleToken)
+                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok())
+                .filter(|found| found.record.token == token && found.record.status == status);
+            // Finished by our token with this status: an earlier attempt of this finish
+            // was applied (the SDK retried it after losing its response, or the caller
+            // retried after an error). A finished record is never rewritten.
+            return match (found.map(|found| found.record.result), result) {
+                // Exactly what this write makes; or the result, where this write is the
+                // status-only fallback of a write of it.
+                (Some(Some(stored)), Some(sent)) if stored == sent => Ok(failed.item().cloned()),
+                (Some(Some(_)), None) | (Some(None), None) => Ok(failed.item().cloned()),
+                (Some(None), Some(sent)) => Err(StoreError::ResultRefused {
+                    size: sent.len(),
+                    source: Box::new(FinishedEarlierWithoutResult),
+                }),
+                _ => Err(StoreError::StaleToken),
             };
         }
         if is_item_too_large(&err) {
@@ -382,7 +394,9 @@ impl IdempotencyStore for DynamoStore {
     // A result that cannot fit by size alone is caught before sending, still in one
     // request. One that fits only by this estimate (the item's fingerprint is not known
     // here) is refused by DynamoDB, and then a second request stores the status: the
-    // only case where an operation takes two round trips.
+    // only case where an operation takes two round trips. Either way the request that
+    // stores the status answers the item as stored, and `TooLarge` quotes the room a
+    // result really had in it.
     async fn finish(
         &self,
         key: &str,
@@ -404,7 +418,7 @@ impl IdempotencyStore for DynamoStore {
                 .await
             {
                 Err(StoreError::TooLarge { .. }) => {}
-                stored => return stored,
+                stored => return stored.map(drop),
             }
         }
         tracing::warn!(
@@ -412,10 +426,19 @@ impl IdempotencyStore for DynamoStore {
             size = result.len(),
             "result too large for DynamoDB; record kept finished without it"
         );
-        self.write_finished(key, token, status, None, ttl).await?;
+        let finished = self.write_finished(key, token, status, None, ttl).await?;
+        if finished
+            .as_ref()
+            .is_some_and(|item| item.contains_key(RESULT))
+        {
+            // An earlier write of the result was applied after all.
+            return Ok(());
+        }
+        // The room the result really had, fingerprint included, from the item as stored;
+        // the estimate above only when DynamoDB did not return it.
         Err(StoreError::TooLarge {
             size: result.len(),
-            limit: room,
+            limit: finished.map_or(room, |finished| item::room_for_result(&finished)),
         })
     }
 
@@ -453,27 +476,51 @@ impl IdempotencyStore for DynamoStore {
         }
     }
 
+    // Not a delete: a tombstone, so that a retry can tell its own applied release from a
+    // lost lease (see `item::RELEASED_AT_MS`). Native TTL deletes it.
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        let now = now_ms();
+        let deletable = self.expiry(now, Duration::ZERO);
         let (key_name, key_value) = self.key_value(key);
         let released = self
             .client
-            .delete_item()
+            .update_item()
             .table_name(self.options.table())
             .key(key_name, key_value)
+            .update_expression("SET #e = :released, #ttl = :ttl")
             .condition_expression(OWNED)
             .expression_attribute_names("#s", STATUS)
             .expression_attribute_names("#t", TOKEN)
             .expression_attribute_names("#e", EXPIRES_AT_MS)
+            .expression_attribute_names("#ttl", self.options.ttl_attribute_name())
             .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
             .expression_attribute_values(":running", running())
-            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now_ms())))
+            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
+            .expression_attribute_values(":released", number(RELEASED_AT_MS))
+            .expression_attribute_values(":ttl", number(deletable.ttl_secs))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
-        match released {
-            Ok(_) => Ok(()),
-            Err(err) if is_conditional_check_failure(&err) => Err(StoreError::StaleToken),
-            Err(err) => Err(request_failed("DeleteItem", err)),
+        let err = match released {
+            Ok(_) => return Ok(()),
+            Err(err) => err,
+        };
+        if let Some(UpdateItemError::ConditionalCheckFailedException(failed)) =
+            err.as_service_error()
+        {
+            // Our own tombstone: an earlier attempt of this very request was applied and
+            // the SDK retried it (its response was lost).
+            let released = failed
+                .item()
+                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok())
+                .is_some_and(|found| found.is_released_by(token));
+            return if released {
+                Ok(())
+            } else {
+                Err(StoreError::StaleToken)
+            };
         }
+        Err(request_failed("UpdateItem", err))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -525,6 +572,12 @@ fn request_failed(
         source: Box::new(err),
     })
 }
+
+/// A finish with a result found the record already finished by the same owner, with the
+/// same status, without a result: an earlier attempt stored the status alone.
+#[derive(Debug, thiserror::Error)]
+#[error("an earlier attempt of this finish stored the record without its result")]
+struct FinishedEarlierWithoutResult;
 
 /// The server refused a conditional `PutItem` without returning the item in the way,
 /// which a DynamoDB honouring `ReturnValuesOnConditionCheckFailure` never does.

@@ -379,3 +379,148 @@ async fn too_large_output_still_reaches_the_caller_and_never_runs_again() {
     let _ = flow.run(1, RunOptions::key(&key)).await;
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
 }
+
+/// The SDK retries a request whose response it lost; a retried `release` must recognise
+/// its own applied release instead of reporting a lost lease. The second call here is that
+/// retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_sent_twice_is_ok() {
+    let store = common::store().await;
+    let key = unique_key("release-twice");
+    let token = acquire(&store, request(&key, None)).await;
+    store.release(&key, token).await.expect("release");
+    let retried = store.release(&key, token).await;
+    assert!(retried.is_ok(), "a retried release must be Ok: {retried:?}");
+    assert_eq!(store.get(&key).await.expect("get"), None);
+    let again = acquire(&store, request(&key, None)).await;
+    assert_ne!(again, token);
+}
+
+/// After a release the key's item is what builds without release tombstones read as a
+/// running record whose lease ended at the epoch: absent to `get`, free to `start`, and
+/// deleted by native TTL. A release by another token is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_record_is_an_expired_lease_to_every_build() {
+    let store = common::store().await;
+    let key = unique_key("tombstone");
+    let token = acquire(&store, request(&key, None)).await;
+    store.release(&key, token).await.expect("release");
+    let raw = common::client()
+        .get_item()
+        .table_name(common::shared_table())
+        .key("key", s(&key))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("raw GetItem");
+    let item = raw.item().expect("the tombstone item");
+    assert_eq!(item.get("status"), Some(&s("running")));
+    assert_eq!(item.get("token"), Some(&s(&token.to_string())));
+    assert_eq!(item.get("expires_at_ms"), Some(&n(0)));
+    assert!(matches!(item.get("ttl"), Some(AttributeValue::N(_))));
+    let stale = store.release(&key, FencingToken::generate()).await;
+    assert!(matches!(stale, Err(StoreError::StaleToken)), "{stale:?}");
+    let renewed = store.renew(&key, token, Duration::from_secs(30)).await;
+    assert!(
+        matches!(renewed, Err(StoreError::StaleToken)),
+        "{renewed:?}"
+    );
+}
+
+/// `TooLarge` quotes the room the result really had: the item's own attributes, its
+/// fingerprint included, leave less than 400 KB. Here DynamoDB alone sees the item is too
+/// large (the fingerprint is not known to `fail`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_quotes_the_room_left_by_the_fingerprint_when_dynamodb_refuses() {
+    let store = common::store().await;
+    let key = unique_key("room-refused");
+    let fingerprint = "f".repeat(120 * 1024);
+    let token = acquire(&store, request(&key, Some(&fingerprint))).await;
+    let result = vec![1u8; 300 * 1024];
+    let failed = store.fail(&key, token, &result, None).await;
+    let Err(StoreError::TooLarge { limit, .. }) = failed else {
+        panic!("expected TooLarge, got {failed:?}");
+    };
+    assert!(
+        limit <= 400 * 1024 - fingerprint.len(),
+        "the quoted limit {limit} leaves out the {}-byte fingerprint",
+        fingerprint.len()
+    );
+    assert!(limit > 400 * 1024 - fingerprint.len() - 1024, "{limit}");
+}
+
+/// The same when the result cannot fit by its size alone and is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_quotes_the_room_left_by_the_fingerprint_when_never_sent() {
+    let store = common::store().await;
+    let key = unique_key("room-unsent");
+    let fingerprint = "f".repeat(120 * 1024);
+    let token = acquire(&store, request(&key, Some(&fingerprint))).await;
+    let result = vec![1u8; 450 * 1024];
+    let completed = store.complete(&key, token, &result, None).await;
+    let Err(StoreError::TooLarge { limit, .. }) = completed else {
+        panic!("expected TooLarge, got {completed:?}");
+    };
+    assert!(
+        limit <= 400 * 1024 - fingerprint.len(),
+        "the quoted limit {limit} leaves out the {}-byte fingerprint",
+        fingerprint.len()
+    );
+    let record = store.get(&key).await.expect("get").expect("record kept");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_retried_after_it_was_applied_is_ok() {
+    let store = common::store().await;
+    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
+}
+
+/// The status-only write after a result DynamoDB refused, when the result was in fact
+/// stored by an earlier attempt (its response lost): it finds the caller's result and
+/// answers `Ok`. Shown with a result so large it is never sent, after a small one was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_without_result_that_finds_a_result_stored_is_ok() {
+    let store = common::store().await;
+    let key = unique_key("stored-already");
+    let token = acquire(&store, request(&key, None)).await;
+    store
+        .complete(&key, token, b"receipt-42", None)
+        .await
+        .expect("complete");
+    let again = store
+        .complete(&key, token, &vec![7u8; 450 * 1024], None)
+        .await;
+    assert!(again.is_ok(), "{again:?}");
+    let record = store.get(&key).await.expect("get").expect("record");
+    assert_eq!(record.result.as_deref(), Some(&b"receipt-42"[..]));
+}
+
+/// A finish with its result that finds the record already finished by the caller without
+/// one (an earlier attempt stored the status alone) rewrites nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_that_finds_the_record_finished_without_result_reports_it_refused() {
+    let store = common::store().await;
+    let key = unique_key("without-already");
+    let token = acquire(&store, request(&key, None)).await;
+    let first = store
+        .complete(&key, token, &vec![7u8; 450 * 1024], None)
+        .await;
+    assert!(
+        matches!(first, Err(StoreError::TooLarge { .. })),
+        "{first:?}"
+    );
+    let again = store.complete(&key, token, b"receipt-42", None).await;
+    assert!(
+        matches!(again, Err(StoreError::ResultRefused { size: 10, .. })),
+        "{again:?}"
+    );
+    let record = store.get(&key).await.expect("get").expect("record");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+}

@@ -12,8 +12,10 @@ use crate::RedisStore;
 pub const DEFAULT_KEY_PREFIX: &str = "orchestrix:";
 
 /// The largest result stored unless [`RedisStoreBuilder::max_result_size`] sets another:
-/// Redis's own default limit for one value (`proto-max-bulk-len`, 512 MiB).
-pub const DEFAULT_MAX_RESULT_SIZE: usize = 512 * 1024 * 1024;
+/// Redis's own default limit for one value (`proto-max-bulk-len`, 512 MiB), less the most
+/// a record adds around its result (65,573 bytes: the header, the longest fingerprint and
+/// the result flag), so a stored record never exceeds 512 MiB.
+pub const DEFAULT_MAX_RESULT_SIZE: usize = 512 * 1024 * 1024 - crate::record::MAX_OVERHEAD;
 
 const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -193,5 +195,23 @@ fn store(conn: ConnectionManager, key_prefix: String, max_result_size: usize) ->
         conn,
         key_prefix: Arc::from(key_prefix),
         max_result_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis's own limit for one string value (and, by default, one argument).
+    const REDIS_MAX_VALUE: usize = 512 * 1024 * 1024;
+
+    /// The largest record that can hold a result of the default limit is exactly as long
+    /// as Redis allows a value to be.
+    #[test]
+    fn the_default_result_limit_leaves_room_for_the_largest_record_around_it() {
+        assert_eq!(
+            DEFAULT_MAX_RESULT_SIZE + crate::record::MAX_OVERHEAD,
+            REDIS_MAX_VALUE
+        );
     }
 }

@@ -53,6 +53,28 @@
 //!   the key answers [`StoreError::StaleToken`] and writes nothing; `complete` or `fail`
 //!   of a running record that carries the caller's token but is otherwise not what this
 //!   store writes is [`StoreError::Decode`], and writes nothing either.
+//! * **A refused result still finishes the record.** A result over
+//!   [`max_result_size`](RedisStoreBuilder::max_result_size) is not sent: the record is
+//!   finished without it and `finish` answers [`StoreError::TooLarge`]. A result Redis
+//!   refuses — `OOM` under `maxmemory` with `noeviction`, or an argument over
+//!   `proto-max-bulk-len` (a protocol error, or a connection Redis resets while the
+//!   argument is still arriving) — is followed by a second, fenced write that finishes the
+//!   record without it, and `finish` answers [`StoreError::ResultRefused`]: either way the
+//!   operation never runs again. That second write may run out of memory (it replaces the
+//!   running record by one of the same length), and is repeated on the new connection when
+//!   Redis closed the old one. Only a Redis that refuses it too (unreachable, read-only, or
+//!   refusing every write with `MISCONF` because it cannot persist) leaves the record
+//!   running until its lease lapses, with [`StoreError::Backend`]. A dropped connection or
+//!   a timeout counts as a refusal only when the result is over 1 MiB, the smallest
+//!   `proto-max-bulk-len` Redis accepts; on a smaller one it is a backend failure the
+//!   caller may retry.
+//! * **A finish may be retried.** `complete` or `fail` that finds the record already
+//!   finished by the same token, with the same status and the same result (an earlier
+//!   attempt was applied, and its reply lost), answers `Ok`; with the same status but no
+//!   result stored, it answers `ResultRefused` and stores nothing (a finished record is
+//!   never rewritten). A different status or result is `StaleToken`. `release` is not
+//!   recognised that way: once the key is deleted nothing shows who deleted it, so a
+//!   `release` retried after its reply was lost answers `StaleToken` (the key is free).
 //! * **Fail closed, in bounded time.** Connections time out (1 s to connect, 2 s per reply
 //!   by default) and reconnect in the background; while Redis is unreachable every
 //!   operation is [`StoreError::Backend`], so no run executes without an acquired record.
@@ -76,7 +98,9 @@ use orchestrix::store::{
     StoreError,
 };
 use redis::aio::ConnectionManager;
-use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisWrite, Script, ServerErrorKind, Value};
+use redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, RedisError, RedisWrite, Script, ServerErrorKind, Value,
+};
 
 pub use builder::{
     DEFAULT_KEY_PREFIX, DEFAULT_MAX_RESULT_SIZE, RedisStoreBuilder, RedisStoreError,
@@ -157,18 +181,61 @@ impl RedisStore {
     /// scripts (restart, failover, `SCRIPT FLUSH`) answers `NOSCRIPT`: the script is loaded
     /// and the command sent once more, as `redis::ScriptInvocation::invoke_async` does.
     async fn eval(&self, script: &Script, cmd: &Cmd) -> Result<Reply, StoreError> {
+        Reply::parse(self.query(script, cmd).await.map_err(StoreError::backend)?)
+    }
+
+    /// [`eval`](Self::eval), answering Redis's error as it is.
+    async fn query(&self, script: &Script, cmd: &Cmd) -> Result<Value, RedisError> {
         let mut conn = self.conn.clone();
-        let value = match cmd.query_async::<Value>(&mut conn).await {
+        match cmd.query_async::<Value>(&mut conn).await {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script
-                    .load_async(&mut conn)
-                    .await
-                    .map_err(StoreError::backend)?;
+                script.load_async(&mut conn).await?;
                 cmd.query_async(&mut conn).await
             }
             value => value,
+        }
+    }
+
+    /// Finishes the owned record without its result, because `cause` (the result is over
+    /// the store's limit, or Redis refused it), and answers `cause` once it is finished.
+    ///
+    /// The script is the `allow-oom` form, so it gets through while Redis is still out of
+    /// memory from the refused write. A connection Redis closed after refusing the result
+    /// is reopened by the connection manager on the next command, so an attempt that finds
+    /// the connection lost is repeated (a finish recognises its own earlier write, so a
+    /// repeat is safe).
+    async fn finish_without_result(
+        &self,
+        script: &Script,
+        key: &str,
+        token: FencingToken,
+        ttl: Option<Duration>,
+        cause: StoreError,
+    ) -> Result<(), StoreError> {
+        let fence = record::running_prefix(token);
+        let mut cmd = self.evalsha(script, key, 2, fence.len() + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
+        if let Some(ttl) = ttl {
+            cmd.arg(millis(ttl));
+        }
+        let mut attempt = 1;
+        let value = loop {
+            match self.query(script, &cmd).await {
+                Ok(value) => break value,
+                Err(err) if attempt < WITHOUT_RESULT_ATTEMPTS && connection_lost(&err) => {
+                    attempt += 1;
+                }
+                Err(err) => {
+                    return Err(StoreError::backend(NotFinished { cause, source: err }));
+                }
+            }
         };
-        Reply::parse(value.map_err(StoreError::backend)?)
+        match Reply::parse(value)? {
+            Reply::Ok | Reply::AlreadyFinished => Err(cause),
+            // The refused write was applied after all (its reply was what got lost).
+            Reply::AlreadyFinishedWithResult => Ok(()),
+            reply => Err(fenced_error(reply)),
+        }
     }
 
     /// `renew` (with the new lease) and `release` (without): one fenced script.
@@ -222,6 +289,60 @@ fn push_joined(cmd: &mut Cmd, parts: &[&[u8]]) -> Result<(), StoreError> {
         .try_for_each(|part| arg.write_all(part))
         .map_err(|err| StoreError::Encode(err.into()))
 }
+
+/// How often [`RedisStore::finish_without_result`] is sent when it finds the connection
+/// lost: Redis closes the connection after refusing an argument over its length limit, and
+/// the first command after that learns it; the next goes over a new connection.
+const WITHOUT_RESULT_ATTEMPTS: u32 = 3;
+
+/// The smallest `proto-max-bulk-len` Redis accepts (1 MiB): no argument up to this length
+/// is ever refused for its length.
+const MIN_PROTO_MAX_BULK_LEN: usize = 1024 * 1024;
+
+/// Whether Redis refused a finish for the size of its result or for memory, rather than
+/// failing to answer, so the record must be finished without the result. `longest_arg` is
+/// the length of the command's longest argument (the result behind its flag).
+///
+/// What Redis does (observed on 7.0): out of memory under `noeviction`, the script's write
+/// fails with an `OOM` error reply. An argument over `proto-max-bulk-len` is answered with
+/// `ERR Protocol error: invalid bulk length` and the connection closed; or, when the
+/// argument is much longer than the limit, the connection is reset while it is still being
+/// sent and the client sees only a dropped connection. Such a lost connection (or a reply
+/// that timed out) on an argument no longer than the smallest limit Redis accepts is never
+/// a refusal: it is left to the caller as a backend failure.
+fn refused_result(err: &RedisError, longest_arg: usize) -> bool {
+    match err.code() {
+        Some("OOM") => true,
+        Some("ERR") => err
+            .detail()
+            .is_some_and(|detail| detail.starts_with("Protocol error")),
+        Some(_) => false,
+        None => longest_arg > MIN_PROTO_MAX_BULK_LEN && (connection_lost(err) || err.is_timeout()),
+    }
+}
+
+/// The connection broke under the command: it may or may not have been applied.
+fn connection_lost(err: &RedisError) -> bool {
+    err.is_connection_dropped() || err.is_io_error()
+}
+
+/// A finish whose result Redis refused, and whose fallback without the result failed too:
+/// the record stays running until its lease lapses.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{cause}; finishing the record without it failed too, so it stays running until its lease lapses"
+)]
+struct NotFinished {
+    cause: StoreError,
+    #[source]
+    source: RedisError,
+}
+
+/// A finish with a result found the record already finished by the same owner, with the
+/// same status, without a result: an earlier attempt of the same finish fell back to that.
+#[derive(Debug, thiserror::Error)]
+#[error("an earlier attempt of this finish stored the record without its result")]
+struct FinishedEarlierWithoutResult;
 
 /// The error of a fenced write that was not applied.
 fn fenced_error(reply: Reply) -> StoreError {
@@ -291,8 +412,9 @@ impl IdempotencyStore for RedisStore {
         }
     }
 
-    // One fenced script that finishes the record: one per final status, so the status
-    // is a literal in the script rather than an argument.
+    // One fenced script that finishes the record with its result: one per final status,
+    // so the status is a literal in the script rather than an argument. A result over the
+    // store's limit, or one Redis refuses, is replaced by a finish without it.
     async fn finish(
         &self,
         key: &str,
@@ -301,29 +423,50 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        let script = match status {
+        let scripts = match status {
             FinalStatus::Completed => &SCRIPTS.complete,
             FinalStatus::Failed => &SCRIPTS.fail,
         };
-        let fits = result.len() <= self.max_result_size;
-        let fence = record::running_prefix(token);
-        let stored = if fits { result.len() } else { 0 };
-        let mut cmd = self.evalsha(script, key, 3, fence.len() + 1 + stored + U64_DIGITS)?;
-        cmd.arg(&fence[..]);
-        // The finished record's tail, with its flag: the result, or none when it is too large.
-        if fits {
-            push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
-        } else {
-            cmd.arg(&[record::NO_RESULT][..]);
+        let size = result.len();
+        if size > self.max_result_size {
+            let too_large = StoreError::TooLarge {
+                size,
+                limit: self.max_result_size,
+            };
+            let script = &scripts.without_result;
+            return self
+                .finish_without_result(script, key, token, ttl, too_large)
+                .await;
         }
+        let script = &scripts.with_result;
+        let fence = record::running_prefix(token);
+        // The finished record's tail: the result behind its flag.
+        let tail = 1 + size;
+        let mut cmd = self.evalsha(script, key, 3, fence.len() + tail + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
+        push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
         if let Some(ttl) = ttl {
             cmd.arg(millis(ttl));
         }
-        match self.eval(script, &cmd).await? {
-            Reply::Ok if fits => Ok(()),
-            Reply::Ok => Err(StoreError::TooLarge {
-                size: result.len(),
-                limit: self.max_result_size,
+        let reply = match self.query(script, &cmd).await {
+            Ok(value) => Reply::parse(value)?,
+            Err(err) if refused_result(&err, tail) => {
+                let refused = StoreError::ResultRefused {
+                    size,
+                    source: Box::new(err),
+                };
+                let script = &scripts.without_result;
+                return self
+                    .finish_without_result(script, key, token, ttl, refused)
+                    .await;
+            }
+            Err(err) => return Err(StoreError::backend(err)),
+        };
+        match reply {
+            Reply::Ok | Reply::AlreadyFinished => Ok(()),
+            Reply::AlreadyFinishedWithoutResult => Err(StoreError::ResultRefused {
+                size,
+                source: Box::new(FinishedEarlierWithoutResult),
             }),
             reply => Err(fenced_error(reply)),
         }

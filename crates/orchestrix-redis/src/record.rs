@@ -29,6 +29,9 @@ const FP_AT: usize = 38;
 const NO_FINGERPRINT: &[u8; 4] = b"ffff";
 /// The longest fingerprint the layout holds.
 pub(crate) const MAX_FINGERPRINT_LEN: usize = 0xfffe;
+/// The most bytes a record holds besides its result: the header, the longest fingerprint
+/// and the result flag.
+pub(crate) const MAX_OVERHEAD: usize = FP_AT + MAX_FINGERPRINT_LEN + 1;
 /// The result flag: no result follows.
 pub(crate) const NO_RESULT: u8 = b'-';
 /// The result flag: the result follows.
@@ -295,6 +298,13 @@ mod tests {
             encode(RecordStatus::Running, token(), Some(&longer), None),
             Err(StoreError::Encode(_))
         ));
+    }
+
+    #[test]
+    fn max_overhead_is_what_the_longest_fingerprint_and_no_result_take() {
+        let longest = "x".repeat(MAX_FINGERPRINT_LEN);
+        let encoded = encode(RecordStatus::Completed, token(), Some(&longest), Some(b"")).unwrap();
+        assert_eq!(encoded.len(), MAX_OVERHEAD);
     }
 
     #[test]

@@ -10,6 +10,16 @@
 //! The fenced scripts run on every finished run, so they are written for Redis's CPU: one
 //! comparison fences (`fence.lua`), as few Lua string operations as the checks allow, and
 //! integer replies on every common path.
+//!
+//! Each finish comes in two forms: with the result, the one round trip of every normal
+//! finish, and without it, for a result over the store's limit and for the fallback after
+//! Redis refused the result (`OOM`, a protocol error or a dropped connection on an argument
+//! over `proto-max-bulk-len`). The form without the result is flagged `allow-oom`: it
+//! replaces the running record by one of exactly the same length, so it never grows
+//! Redis's memory, and it must get through while Redis is still out of memory from the
+//! refused write's arguments. Both forms recognise a finish of the caller's already
+//! applied (`finished.lua`), so a retry after a lost reply, or the fallback after a write
+//! that was applied after all, answers what happened instead of `StaleToken`.
 
 use std::sync::LazyLock;
 
@@ -23,33 +33,73 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::new);
 
 pub(crate) struct Scripts {
     pub(crate) start_rerun: Script,
-    pub(crate) complete: Script,
-    pub(crate) fail: Script,
+    pub(crate) complete: Finish,
+    pub(crate) fail: Finish,
     pub(crate) renew: Script,
     pub(crate) release: Script,
 }
+
+/// The two forms of one final status's finish.
+pub(crate) struct Finish {
+    /// ARGV: the running prefix, '+' .. the result, the TTL (ms, optional).
+    pub(crate) with_result: Script,
+    /// ARGV: the running prefix, the TTL (ms, optional). Flagged `allow-oom`.
+    pub(crate) without_result: Script,
+}
+
+// The final status is part of each finish script rather than an argument, which would cost
+// Redis one more Lua string per call.
+
+/// The text of a finish script: `$shebang` the line flagging it (or nothing), `$status` the
+/// final status as a literal ('c' or 'f'), `$args` the line naming its arguments.
+macro_rules! finish_text {
+    ($shebang:literal, $status:literal, $args:literal) => {
+        concat!(
+            $shebang,
+            "local status = '",
+            $status,
+            "'\n",
+            $args,
+            include_str!("lua/finished.lua"),
+            include_str!("lua/fence.lua"),
+            include_str!("lua/finish.lua")
+        )
+    };
+}
+
+const COMPLETE: &str = finish_text!("", "c", "local tail, ttl = ARGV[2], ARGV[3]\n");
+const COMPLETE_WITHOUT_RESULT: &str = finish_text!(
+    // Flags a finish without the result: it may run while Redis is out of memory.
+    "#!lua flags=allow-oom\n",
+    "c",
+    "local tail, ttl = '-', ARGV[2]\n"
+);
+const FAIL: &str = finish_text!("", "f", "local tail, ttl = ARGV[2], ARGV[3]\n");
+const FAIL_WITHOUT_RESULT: &str = finish_text!(
+    "#!lua flags=allow-oom\n",
+    "f",
+    "local tail, ttl = '-', ARGV[2]\n"
+);
 
 impl Scripts {
     fn new() -> Self {
         Self {
             start_rerun: Script::new(include_str!("lua/start_rerun.lua")),
-            // The final status is part of the script rather than an argument, which would
-            // cost Redis one more Lua string per call.
-            complete: Script::new(concat!(
-                include_str!("lua/fence.lua"),
-                "local status = 'c'\n",
-                include_str!("lua/finish.lua")
-            )),
-            fail: Script::new(concat!(
-                include_str!("lua/fence.lua"),
-                "local status = 'f'\n",
-                include_str!("lua/finish.lua")
-            )),
+            complete: Finish {
+                with_result: Script::new(COMPLETE),
+                without_result: Script::new(COMPLETE_WITHOUT_RESULT),
+            },
+            fail: Finish {
+                with_result: Script::new(FAIL),
+                without_result: Script::new(FAIL_WITHOUT_RESULT),
+            },
             renew: Script::new(concat!(
+                include_str!("lua/stale.lua"),
                 include_str!("lua/fence.lua"),
                 include_str!("lua/renew.lua")
             )),
             release: Script::new(concat!(
+                include_str!("lua/stale.lua"),
                 include_str!("lua/fence.lua"),
                 include_str!("lua/release.lua")
             )),
@@ -74,6 +124,15 @@ pub(crate) enum Reply {
     /// The running record carries the caller's token but the rest of it is malformed: it
     /// was not written by this store, so nothing was written.
     Garbled,
+    /// A finish found the record already finished by the caller, with this status, exactly
+    /// as this write would make it: an earlier attempt was applied.
+    AlreadyFinished,
+    /// A finish carrying a result found the record already finished by the caller, with
+    /// this status, without a result: nothing was written.
+    AlreadyFinishedWithoutResult,
+    /// A finish without a result found the record already finished by the caller, with this
+    /// status, with a result: an earlier write of the result was applied.
+    AlreadyFinishedWithResult,
 }
 
 impl Reply {
@@ -82,6 +141,9 @@ impl Reply {
             Value::Int(1) => return Ok(Self::Ok),
             Value::Int(0) => return Ok(Self::Stale),
             Value::Int(-1) => return Ok(Self::Garbled),
+            Value::Int(2) => return Ok(Self::AlreadyFinished),
+            Value::Int(3) => return Ok(Self::AlreadyFinishedWithoutResult),
+            Value::Int(4) => return Ok(Self::AlreadyFinishedWithResult),
             Value::Array(items) => items,
             other => return Err(unexpected(&other)),
         };
@@ -142,6 +204,30 @@ mod tests {
         assert!(matches!(Reply::parse(Value::Int(1)), Ok(Reply::Ok)));
         assert!(matches!(Reply::parse(Value::Int(0)), Ok(Reply::Stale)));
         assert!(matches!(Reply::parse(Value::Int(-1)), Ok(Reply::Garbled)));
+        assert!(matches!(
+            Reply::parse(Value::Int(2)),
+            Ok(Reply::AlreadyFinished)
+        ));
+        assert!(matches!(
+            Reply::parse(Value::Int(3)),
+            Ok(Reply::AlreadyFinishedWithoutResult)
+        ));
+        assert!(matches!(
+            Reply::parse(Value::Int(4)),
+            Ok(Reply::AlreadyFinishedWithResult)
+        ));
+    }
+
+    /// A shebang counts only on a script's first line.
+    #[test]
+    fn only_the_finishes_without_result_may_run_out_of_memory() {
+        for text in [COMPLETE_WITHOUT_RESULT, FAIL_WITHOUT_RESULT] {
+            assert!(text.starts_with("#!lua flags=allow-oom\n"));
+            assert_eq!(text.matches("#!").count(), 1);
+        }
+        for text in [COMPLETE, FAIL] {
+            assert!(!text.contains("#!"));
+        }
     }
 
     #[test]
@@ -163,7 +249,7 @@ mod tests {
     #[test]
     fn any_other_reply_is_a_backend_error() {
         let replies = [
-            Value::Int(2),
+            Value::Int(5),
             Value::Nil,
             Value::Okay,
             bulk("ok"),

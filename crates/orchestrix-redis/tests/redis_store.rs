@@ -501,3 +501,9 @@ async fn a_tls_url_is_accepted_with_the_tls_feature() {
     let built = RedisStore::builder("rediss://127.0.0.1:6380").connect_lazy();
     assert!(built.is_ok(), "{built:?}");
 }
+
+#[tokio::test]
+async fn a_finish_retried_after_it_was_applied_is_ok() {
+    let store = common::store("retried-finish").await;
+    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
+}

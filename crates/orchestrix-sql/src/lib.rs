@@ -13,6 +13,22 @@
 //!   compared with the same clock; expired rows count as absent in every statement, and
 //!   [`cleanup`](orchestrix::store::IdempotencyStore::cleanup) deletes them in batches of
 //!   1000.
+//! * **An acquire is reported only once it is committed.** `start` reads its row with
+//!   `fetch_all`, so the statement runs to its end and a commit that fails (a busy lock, a
+//!   full disk, a deferred constraint) is an error, never an acquire of a record that was
+//!   rolled back.
+//! * **A refused result still finishes the record.** A result over the store's limit is
+//!   not sent ([`StoreError::TooLarge`](orchestrix::store::StoreError::TooLarge)); one the
+//!   database refuses for size or resources (PostgreSQL SQLSTATE classes 53 and 54, SQLite
+//!   `SQLITE_FULL`, `SQLITE_TOOBIG`, `SQLITE_NOMEM`) is followed by a second fenced
+//!   statement that finishes the record without it
+//!   ([`StoreError::ResultRefused`](orchestrix::store::StoreError::ResultRefused)). Either
+//!   way the operation never runs again; only a database that refuses the small write too
+//!   leaves the record running until its lease lapses.
+//! * **A finish may be retried.** `complete`/`fail` that finds the record already finished
+//!   by the same token, with the same status and a result that does not disagree, answers
+//!   what is stored (`Ok`, or `ResultRefused` when it holds no result) and rewrites
+//!   nothing, so a retry after a lost reply is not mistaken for a lost lease.
 //! * **Prepared once.** Each store builds its SQL once (the table name is configurable,
 //!   so the text is not static); sqlx prepares each statement once per connection.
 //!

@@ -22,6 +22,18 @@
 //! row. The statement is then simply run again (a new statement, a new snapshot that sees
 //! that row); this happens only under a race on the same key and is bounded.
 //!
+//! The statement is read to its end (`fetch_all`), through the implicit transaction's
+//! commit: a commit that fails after the row was sent (a deferred constraint, a full disk)
+//! is an error, never an acquire.
+//!
+//! # Finishing
+//!
+//! `complete`/`fail` is one `UPDATE … RETURNING` that also matches a record the caller
+//! already finished with the same status (a retry after a lost reply or a timeout; it is
+//! left as it is and reported). When PostgreSQL refuses the result for size or resources
+//! (SQLSTATE classes 53 and 54, "invalid memory alloc request size"), a second statement
+//! finishes the record without it, so the operation never runs again.
+//!
 //! # Clock
 //!
 //! Leases and TTLs are stored as `now() + interval` and compared with `now()`: the server
@@ -41,13 +53,17 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, SqlStr};
 
 use crate::row::{
-    CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, RECORD_COLUMNS, decode_record, fit_result, store_error,
+    CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, Finished, NotFinished, RECORD_COLUMNS, decode_record,
+    fit_result, store_error,
 };
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
 
-/// PostgreSQL's limit for one `bytea` value.
-const POSTGRES_MAX_BYTEA: usize = (1 << 30) - 1;
+/// The largest result limit a store accepts: PostgreSQL refuses a `bytea` value, and a
+/// protocol message, of 1 GiB or more, and a finish's message carries the key, token and
+/// status besides the result (a message over the limit is not refused for size but closes
+/// the connection). 1 MiB below it leaves room for all of them.
+const POSTGRES_MAX_RESULT: usize = (1 << 30) - (1 << 20);
 
 /// How many times `start` runs its statement when a concurrent caller's row was newer than
 /// the statement's snapshot. Each retry sees every row committed before it began, so a
@@ -136,10 +152,10 @@ impl PgStore {
     }
 
     /// Results larger than `bytes` are not stored: the record is still finished, and
-    /// `complete`/`fail` return [`StoreError::TooLarge`]. Default 64 MiB; capped at
-    /// PostgreSQL's own limit of 1 GiB.
+    /// `complete`/`fail` return [`StoreError::TooLarge`]. Default 64 MiB; capped 1 MiB
+    /// below PostgreSQL's own limit of 1 GiB.
     pub fn with_max_result_bytes(mut self, bytes: usize) -> Self {
-        self.max_result_bytes = bytes.min(POSTGRES_MAX_BYTEA);
+        self.max_result_bytes = bytes.min(POSTGRES_MAX_RESULT);
         self
     }
 
@@ -188,10 +204,7 @@ impl PgStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.operation_timeout, op).await {
             Ok(result) => result.map_err(store_error),
-            Err(_) => Err(StoreError::backend_msg(format!(
-                "PostgreSQL did not answer within {:?}",
-                self.operation_timeout
-            ))),
+            Err(_) => Err(self.timed_out()),
         }
     }
 
@@ -209,13 +222,18 @@ impl PgStore {
             .bind(req.fingerprint)
             .bind(micros(req.lease))
             .bind(req.rerun_failed)
-            .fetch_optional(&self.pool);
-        let row = match self.bounded(attempt).await {
-            Ok(row) => row,
+            // Every row, to the statement's end: the acquire counts only once the implicit
+            // transaction committed (a deferred constraint, a full disk or a lost
+            // connection can still fail it after the row was sent).
+            .fetch_all(&self.pool);
+        let rows = match self.bounded(attempt).await {
+            Ok(rows) => rows,
             Err(StoreError::Backend(e)) if is_serialization_failure(&*e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
         let acquired: bool = row.try_get("acquired").map_err(store_error)?;
         if acquired {
             Ok(Some(StartOutcome::Acquired(token)))
@@ -223,6 +241,69 @@ impl PgStore {
             decode_record(&row, req.key).map(|r| Some(StartOutcome::Existing(r)))
         }
     }
+
+    /// The finish statement under the operation timeout: what it found. A result refused
+    /// for size or resources is told apart from other failures, since only it is followed
+    /// by a finish without the result.
+    async fn write_finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: RecordStatus,
+        result: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<Finished, WriteError> {
+        let update = sqlx::query(self.sql.finish.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .bind(status.as_str())
+            .bind(result)
+            .bind(ttl.map(micros))
+            .fetch_all(&self.pool);
+        let rows = match tokio::time::timeout(self.operation_timeout, update).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(err)) if result.is_some() && refused_result(&err) => {
+                return Err(WriteError::Refused(err));
+            }
+            Ok(Err(err)) => return Err(WriteError::Failed(store_error(err))),
+            Err(_) => return Err(WriteError::Failed(self.timed_out())),
+        };
+        let stored = rows.first().map(|row| row.try_get("stored")).transpose();
+        let stored = stored.map_err(|err| WriteError::Failed(store_error(err)))?;
+        Ok(Finished::from_stored(stored))
+    }
+
+    fn timed_out(&self) -> StoreError {
+        StoreError::backend_msg(format!(
+            "PostgreSQL did not answer within {:?}",
+            self.operation_timeout
+        ))
+    }
+}
+
+/// Why a finish statement failed.
+enum WriteError {
+    /// PostgreSQL refused the result it carried, for size or resources.
+    Refused(sqlx::Error),
+    /// Anything else.
+    Failed(StoreError),
+}
+
+/// Whether PostgreSQL refused a write for its size or for resources: SQLSTATE class 53,
+/// insufficient resources (53100 disk full, 53200 out of memory, 53400 a configured limit;
+/// not 53300, too many connections, which is about reaching the server), class 54, program
+/// limit exceeded (an index row, a tuple, an expression too large), and an allocation over
+/// PostgreSQL's 1 GB limit ("invalid memory alloc request size", SQLSTATE XX000).
+fn refused_result(err: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    (code.starts_with("53") && code != "53300")
+        || code.starts_with("54")
+        || (code == "XX000" && db.message().contains("invalid memory alloc request size"))
 }
 
 impl fmt::Debug for PgStore {
@@ -277,10 +358,19 @@ impl Statements {
                  SELECT false AS acquired, {cols} FROM blocking",
                 rerun_cur = rerunnable("cur"),
             )),
+            // The caller's running record, or one it already finished with this status
+            // and a result that does not disagree (see `row::Finished`), left as it is.
+            // OR evaluates left to right: a running record never compares results.
             finish: statement(format!(
-                "UPDATE {t} SET status = $3, result = $4, \
-                   expires_at = now() + $5::bigint * interval '1 microsecond' \
-                 WHERE {owned}"
+                "UPDATE {t} SET status = $3, \
+                   result = CASE WHEN status = 'running' THEN $4::bytea ELSE result END, \
+                   expires_at = CASE WHEN status = 'running' \
+                     THEN now() + $5::bigint * interval '1 microsecond' ELSE expires_at END \
+                 WHERE key = $1 AND token = $2 AND v = {v} AND ( \
+                   (status = 'running' AND expires_at > now()) \
+                   OR (status = $3 AND {live} \
+                       AND (result IS NULL OR $4::bytea IS NULL OR result = $4::bytea))) \
+                 RETURNING result IS NOT NULL AS stored"
             )),
             renew: statement(format!(
                 "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond' \
@@ -375,16 +465,25 @@ impl IdempotencyStore for PgStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         let status = RecordStatus::from(status);
-        let (stored, too_large) = fit_result(result, self.max_result_bytes);
-        let update = sqlx::query(self.sql.finish.clone())
-            .bind(key)
-            .bind(token.to_string())
-            .bind(status.as_str())
-            .bind(stored)
-            .bind(ttl.map(micros))
-            .execute(&self.pool);
-        owned(self.bounded(update).await?.rows_affected())?;
-        too_large.map_or(Ok(()), Err)
+        let (sent, too_large) = fit_result(result, self.max_result_bytes);
+        let size = result.len();
+        match self.write_finish(key, token, status, sent, ttl).await {
+            Ok(finished) => finished.answer(size, too_large),
+            Err(WriteError::Refused(err)) => {
+                let refused = StoreError::ResultRefused {
+                    size,
+                    source: Box::new(err),
+                };
+                match self.write_finish(key, token, status, None, ttl).await {
+                    Ok(finished) => finished.answer(size, Some(refused)),
+                    Err(WriteError::Refused(source)) => {
+                        Err(StoreError::backend(NotFinished { refused, source }))
+                    }
+                    Err(WriteError::Failed(err)) => Err(err),
+                }
+            }
+            Err(WriteError::Failed(err)) => Err(err),
+        }
     }
 
     async fn renew(

@@ -69,3 +69,69 @@ pub(crate) fn fit_result(result: &[u8], limit: usize) -> (Option<&[u8]>, Option<
         (None, Some(too_large))
     }
 }
+
+/// What a finish statement found, from its `RETURNING result IS NOT NULL AS stored`.
+///
+/// The finish statements match the caller's running record, and also a record the caller
+/// already finished with the same status (an earlier attempt of this finish was applied,
+/// its reply lost or an error reported after it) whose result does not disagree with the
+/// one sent. Such a record is left as it is: a finished record is never rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// No row matched: the caller does not own the record (lease lost, taken over,
+    /// released, or finished otherwise).
+    NotOwned,
+    /// The record is finished and holds a result: the one sent, or, for a finish sent
+    /// without it, the one an earlier attempt stored.
+    WithResult,
+    /// The record is finished without a result.
+    WithoutResult,
+}
+
+impl Finished {
+    /// From the `stored` column of the rows a finish statement returned.
+    pub(crate) fn from_stored(stored: Option<bool>) -> Self {
+        match stored {
+            None => Self::NotOwned,
+            Some(true) => Self::WithResult,
+            Some(false) => Self::WithoutResult,
+        }
+    }
+
+    /// What `finish` answers. `without_result` is why the result was not sent (the
+    /// store's limit, or the backend refused it), or `None` when it was sent; `size` is
+    /// the result's size.
+    pub(crate) fn answer(
+        self,
+        size: usize,
+        without_result: Option<StoreError>,
+    ) -> Result<(), StoreError> {
+        match (self, without_result) {
+            (Self::NotOwned, _) => Err(StoreError::StaleToken),
+            (Self::WithResult, _) => Ok(()),
+            (Self::WithoutResult, Some(why)) => Err(why),
+            (Self::WithoutResult, None) => Err(StoreError::ResultRefused {
+                size,
+                source: Box::new(FinishedEarlierWithoutResult),
+            }),
+        }
+    }
+}
+
+/// A finish with a result found the record already finished by the same owner, with the
+/// same status, without a result: an earlier attempt of the same finish stored that.
+#[derive(Debug, thiserror::Error)]
+#[error("an earlier attempt of this finish stored the record without its result")]
+pub(crate) struct FinishedEarlierWithoutResult;
+
+/// A finish whose result the database refused, and whose second write without the result
+/// failed too: the record stays running until its lease lapses.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{refused}; finishing the record without it failed too, so it stays running until its lease lapses"
+)]
+pub(crate) struct NotFinished {
+    pub(crate) refused: StoreError,
+    #[source]
+    pub(crate) source: sqlx::Error,
+}

@@ -18,6 +18,16 @@
 //! (SQLite's `RETURNING` reports only rows the statement touched, so the "leave it as it
 //! was" update is what lets one statement answer both ways.)
 //!
+//! Every statement that returns rows is read with `fetch_all`: sqlx stops stepping a
+//! statement once it has the rows it was asked for, and a statement left unfinished commits
+//! only when it is reset, where a failed commit is lost (and the write rolled back). So an
+//! acquire is reported only after its commit succeeded.
+//!
+//! `complete`/`fail` is one `UPDATE … RETURNING` that also matches a record the caller
+//! already finished with the same status (a retry after a lost reply; it is left as it is
+//! and reported). When SQLite refuses the result (`SQLITE_FULL`, `SQLITE_TOOBIG`,
+//! `SQLITE_NOMEM`), a second statement finishes the record without it.
+//!
 //! Rewriting a row with identical values writes no page, but rewriting an *indexed*
 //! column always does — which would make every replay a commit with an `fsync`. So the
 //! expiry index is not on `expires_at` but on `sweep_at`, a column `start` never assigns:
@@ -52,7 +62,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlStr};
 
 use crate::row::{
-    CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, RECORD_COLUMNS, decode_record, fit_result, store_error,
+    CLEANUP_BATCH, DEFAULT_MAX_RESULT_BYTES, Finished, NotFinished, RECORD_COLUMNS, decode_record,
+    fit_result, store_error,
 };
 use crate::statement;
 use crate::table::{InvalidTableName, TableName};
@@ -213,6 +224,27 @@ impl SqliteStore {
         self.reader.close().await;
     }
 
+    /// The finish statement, run to completion (see `start`): what it found.
+    async fn write_finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: RecordStatus,
+        result: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<Finished, sqlx::Error> {
+        let rows = sqlx::query(self.sql.finish.clone())
+            .bind(key)
+            .bind(token.to_string())
+            .bind(status.as_str())
+            .bind(result)
+            .bind(ttl.map(|t| t.as_secs_f64()))
+            .fetch_all(&self.writer)
+            .await?;
+        let stored = rows.first().map(|row| row.try_get("stored")).transpose()?;
+        Ok(Finished::from_stored(stored))
+    }
+
     /// Runs a fenced write and reports whether the caller owned the record.
     async fn fenced(&self, query: FencedQuery<'_>) -> Result<(), StoreError> {
         let done = query.execute(&self.writer).await.map_err(store_error)?;
@@ -222,6 +254,23 @@ impl SqliteStore {
             Ok(())
         }
     }
+}
+
+/// Whether SQLite refused a write for its size or for resources: `SQLITE_FULL` (the disk,
+/// or `max_page_count`), `SQLITE_TOOBIG` (a value or row over `SQLITE_MAX_LENGTH`) or
+/// `SQLITE_NOMEM`. Extended result codes keep the primary code in their low byte.
+fn refused_result(err: &sqlx::Error) -> bool {
+    const SQLITE_NOMEM: i32 = 7;
+    const SQLITE_FULL: i32 = 13;
+    const SQLITE_TOOBIG: i32 = 18;
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    let code = db.code().and_then(|code| code.parse::<i32>().ok());
+    matches!(
+        code.map(|code| code & 0xff),
+        Some(SQLITE_NOMEM | SQLITE_FULL | SQLITE_TOOBIG)
+    )
 }
 
 type FencedQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
@@ -273,9 +322,18 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET {take_over} \
                  RETURNING token IS ?2 AS acquired, {cols}"
             )),
+            // The caller's running record, or one it already finished with this status
+            // and a result that does not disagree (see `row::Finished`), left as it is.
             finish: statement(format!(
-                "UPDATE {t} SET status = ?3, result = ?4, \
-                   expires_at = {NOW} + ?5, sweep_at = {NOW} + ?5 WHERE {owned}"
+                "UPDATE {t} SET status = ?3, \
+                   result = iif(status = 'running', ?4, result), \
+                   expires_at = iif(status = 'running', {NOW} + ?5, expires_at), \
+                   sweep_at = iif(status = 'running', {NOW} + ?5, sweep_at) \
+                 WHERE key = ?1 AND token = ?2 AND v = {v} AND ( \
+                   (status = 'running' AND expires_at > {NOW}) \
+                   OR (status = ?3 AND {live} \
+                       AND (result IS NULL OR ?4 IS NULL OR result = ?4))) \
+                 RETURNING result IS NOT NULL AS stored"
             )),
             renew: statement(format!(
                 "UPDATE {t} SET expires_at = {NOW} + ?3, sweep_at = {NOW} + ?3 WHERE {owned}"
@@ -322,15 +380,25 @@ impl IdempotencyStore for SqliteStore {
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
         let token = FencingToken::generate();
-        let row = sqlx::query(self.sql.start.clone())
+        // `fetch_all`, never `fetch_one`: sqlx stops stepping a statement after the row it
+        // was asked for, and a statement left unfinished commits only when it is reset,
+        // where a failed commit (busy lock, full disk, I/O error) is lost. The write is
+        // rolled back then, so the acquire must be reported only after the statement ran
+        // to completion.
+        let rows = sqlx::query(self.sql.start.clone())
             .bind(req.key)
             .bind(token.to_string())
             .bind(req.fingerprint)
             .bind(req.lease.as_secs_f64())
             .bind(req.rerun_failed)
-            .fetch_one(&self.writer)
+            .fetch_all(&self.writer)
             .await
             .map_err(store_error)?;
+        // An upsert always returns its row; without one nothing can be said of the key.
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::backend_msg("SQLite's start returned no row"))?;
         let acquired: bool = row.try_get("acquired").map_err(store_error)?;
         if acquired {
             Ok(StartOutcome::Acquired(token))
@@ -348,15 +416,22 @@ impl IdempotencyStore for SqliteStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         let status = RecordStatus::from(status);
-        let (stored, too_large) = fit_result(result, self.max_result_bytes);
-        let update = sqlx::query(self.sql.finish.clone())
-            .bind(key)
-            .bind(token.to_string())
-            .bind(status.as_str())
-            .bind(stored)
-            .bind(ttl.map(|t| t.as_secs_f64()));
-        self.fenced(update).await?;
-        too_large.map_or(Ok(()), Err)
+        let (sent, too_large) = fit_result(result, self.max_result_bytes);
+        let size = result.len();
+        match self.write_finish(key, token, status, sent, ttl).await {
+            Ok(finished) => finished.answer(size, too_large),
+            Err(err) if sent.is_some() && refused_result(&err) => {
+                let refused = StoreError::ResultRefused {
+                    size,
+                    source: Box::new(err),
+                };
+                match self.write_finish(key, token, status, None, ttl).await {
+                    Ok(finished) => finished.answer(size, Some(refused)),
+                    Err(source) => Err(StoreError::backend(NotFinished { refused, source })),
+                }
+            }
+            Err(err) => Err(store_error(err)),
+        }
     }
 
     async fn renew(

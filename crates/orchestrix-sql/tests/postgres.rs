@@ -326,3 +326,190 @@ async fn storm_child() {
         .expect("valid table name");
     child.run(Arc::new(store)).await;
 }
+
+/// Every wait in the tests below is bounded: a regression fails, it never hangs.
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
+}
+
+async fn acquire(store: &PgStore, key: &str) -> FencingToken {
+    match bounded("start", store.start(request(key, None))).await {
+        Ok(StartOutcome::Acquired(token)) => token,
+        other => panic!("a fresh key must be acquired: {other:?}"),
+    }
+}
+
+/// Runs `sql` (test setup) on the store's table.
+async fn run_sql(store: &PgStore, sql: String) {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(store.pool())
+        .await
+        .expect("test setup SQL");
+}
+
+/// After a refused finish: the record is finished with `status` and no result, and a new
+/// `start` does not acquire the key.
+async fn assert_finished_without_result(store: &PgStore, key: &str, status: RecordStatus) {
+    let record = bounded("get", store.get(key))
+        .await
+        .expect("get")
+        .expect("record kept");
+    assert_eq!((record.status, record.result), (status, None));
+    let again = bounded("start", store.start(request(key, None))).await;
+    assert!(
+        matches!(&again, Ok(StartOutcome::Existing(r)) if r.status == status),
+        "the operation must never run again: {again:?}"
+    );
+}
+
+/// A deferred constraint trigger fails the implicit transaction at its commit, after the
+/// statement returned its row. `start` must report that failure, never an acquire of a
+/// record that was not written.
+#[tokio::test]
+async fn start_whose_commit_fails_is_an_error_and_acquires_nothing() {
+    let store = fresh_store().await;
+    let t = store.table().to_owned();
+    run_sql(
+        &store,
+        format!(
+            "CREATE FUNCTION {t}_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"
+        ),
+    )
+    .await;
+    run_sql(
+        &store,
+        format!(
+            "CREATE CONSTRAINT TRIGGER {t}_at_commit AFTER INSERT OR UPDATE ON {t} \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+             WHEN (NEW.key LIKE 'doomed:%') EXECUTE FUNCTION {t}_refuse()"
+        ),
+    )
+    .await;
+    let key = format!("doomed:{}", unique_key("commit-fails"));
+    let started = bounded("start", store.start(request(&key, None))).await;
+    assert!(
+        matches!(started, Err(StoreError::Backend(_))),
+        "a start whose commit failed must be an error: {started:?}"
+    );
+    assert_eq!(bounded("get", store.get(&key)).await.ok(), Some(None));
+    drop_table(&store).await;
+    run_sql(&store, format!("DROP FUNCTION {t}_refuse()")).await;
+}
+
+/// An index on the result column (one a user might add) cannot hold a large value:
+/// PostgreSQL refuses the row with SQLSTATE 54000, program_limit_exceeded.
+#[tokio::test]
+async fn result_refused_for_a_program_limit_finishes_the_record_without_it() {
+    let store = fresh_store().await;
+    let t = store.table().to_owned();
+    run_sql(
+        &store,
+        format!("CREATE INDEX {t}_result_idx ON {t} (result)"),
+    )
+    .await;
+    let key = unique_key("index-limit");
+    let token = acquire(&store, &key).await;
+    // Incompressible, so the index cannot squeeze it under its limit.
+    let result: Vec<u8> = (0..64 * 1024).map(|_| fastrand::u8(..)).collect();
+    let completed = bounded("complete", store.complete(&key, token, &result, None)).await;
+    assert!(
+        matches!(completed, Err(StoreError::ResultRefused { size, .. }) if size == result.len()),
+        "{completed:?}"
+    );
+    assert_finished_without_result(&store, &key, RecordStatus::Completed).await;
+    drop_table(&store).await;
+}
+
+/// A full disk (SQLSTATE 53100, disk_full), raised by a trigger for writes that carry a
+/// result, since the test cannot fill the server's disk.
+#[tokio::test]
+async fn result_refused_for_a_full_disk_finishes_the_record_without_it() {
+    let store = fresh_store().await;
+    let t = store.table().to_owned();
+    run_sql(
+        &store,
+        format!(
+            "CREATE FUNCTION {t}_disk_full() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' \
+                USING ERRCODE = 'disk_full'; END $$"
+        ),
+    )
+    .await;
+    run_sql(
+        &store,
+        format!(
+            "CREATE TRIGGER {t}_full BEFORE UPDATE ON {t} FOR EACH ROW \
+             WHEN (NEW.result IS NOT NULL) EXECUTE FUNCTION {t}_disk_full()"
+        ),
+    )
+    .await;
+    let key = unique_key("disk-full");
+    let token = acquire(&store, &key).await;
+    let failed = bounded("fail", store.fail(&key, token, b"boom", None)).await;
+    assert!(
+        matches!(failed, Err(StoreError::ResultRefused { size: 4, .. })),
+        "{failed:?}"
+    );
+    assert_finished_without_result(&store, &key, RecordStatus::Failed).await;
+    drop_table(&store).await;
+    run_sql(&store, format!("DROP FUNCTION {t}_disk_full()")).await;
+}
+
+#[tokio::test]
+async fn a_finish_retried_after_it_was_applied_is_ok() {
+    let store = fresh_store().await;
+    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn a_finish_without_result_that_finds_the_result_stored_is_ok() {
+    let store = fresh_store().await;
+    let small_limit = store.clone().with_max_result_bytes(4);
+    let key = unique_key("stored-already");
+    let token = acquire(&store, &key).await;
+    let result = b"receipt-42";
+    let stored = bounded("complete", store.complete(&key, token, result, None)).await;
+    stored.expect("complete");
+    let again = bounded("complete", small_limit.complete(&key, token, result, None)).await;
+    assert!(again.is_ok(), "{again:?}");
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.result.as_deref(), Some(&result[..]));
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn a_finish_that_finds_the_record_finished_without_result_reports_it_refused() {
+    let store = fresh_store().await;
+    let small_limit = store.clone().with_max_result_bytes(4);
+    let key = unique_key("without-already");
+    let token = acquire(&store, &key).await;
+    let result = b"receipt-42";
+    let first = bounded("complete", small_limit.complete(&key, token, result, None)).await;
+    assert!(
+        matches!(first, Err(StoreError::TooLarge { .. })),
+        "{first:?}"
+    );
+    let again = bounded("complete", store.complete(&key, token, result, None)).await;
+    assert!(
+        matches!(again, Err(StoreError::ResultRefused { size: 10, .. })),
+        "{again:?}"
+    );
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+    drop_table(&store).await;
+}

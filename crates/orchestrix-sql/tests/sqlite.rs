@@ -344,3 +344,140 @@ async fn storm_child() {
     let store = SqliteStore::open(&path).await.expect("open database file");
     child.run(Arc::new(store)).await;
 }
+
+/// Every wait in the tests below is bounded: a regression fails, it never hangs.
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
+}
+
+async fn acquire(store: &SqliteStore, key: &str) -> FencingToken {
+    match bounded("start", store.start(request(key, None))).await {
+        Ok(StartOutcome::Acquired(token)) => token,
+        other => panic!("a fresh key must be acquired: {other:?}"),
+    }
+}
+
+/// In rollback-journal mode a commit needs the file's EXCLUSIVE lock, which a reader's
+/// SHARED lock blocks: past the busy timeout the commit fails and the insert is rolled
+/// back. `start` must report that failure, never an acquire of a record that was not
+/// written.
+#[tokio::test]
+async fn start_whose_commit_fails_is_an_error_and_acquires_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("records.db");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Delete)
+        .busy_timeout(Duration::from_millis(100));
+    let store = SqliteStore::open_with(options).await.expect("open");
+    store.migrate().await.expect("migrate");
+    let raw = raw_pool(&path).await;
+    let mut reading = raw.begin().await.expect("begin a read transaction");
+    sqlx::query("SELECT count(*) FROM orchestrix_idempotency")
+        .fetch_one(&mut *reading)
+        .await
+        .expect("read, taking the SHARED lock");
+    let key = unique_key("commit-fails");
+    let started = bounded("start", store.start(request(&key, None))).await;
+    assert!(
+        matches!(started, Err(StoreError::Backend(_))),
+        "a start whose commit failed must be an error: {started:?}"
+    );
+    reading.rollback().await.expect("end the read transaction");
+    assert_eq!(bounded("get", store.get(&key)).await.ok(), Some(None));
+    acquire(&store, &key).await;
+}
+
+/// `max_page_count` caps the database file as a full disk would: SQLite answers
+/// `SQLITE_FULL` to a write that needs more pages.
+#[tokio::test]
+async fn result_refused_for_a_full_database_finishes_the_record_without_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("records.db");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .pragma("max_page_count", "16");
+    let store = SqliteStore::open_with(options).await.expect("open");
+    store.migrate().await.expect("migrate");
+    let key = unique_key("full");
+    let token = acquire(&store, &key).await;
+    let result = vec![7u8; 256 * 1024];
+    let completed = bounded("complete", store.complete(&key, token, &result, None)).await;
+    assert!(
+        matches!(completed, Err(StoreError::ResultRefused { size, .. }) if size == result.len()),
+        "{completed:?}"
+    );
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record kept");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+    let again = bounded("start", store.start(request(&key, None))).await;
+    assert!(
+        matches!(&again, Ok(StartOutcome::Existing(r)) if r.status == RecordStatus::Completed),
+        "the operation must never run again: {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_finish_retried_after_it_was_applied_is_ok() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_at(&dir.path().join("records.db")).await;
+    orchestrix_conformance::retried_finish_that_was_applied_is_ok(&store).await;
+}
+
+#[tokio::test]
+async fn a_finish_without_result_that_finds_the_result_stored_is_ok() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_at(&dir.path().join("records.db")).await;
+    let small_limit = store.clone().with_max_result_bytes(4);
+    let key = unique_key("stored-already");
+    let token = acquire(&store, &key).await;
+    let result = b"receipt-42";
+    let stored = bounded("complete", store.complete(&key, token, result, None)).await;
+    stored.expect("complete");
+    let again = bounded("complete", small_limit.complete(&key, token, result, None)).await;
+    assert!(again.is_ok(), "{again:?}");
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.result.as_deref(), Some(&result[..]));
+}
+
+#[tokio::test]
+async fn a_finish_that_finds_the_record_finished_without_result_reports_it_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_at(&dir.path().join("records.db")).await;
+    let small_limit = store.clone().with_max_result_bytes(4);
+    let key = unique_key("without-already");
+    let token = acquire(&store, &key).await;
+    let result = b"receipt-42";
+    let first = bounded("complete", small_limit.complete(&key, token, result, None)).await;
+    assert!(
+        matches!(first, Err(StoreError::TooLarge { .. })),
+        "{first:?}"
+    );
+    let again = bounded("complete", store.complete(&key, token, result, None)).await;
+    assert!(
+        matches!(again, Err(StoreError::ResultRefused { size: 10, .. })),
+        "{again:?}"
+    );
+    let record = bounded("get", store.get(&key))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+}

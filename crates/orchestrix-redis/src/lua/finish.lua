@@ -1,7 +1,7 @@
--- complete / fail, after fence.lua and a line setting `status` to 'c' or 'f' (a literal,
--- not an argument: every argument costs Redis a Lua string). ARGV[2] the finished record's
--- tail: '+' .. result, or '-' when the result is too large to store; ARGV[3] the TTL (ms),
--- absent to keep the record until deleted.
+-- complete / fail, after fence.lua and a line setting `status` ('c' or 'f', a literal, not
+-- an argument: every argument costs Redis a Lua string), `tail` (the finished record's
+-- tail: '+' .. result, or '-' without the result) and `ttl` (ms; nil to keep the record
+-- until deleted).
 --
 -- Only a running record exactly as record.rs writes it is finished: its length field
 -- spells the length of what lies between the header and the closing '-' (no result) flag.
@@ -19,10 +19,10 @@ else
 end
 if not well_formed or string.sub(value, -1) ~= '-' then return -1 end
 -- Version, token and fingerprint are kept as they are; the status and the tail change.
-local finished = '1' .. status .. string.sub(value, 3, -2) .. ARGV[2]
+local finished = '1' .. status .. string.sub(value, 3, -2) .. tail
 -- SET without KEEPTTL replaces the lease: PX sets the TTL, its absence means no expiry.
-if ARGV[3] then
-  redis.call('SET', key, finished, 'PX', ARGV[3])
+if ttl then
+  redis.call('SET', key, finished, 'PX', ttl)
 else
   redis.call('SET', key, finished)
 end
