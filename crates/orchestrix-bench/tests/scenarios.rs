@@ -198,7 +198,6 @@ fn crash_takeover_on_sqlite_refuses_the_killed_owners_stale_writes_while_the_tak
 }
 
 #[test]
-#[ignore = "fails on main until the Redis store finishes a refused result's record (issue #13, branch stores-13)"]
 fn big_results_a_redis_refuses_for_their_length_still_execute_each_key_once() {
     let output = bench(&[
         "big-results",
@@ -215,7 +214,6 @@ fn big_results_a_redis_refuses_for_their_length_still_execute_each_key_once() {
 }
 
 #[test]
-#[ignore = "fails on main until the Redis store finishes a refused result's record (issue #13, branch stores-13)"]
 fn big_results_a_redis_refuses_for_its_memory_still_execute_each_key_once() {
     let output = bench(&[
         "big-results",
