@@ -104,11 +104,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod durable;
 mod item;
 mod options;
 mod store;
 
 pub use options::{
-    DEFAULT_CLOCK_SKEW, DEFAULT_KEY_ATTRIBUTE, DEFAULT_TTL_ATTRIBUTE, DynamoOptions, OptionsError,
+    DEFAULT_CLOCK_SKEW, DEFAULT_KEY_ATTRIBUTE, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_TTL_ATTRIBUTE,
+    DynamoOptions, OptionsError,
 };
 pub use store::DynamoStore;
