@@ -529,3 +529,49 @@ async fn a_suspended_run_is_resumed_at_once_even_with_a_large_skew_allowance() {
     assert_ne!(new, token);
     assert!(resumed.is_some());
 }
+
+/// A finished durable record holds its journal and its result in one item: a result that
+/// does not fit beside the journal is left out, the record is finished without it (the
+/// run never runs again), and the journal stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_does_not_fit_beside_the_journal_finishes_the_record_without_it() {
+    let store = common::store().await;
+    let key = unique_key("result-beside-journal");
+    let (token, _) = acquire(&store, durable(&key, None, b"in")).await;
+    let entry = vec![3u8; 100 * 1024];
+    store.append(&key, token, &entry).await.expect("append");
+    let result = vec![9u8; 350 * 1024];
+    let completed = store.complete(&key, token, &result, None).await;
+    assert!(
+        matches!(completed, Err(StoreError::TooLarge { size, limit }) if size == result.len() && limit < 400 * 1024 - entry.len()),
+        "{completed:?}"
+    );
+    let record = store.get(&key).await.expect("get").expect("record kept");
+    assert_eq!(
+        (record.status, record.result),
+        (RecordStatus::Completed, None)
+    );
+    assert_eq!(entries(&store, &key).await, Some(vec![entry]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_plain_run_is_not_redriven() {
+    let store = common::store().await;
+    let key = unique_key("redrive-plain");
+    let token = match store.start(request(&key, None)).await {
+        Ok(StartOutcome::Acquired(token)) => token,
+        other => panic!("{other:?}"),
+    };
+    store
+        .fail(&key, token, b"failure", None)
+        .await
+        .expect("fail");
+    match store.redrive(&key, LONG, None).await {
+        Ok(Redrive::NotFailed(record)) => {
+            assert_eq!((record.status, record.token), (RecordStatus::Failed, token));
+        }
+        other => panic!("a plain failure has no journal to redrive: {other:?}"),
+    }
+    let record = store.get(&key).await.expect("get").expect("record");
+    assert_eq!(record.status, RecordStatus::Failed);
+}
