@@ -46,8 +46,11 @@ const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// record holding the key when its condition fails; `complete`, `fail`, `renew` a
 /// conditional `UpdateItem`; `release` a conditional `UpdateItem` that leaves a tombstone
 /// (see the crate documentation); `get` a strongly
-/// consistent `GetItem`. See the [crate documentation](crate) for the record layout and
-/// the clock it relies on.
+/// consistent `GetItem`. It keeps the journals of durable flows too
+/// ([`JournalStore`]): one request per operation, but two for the takeover of an
+/// abandoned run, and a `Scan` of the table to list abandoned runs. See the
+/// [crate documentation](crate) for the record layout, the durable requests and their
+/// costs, and the clock it relies on.
 ///
 /// Cloning is cheap (the SDK client is reference-counted).
 #[derive(Debug, Clone)]
