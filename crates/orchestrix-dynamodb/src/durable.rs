@@ -92,7 +92,8 @@ impl DynamoStore {
     /// Takes over the abandoned run `old` owned, if it still is: one conditional
     /// `UpdateItem` on the old token, the running status, a lease still lapsed and a
     /// record still live, so that of concurrent takers exactly one wins. The new owner's
-    /// token, lease, retention and fingerprint replace the old; the journal stays, and
+    /// token, lease, retention and fingerprint replace the old, and the old owner's append
+    /// ids go (no retry of its appends can pass the new token); the journal stays, and
     /// comes back in the same response (`ReturnValues=ALL_NEW`): an owner whose clock runs
     /// behind may have appended between the read and this write, and the journal returned
     /// is the one this write took over, appends included.
@@ -110,11 +111,11 @@ impl DynamoStore {
         let update = match req.fingerprint {
             Some(_) => {
                 "SET #t = :token, #l = :lease, #rm = :rm, #rs = :rs, \
-                        #e = :expires, #ttl = :ttl, #f = :fp"
+                 #e = :expires, #ttl = :ttl, #f = :fp REMOVE #ids"
             }
             None => {
                 "SET #t = :token, #l = :lease, #rm = :rm, #rs = :rs, \
-                     #e = :expires, #ttl = :ttl REMOVE #f"
+                 #e = :expires, #ttl = :ttl REMOVE #f, #ids"
             }
         };
         let mut request = self
@@ -132,6 +133,7 @@ impl DynamoStore {
             .expression_attribute_names("#e", EXPIRES_AT_MS)
             .expression_attribute_names("#ttl", self.options().ttl_attribute_name())
             .expression_attribute_names("#f", FINGERPRINT)
+            .expression_attribute_names("#ids", APPEND_IDS)
             .expression_attribute_values(":old", AttributeValue::S(old.to_string()))
             .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
             .expression_attribute_values(":running", running())

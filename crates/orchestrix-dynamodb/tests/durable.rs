@@ -428,6 +428,11 @@ async fn a_takeover_takes_two_requests_and_everything_else_one() {
     let (_, resumed) = acquire(&store, durable(&key, None, b"in")).await;
     assert_eq!(resumed.map(|j| j.entries), Some(vec![b"e".to_vec()]));
     assert_eq!(lose.seen(), 2, "a takeover");
+    let item = raw(&key).await;
+    assert!(
+        !item.contains_key("append_ids"),
+        "the old owner's append ids go with it"
+    );
 }
 
 /// The SDK sends an append again when its response was lost: the append is in the
