@@ -692,6 +692,10 @@ impl IdempotencyStore for DynamoStore {
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)
     }
+
+    fn kind(&self) -> &'static str {
+        "dynamodb"
+    }
 }
 
 pub(crate) fn running() -> AttributeValue {
