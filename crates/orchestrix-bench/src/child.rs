@@ -7,8 +7,9 @@ use crate::args::Args;
 pub async fn main(args: &Args) -> anyhow::Result<()> {
     match args.positional.first().map(String::as_str) {
         Some("storm") => crate::storm::child(args).await,
-        Some("crash-owner") => crate::crash::child(args, true).await,
-        Some("crash-taker") => crate::crash::child(args, false).await,
+        Some("storm-dead-owner") => crate::takeover::dead_owner_child(args).await,
+        Some("crash-owner") => crate::crash::child(args, crate::crash::Role::Owner).await,
+        Some("crash-taker") => crate::crash::child(args, crate::crash::Role::Taker).await,
         other => bail!("unknown child role {other:?}"),
     }
 }

@@ -7,13 +7,26 @@
 //! * `storm` — P processes × C concurrent callers × K keys race for every key; each
 //!   execution of the side effect appends a line to a file opened with `O_APPEND`, an
 //!   independent counter. Invariant: exactly K executions, each key once.
+//!   With `--race expired` every key is first held by an owner process killed with
+//!   SIGKILL, and the callers race to take it over once its lease lapsed; with `--race
+//!   failed` every key's first run fails and the callers race with `cache_result(false)`.
+//!   Invariant: exactly one takeover execution per key.
 //! * `crash` — an owner process is killed with SIGKILL mid-flow; another process takes
 //!   the key over once the lease lapses; the killed owner's late writes (its stale token
-//!   replayed) are refused. Invariant: one completed record holding the new owner's
-//!   result, zero stale overwrites.
-//! * `outage` — a private `redis-server` is killed during a storm and restarted. Every
-//!   call ends within a bound, every error is a typed store error, no step runs without
-//!   an acquired record, and no key executes twice against the same server instance.
+//!   replayed) land while the taker's step is still running, and again after it
+//!   completed, and are refused. Invariant: the taker's record is untouched by them; one
+//!   completed record holding the new owner's result, zero stale overwrites.
+//! * `outage` — a private `redis-server` is killed during a storm and restarted
+//!   (`--fault kill`), or frozen with SIGSTOP and thawed with SIGCONT (`--fault stop`, a
+//!   hung server). Every call ends within a bound, every error is a typed store error, no
+//!   step runs without an acquired record, and no key executes twice against the same
+//!   server instance (stop: none after its outcome was stored, and none is still locked
+//!   one lease after the thaw).
+//! * `big-results` — a private `redis-server` with a value limit
+//!   (`--proto-max-bulk-len 1mb`) or a memory limit (`--maxmemory 4mb`, `noeviction`)
+//!   refuses results above it. Invariant: each key still executes exactly once; the
+//!   caller is told the record was finished without its result, and later callers are
+//!   refused with "result not stored", also after the lease.
 //! * `throughput` — fresh runs/s and replays/s beside the raw round-trip rate of the same
 //!   client, and round trips per operation.
 //! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
@@ -22,6 +35,8 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod arrivals;
+mod big_results;
 mod child;
 mod counter;
 mod crash;
@@ -32,10 +47,12 @@ mod report;
 mod section;
 mod stores;
 mod storm;
+mod takeover;
 mod throughput;
 mod wire;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use args::Args;
 use section::Section;
@@ -46,9 +63,14 @@ usage: orchestrix-bench <scenario> [options]
 
 scenarios:
   storm       --store S [--processes 4] [--callers 5] [--keys 500]
+              [--race fresh|expired|failed|all] [--lease-ms 1000]
   crash       --store S [--lease-ms 1000] [--rounds 1]
-  outage      [--store redis] [--window-keys 20] [--callers 16] [--step-ms 5]
-              [--seconds 8] [--down-at-ms 2500] [--down-for-ms 1500]
+  outage      [--store redis] [--fault kill|stop] [--window-keys 20] [--callers 16]
+              [--step-ms 5] [--down-at-ms 2500]
+              [--seconds 8 (kill) | 10 (stop)] [--down-for-ms 1500 (kill) | 6000 (stop)]
+              [--lease-ms 30000 (kill) | 2000 (stop)]
+              [--response-timeout-ms 2000 (kill) | 500 (stop)] [--deadline-ms D]
+  big-results [--limit bulk|memory|all] [--keys 10] [--callers 4] [--lease-ms 1000]
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
   report      [--output PATH] [--seconds 2]
 
@@ -95,7 +117,16 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         "report" => return report::main(&args).await,
         "storm" => {
             let size = storm::StormSize::from_args(&args)?;
-            vec![storm::main(&stores_arg(&args)?, &|_| size).await?]
+            let kinds = stores_arg(&args)?;
+            let lease = args.millis("lease-ms", Duration::from_secs(1))?;
+            let mut sections = Vec::new();
+            for race in storm::Race::parse_list(args.get("race").unwrap_or("fresh"))? {
+                sections.push(match race {
+                    storm::Race::Fresh => storm::main(&kinds, &|_| size).await?,
+                    race => takeover::main(&kinds, race, &|_| size, lease).await?,
+                });
+            }
+            sections
         }
         "crash" => {
             vec![crash::main(&stores_arg(&args)?, &crash::CrashConfig::from_args(&args)?).await?]
@@ -106,6 +137,9 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("outage runs against a private redis-server only: --store redis");
             }
             vec![outage::main(&outage::OutageConfig::from_args(&args)?).await?]
+        }
+        "big-results" => {
+            vec![big_results::main(&big_results::BigResultsConfig::from_args(&args)?).await?]
         }
         "throughput" => {
             throughput::main(

@@ -1,5 +1,6 @@
 //! A private `redis-server` on a free loopback port, without persistence, that a scenario
-//! can kill and restart. It is this process's child and is killed when dropped.
+//! can kill and restart, freeze and thaw (`SIGSTOP` / `SIGCONT`: a hung server), or start
+//! with limits of its own. It is this process's child and is killed when dropped.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,12 +16,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PrivateRedis {
     port: u16,
     dir: tempfile::TempDir,
+    /// Configuration beyond the defaults (`--maxmemory 4mb`, ...), kept for restarts.
+    config: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts a server on a free port of 127.0.0.1 and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start), with `config` (`["--proto-max-bulk-len", "1mb"]`) added to
+    /// the server's command line.
+    pub async fn start_with(config: &[&str]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .context("finding a free loopback port")?
@@ -32,6 +41,7 @@ impl PrivateRedis {
         let mut server = Self {
             port,
             dir,
+            config: config.iter().map(|&arg| arg.to_owned()).collect(),
             child: None,
         };
         server.spawn().await?;
@@ -54,6 +64,37 @@ impl PrivateRedis {
         Ok(())
     }
 
+    /// Freezes the server with `SIGSTOP`: it keeps its connections and its records but
+    /// answers nothing (a hung process, a paused VM) until [`resume`](Self::resume).
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        self.signal("STOP").await
+    }
+
+    /// Thaws a server frozen by [`stop`](Self::stop) with `SIGCONT`: it goes on with what
+    /// it had read, including requests whose callers have given up on them.
+    pub async fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT").await
+    }
+
+    /// Sends `signal` with the `kill` command (this crate has no `unsafe` for `libc::kill`).
+    async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("the private redis-server is not running")?;
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .with_context(|| format!("running `kill -{signal} {pid}`"))?;
+        if !status.success() {
+            bail!("`kill -{signal} {pid}` failed ({status})");
+        }
+        Ok(())
+    }
+
     /// Starts the server again on the same port, empty, and waits until it answers.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await?;
@@ -65,6 +106,7 @@ impl PrivateRedis {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--protected-mode", "yes", "--logfile", ""])
+            .args(&self.config)
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -108,6 +150,7 @@ async fn ping(url: &str) -> anyhow::Result<()> {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            // SIGKILL ends a stopped process too.
             let _ = child.start_kill();
         }
     }

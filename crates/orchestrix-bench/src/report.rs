@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::args::Args;
+use crate::big_results::{BigResultsConfig, Limit};
 use crate::crash::CrashConfig;
 use crate::machine;
 use crate::outage::OutageConfig;
 use crate::section::{Section, Table};
 use crate::stores::{Backend, StoreKind};
-use crate::storm::StormSize;
+use crate::storm::{Race, StormSize};
 use crate::throughput::ThroughputConfig;
 
 /// The bound on one scenario of the report.
@@ -28,6 +29,9 @@ const SHARED: [StoreKind; 4] = [
     StoreKind::Sqlite,
     StoreKind::Dynamodb,
 ];
+
+/// The lease of the takeover storms' runs (and of their dead owner).
+const TAKEOVER_LEASE: Duration = Duration::from_secs(2);
 
 /// Where the hand-written section of `BENCHMARKS.md` begins; the report keeps it.
 const KEPT_SECTION: &str = "\n## Engine overhead and the in-memory store (`cargo bench`)";
@@ -88,6 +92,19 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         })
         .await,
     );
+    // The same sizes, over keys that must be taken over; a lease of 2 s leaves the dead
+    // owner's heartbeats (K renewals every 2/3 s) within every store's rate.
+    for race in [Race::ExpiredLease, Race::FailedRecord] {
+        let name = format!("storm ({} race)", race.name());
+        sections.extend(
+            bounded(&name, async {
+                Ok(vec![
+                    crate::takeover::main(&all, race, &storm_size, TAKEOVER_LEASE).await?,
+                ])
+            })
+            .await,
+        );
+    }
     let crash = CrashConfig {
         lease: Duration::from_secs(1),
         rounds: 2,
@@ -98,17 +115,27 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         })
         .await,
     );
-    let outage = OutageConfig {
-        window_keys: 20,
-        callers: 16,
-        step: Duration::from_millis(5),
-        duration: Duration::from_secs(8),
-        down_at: Duration::from_millis(2500),
-        down_for: Duration::from_millis(1500),
+    for (name, outage) in [
+        ("outage", OutageConfig::KILL),
+        ("outage (hang)", OutageConfig::STOP),
+    ] {
+        sections.extend(
+            bounded(name, async {
+                Ok(vec![crate::outage::main(&outage).await?])
+            })
+            .await,
+        );
+    }
+
+    let big_results = BigResultsConfig {
+        limits: Limit::ALL.to_vec(),
+        keys: 20,
+        callers: 4,
+        lease: Duration::from_secs(1),
     };
     sections.extend(
-        bounded("outage", async {
-            Ok(vec![crate::outage::main(&outage).await?])
+        bounded("big results", async {
+            Ok(vec![crate::big_results::main(&big_results).await?])
         })
         .await,
     );
@@ -214,7 +241,7 @@ fn render(sections: &[Section], services: &[(StoreKind, String)], took: Duration
          comes from real flows \
          (`Flow::run` with an idempotency key) against real services on 127.0.0.1. Run one \
          scenario alone with `cargo run --release -p orchestrix-bench -- <scenario> --store <store>` \
-         (`storm`, `crash`, `outage`, `throughput`; `--help` lists the options).\n\n\
+         (`storm`, `crash`, `outage`, `big-results`, `throughput`; `--help` lists the options).\n\n\
          **Caveat:** measured on a shared 2-core virtual machine. The harness, its child \
          processes and the servers (Redis, PostgreSQL, the DynamoDB-compatible `moto`) share \
          those two cores, and other work on the host adds noise: read the figures as orders \

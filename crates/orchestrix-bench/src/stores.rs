@@ -65,6 +65,16 @@ impl StoreKind {
         }
         names.split(',').map(Self::parse).collect()
     }
+
+    /// How long past its end a lease still counts as held: DynamoDB has no server clock,
+    /// so its store waits out a clock-skew allowance; the others decide on one clock.
+    pub fn lapse_allowance(self) -> Duration {
+        match self {
+            #[cfg(feature = "dynamodb")]
+            Self::Dynamodb => orchestrix_dynamodb::DEFAULT_CLOCK_SKEW,
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 pub fn redis_url() -> String {

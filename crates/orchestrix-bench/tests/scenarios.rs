@@ -1,8 +1,11 @@
-//! The storm and crash scenarios at small sizes, so `scripts/test` checks their invariants
-//! on every run (the full sizes run from the bench binary). Each test runs the real binary,
-//! which spawns its own child processes, against the services on 127.0.0.1 (Redis at
-//! `REDIS_URL`, a temporary SQLite file); every run uses its own key prefix or file.
-//! The binary exits non-zero when an invariant breaks; the tests also read its table.
+//! The fault scenarios at small sizes, so `scripts/test` checks their invariants on every
+//! run (the full sizes run from the bench binary): storms over fresh keys, expired leases
+//! and failed records, crash takeover, a hung Redis (SIGSTOP / SIGCONT), and results a Redis
+//! refuses. Each test runs the real binary, which spawns its own child processes (and
+//! private `redis-server`s), against the services on 127.0.0.1 (Redis at `REDIS_URL`, a
+//! temporary SQLite file); every run uses its own key prefix or file. The binary exits
+//! non-zero when an invariant breaks; the tests also read its table. Every wait in the
+//! binary is bounded, so a broken invariant fails a test by name instead of hanging it.
 
 use std::process::{Command, Output};
 
@@ -30,15 +33,24 @@ fn assert_held(output: &Output, store: &str) {
     assert!(stdout.contains("all invariants held"), "{stdout}");
 }
 
-/// The storm row's "executed (file)" and "distinct keys" cells.
-fn executed_and_distinct(output: &Output, store: &str) -> (String, String) {
+/// The cells of the table row that starts with `first` (its first cell).
+fn row_cells(output: &Output, first: &str) -> Vec<String> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let row = stdout
         .lines()
-        .find(|line| line.starts_with(&format!("| {store} ")))
-        .unwrap_or_else(|| panic!("no row for {store}:\n{stdout}"));
-    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    (cells[4].to_owned(), cells[5].to_owned())
+        .find(|line| line.starts_with(&format!("| {first} ")))
+        .unwrap_or_else(|| panic!("no row for {first}:\n{stdout}"));
+    // The text before the first `|` is empty: cell `n` of the row is at `n + 1`.
+    row.split('|')
+        .skip(1)
+        .map(|cell| cell.trim().to_owned())
+        .collect()
+}
+
+/// The storm row's "executed (file)" and "distinct keys" cells.
+fn executed_and_distinct(output: &Output, store: &str) -> (String, String) {
+    let cells = row_cells(output, store);
+    (cells[3].clone(), cells[4].clone())
 }
 
 #[test]
@@ -99,16 +111,178 @@ fn storm_from_two_processes_on_sqlite_executes_each_key_once() {
     );
 }
 
-#[test]
-fn crash_takeover_on_redis_refuses_the_killed_owners_stale_writes() {
-    let output = bench(&["crash", "--store", "redis", "--lease-ms", "1000"]);
-    assert_held(&output, "redis");
-    assert!(String::from_utf8_lossy(&output.stdout).contains("| 4 of 4 "));
+/// A storm over keys that must be taken over: `race` is `expired` (an owner process
+/// held every key and was killed) or `failed` (every key's first run failed).
+fn takeover_storm(race: &str, store: &str, processes: &str) -> Output {
+    bench(&[
+        "storm",
+        "--race",
+        race,
+        "--store",
+        store,
+        "--processes",
+        processes,
+        "--callers",
+        "4",
+        "--keys",
+        "40",
+        "--lease-ms",
+        "1000",
+    ])
+}
+
+/// Asserts a takeover storm held and took each of its 40 keys over exactly once.
+fn assert_each_key_taken_over_once(output: &Output, store: &str) {
+    assert_held(output, store);
+    let cells = row_cells(output, store);
+    // Prepared (dead owner's / failed first runs), takeovers executed, distinct keys.
+    assert_eq!(
+        (cells[3].as_str(), cells[5].as_str(), cells[6].as_str()),
+        ("40", "40", "40"),
+        "{cells:?}"
+    );
 }
 
 #[test]
-fn crash_takeover_on_sqlite_refuses_the_killed_owners_stale_writes() {
+fn storm_taking_over_expired_leases_on_the_memory_store_executes_each_key_once() {
+    let output = takeover_storm("expired", "memory", "1");
+    assert_each_key_taken_over_once(&output, "memory");
+}
+
+#[test]
+fn storm_taking_over_expired_leases_from_two_processes_on_redis_executes_each_key_once() {
+    let output = takeover_storm("expired", "redis", "2");
+    assert_each_key_taken_over_once(&output, "redis");
+}
+
+#[test]
+fn storm_taking_over_expired_leases_from_two_processes_on_sqlite_executes_each_key_once() {
+    let output = takeover_storm("expired", "sqlite", "2");
+    assert_each_key_taken_over_once(&output, "sqlite");
+}
+
+#[test]
+fn storm_taking_over_failed_records_on_the_memory_store_executes_each_key_once() {
+    let output = takeover_storm("failed", "memory", "1");
+    assert_each_key_taken_over_once(&output, "memory");
+}
+
+#[test]
+fn storm_taking_over_failed_records_from_two_processes_on_redis_executes_each_key_once() {
+    let output = takeover_storm("failed", "redis", "2");
+    assert_each_key_taken_over_once(&output, "redis");
+}
+
+#[test]
+fn storm_taking_over_failed_records_from_two_processes_on_sqlite_executes_each_key_once() {
+    let output = takeover_storm("failed", "sqlite", "2");
+    assert_each_key_taken_over_once(&output, "sqlite");
+}
+
+#[test]
+fn crash_takeover_on_redis_refuses_the_killed_owners_stale_writes_while_the_taker_runs() {
+    let output = bench(&["crash", "--store", "redis", "--lease-ms", "1000"]);
+    assert_held(&output, "redis");
+    let cells = row_cells(&output, "redis");
+    // Refused while the taker's step was running, and again after it completed.
+    assert_eq!((cells[4].as_str(), cells[5].as_str()), ("4 of 4", "4 of 4"));
+}
+
+#[test]
+fn crash_takeover_on_sqlite_refuses_the_killed_owners_stale_writes_while_the_taker_runs() {
     let output = bench(&["crash", "--store", "sqlite", "--lease-ms", "1000"]);
     assert_held(&output, "sqlite");
-    assert!(String::from_utf8_lossy(&output.stdout).contains("| 4 of 4 "));
+    let cells = row_cells(&output, "sqlite");
+    // Refused while the taker's step was running, and again after it completed.
+    assert_eq!((cells[4].as_str(), cells[5].as_str()), ("4 of 4", "4 of 4"));
+}
+
+#[test]
+fn big_results_a_redis_refuses_for_their_length_still_execute_each_key_once() {
+    let output = bench(&[
+        "big-results",
+        "--limit",
+        "bulk",
+        "--keys",
+        "3",
+        "--callers",
+        "3",
+    ]);
+    let row = "`--proto-max-bulk-len 1mb`";
+    assert_held(&output, row);
+    assert_eq!(row_cells(&output, row)[3], "3");
+}
+
+#[test]
+fn big_results_a_redis_refuses_for_its_memory_still_execute_each_key_once() {
+    let output = bench(&[
+        "big-results",
+        "--limit",
+        "memory",
+        "--keys",
+        "3",
+        "--callers",
+        "3",
+    ]);
+    let row = "`--maxmemory 4mb --maxmemory-policy noeviction`";
+    assert_held(&output, row);
+    assert_eq!(row_cells(&output, row)[3], "3");
+}
+
+/// The value of the row of a measure table whose name starts with `name`.
+fn measure(output: &Output, name: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("| {name}")))
+        .unwrap_or_else(|| panic!("no measure {name:?}:\n{stdout}"));
+    row.split('|').nth(2).unwrap_or_default().trim().to_owned()
+}
+
+#[test]
+fn a_hung_redis_ends_every_call_in_time_and_frees_every_key_one_lease_after_it_resumes() {
+    // The store waits 300 ms for a reply, so a run is given 3.4 s; the server is frozen
+    // for 4 s, longer than that and than the 1 s lease.
+    let output = bench(&[
+        "outage",
+        "--fault",
+        "stop",
+        "--callers",
+        "8",
+        "--window-keys",
+        "10",
+        "--seconds",
+        "5.5",
+        "--down-at-ms",
+        "500",
+        "--down-for-ms",
+        "4000",
+        "--lease-ms",
+        "1000",
+        "--response-timeout-ms",
+        "300",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("all invariants held"),
+        "invariant broken or scenario failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(measure(&output, "runs that hung"), "0");
+    assert_eq!(
+        measure(&output, "executions without an acquired record"),
+        "0"
+    );
+    assert_eq!(
+        measure(
+            &output,
+            "keys executed again after their outcome was stored"
+        ),
+        "0"
+    );
+    assert!(
+        measure(&output, "keys probed one lease after the thaw").ends_with("/ 0"),
+        "{stdout}"
+    );
 }

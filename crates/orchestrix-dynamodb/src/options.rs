@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::item::FIXED_ATTRIBUTES;
+use crate::item::{FIXED_ATTRIBUTES, MAX_ITEM_BYTES};
 
 /// The default partition-key attribute.
 pub const DEFAULT_KEY_ATTRIBUTE: &str = "key";
@@ -10,6 +10,11 @@ pub const DEFAULT_KEY_ATTRIBUTE: &str = "key";
 pub const DEFAULT_TTL_ATTRIBUTE: &str = "ttl";
 /// The default clock-skew allowance.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(1);
+/// The largest journal a durable run may keep unless configured otherwise: DynamoDB's
+/// item limit, 400 KB (409,600 bytes). The whole item (key, fingerprint, journal and its
+/// bookkeeping, and a finished run's result) must fit in that limit too, so in practice
+/// DynamoDB refuses first; see [`DynamoOptions::max_journal_bytes`].
+pub const DEFAULT_MAX_JOURNAL_BYTES: usize = MAX_ITEM_BYTES;
 
 /// How a [`DynamoStore`](crate::DynamoStore) lays its records out in a table.
 ///
@@ -20,7 +25,8 @@ pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// let options = DynamoOptions::new("idempotency")
 ///     .key_attribute("pk")
 ///     .ttl_attribute("expires_at")
-///     .clock_skew(Duration::from_millis(500));
+///     .clock_skew(Duration::from_millis(500))
+///     .max_journal_bytes(256 * 1024);
 /// assert_eq!(options.table(), "idempotency");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,17 +35,19 @@ pub struct DynamoOptions {
     key_attribute: String,
     ttl_attribute: String,
     clock_skew: Duration,
+    max_journal_bytes: usize,
 }
 
 impl DynamoOptions {
-    /// Options for `table`, with the default attribute names (`key`, `ttl`) and a
-    /// clock-skew allowance of one second.
+    /// Options for `table`, with the default attribute names (`key`, `ttl`), a
+    /// clock-skew allowance of one second and journals up to the item limit.
     pub fn new(table: impl Into<String>) -> Self {
         Self {
             table: table.into(),
             key_attribute: DEFAULT_KEY_ATTRIBUTE.to_owned(),
             ttl_attribute: DEFAULT_TTL_ATTRIBUTE.to_owned(),
             clock_skew: DEFAULT_CLOCK_SKEW,
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
         }
     }
 
@@ -70,6 +78,30 @@ impl DynamoOptions {
     pub fn clock_skew(mut self, allowance: Duration) -> Self {
         self.clock_skew = allowance;
         self
+    }
+
+    /// The largest journal (input and entries, in bytes) a durable run may keep: an
+    /// append that would make it larger is
+    /// [`StoreError::TooLarge`](orchestrix::store::StoreError::TooLarge) and appends
+    /// nothing, as is a durable start whose input alone is larger.
+    ///
+    /// A durable run's record is one item, and DynamoDB refuses items over 400 KB: the
+    /// journal shares them with the key, the fingerprint, 12 bytes of bookkeeping per
+    /// entry, and, once the run finished, its result. An append DynamoDB refuses is
+    /// `TooLarge` too, whatever this limit. Set it lower to keep room for a result: a
+    /// finished run whose result does not fit beside its journal is stored without the
+    /// result (`TooLarge`, the run never runs again). Default
+    /// [`DEFAULT_MAX_JOURNAL_BYTES`], the item limit; a larger value changes nothing.
+    #[must_use]
+    pub fn max_journal_bytes(mut self, bytes: usize) -> Self {
+        self.max_journal_bytes = bytes;
+        self
+    }
+
+    /// The journal limit: [`max_journal_bytes`](Self::max_journal_bytes), at most the
+    /// item limit.
+    pub fn journal_limit(&self) -> usize {
+        self.max_journal_bytes.min(MAX_ITEM_BYTES)
     }
 
     /// The table name.
@@ -148,6 +180,25 @@ mod tests {
             DynamoOptions::new("t").key_attribute("").validate(),
             Err(OptionsError::EmptyAttribute)
         );
+    }
+
+    #[test]
+    fn the_journal_limit_is_at_most_the_item_limit() {
+        assert_eq!(DynamoOptions::new("t").journal_limit(), MAX_ITEM_BYTES);
+        let small = DynamoOptions::new("t").max_journal_bytes(1024);
+        assert_eq!(small.journal_limit(), 1024);
+        let large = DynamoOptions::new("t").max_journal_bytes(10 * MAX_ITEM_BYTES);
+        assert_eq!(large.journal_limit(), MAX_ITEM_BYTES);
+    }
+
+    #[test]
+    fn durable_attribute_names_are_taken_too() {
+        for name in ["journal", "lease_until_ms", "input"] {
+            assert!(matches!(
+                DynamoOptions::new("t").ttl_attribute(name).validate(),
+                Err(OptionsError::AttributeClash(_))
+            ));
+        }
     }
 
     #[test]

@@ -7,10 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::client::Waiters;
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
@@ -18,21 +20,24 @@ use aws_sdk_dynamodb::types::{
     TimeToLiveStatus,
 };
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordAdmin, RecordStatus, SCHEMA_VERSION,
-    StartOutcome, StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
+    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
 };
 
 use crate::item::{
-    self, EXPIRES_AT_MS, FINGERPRINT, MAX_ITEM_BYTES, RELEASED_AT_MS, RESULT, STATUS, TOKEN,
-    VERSION, millis, now_ms, number,
+    self, APPEND_IDS, EXPIRES_AT_MS, FINGERPRINT, INPUT, JOURNAL, JOURNAL_BYTES, LEASE_UNTIL_MS,
+    Layout, MAX_ITEM_BYTES, RELEASED_AT_MS, RESULT, RETAIN_MS, RETAIN_SECS, RETAIN_UNTIL_DELETED,
+    STATUS, TOKEN, VERSION, millis, now_ms, number,
 };
 use crate::options::{DynamoOptions, OptionsError};
 
 mod admin;
 
 /// The record is running, under this token, and its lease has not lapsed: the condition
-/// of every owner's write.
+/// of every owner's write on a plain record, whose lease is its expiry.
 const OWNED: &str = "#t = :token AND #s = :running AND #e > :cutoff";
+/// The same on a durable record, whose lease is an attribute of its own.
+const OWNED_DURABLE: &str = "#t = :token AND #s = :running AND #l > :cutoff";
 
 /// How long [`DynamoStore::create_table_if_missing`] waits for a new table to turn active.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -43,8 +48,11 @@ const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// record holding the key when its condition fails; `complete`, `fail`, `renew` a
 /// conditional `UpdateItem`; `release` a conditional `UpdateItem` that leaves a tombstone
 /// (see the crate documentation); `get` a strongly
-/// consistent `GetItem`. See the [crate documentation](crate) for the record layout and
-/// the clock it relies on.
+/// consistent `GetItem`. It keeps the journals of durable flows too
+/// ([`JournalStore`]): one request per operation, but two for the takeover of an
+/// abandoned run, and a `Scan` of the table to list abandoned runs. See the
+/// [crate documentation](crate) for the record layout, the durable requests and their
+/// costs, and the clock it relies on.
 ///
 /// Cloning is cheap (the SDK client is reference-counted).
 #[derive(Debug, Clone)]
@@ -54,11 +62,51 @@ pub struct DynamoStore {
 }
 
 /// When a record written now stops being live.
-struct Expiry {
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expiry {
     /// Exact, checked by every condition and read.
-    at_ms: u64,
+    pub(crate) at_ms: u64,
     /// For DynamoDB's native TTL deletion: never before `at_ms` plus the skew allowance.
-    ttl_secs: u64,
+    pub(crate) ttl_secs: u64,
+}
+
+/// How long a durable record is kept once its lease lapsed, in the two units its item
+/// stores it in (see [`RETAIN_MS`]); `None` is [`RETAIN_UNTIL_DELETED`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retention {
+    pub(crate) ms: u64,
+    pub(crate) secs: u64,
+}
+
+impl Retention {
+    pub(crate) fn of(retain: Option<Duration>) -> Self {
+        let ms = millis(retain.unwrap_or(RETAIN_UNTIL_DELETED));
+        Self {
+            ms,
+            secs: ms.div_ceil(1000),
+        }
+    }
+
+    /// When a durable record whose lease ends at `lease` goes: the lease end plus the
+    /// retention, in both units. The same sums the renewal's update expression makes
+    /// (`:lease + retain_ms`, `:lease_ttl + retain_secs`), and no earlier than the exact
+    /// sum: seconds rounded up twice are never fewer than rounded up once.
+    pub(crate) fn after(self, lease: Expiry) -> Expiry {
+        Expiry {
+            at_ms: lease.at_ms.saturating_add(self.ms),
+            ttl_secs: lease.ttl_secs.saturating_add(self.secs),
+        }
+    }
+}
+
+/// What a conditional `PutItem` of a running record found.
+pub(crate) enum Put {
+    /// The item was written (by this request, or by an earlier attempt of it).
+    Acquired,
+    /// The condition failed: this item holds the key.
+    Held(HashMap<String, AttributeValue>),
+    /// DynamoDB refused the item for its size.
+    TooLarge(Box<SdkError<PutItemError, HttpResponse>>),
 }
 
 impl DynamoStore {
@@ -177,11 +225,11 @@ impl DynamoStore {
 
     /// Expiry is lapsed when it is at or before this instant: now, minus the allowance
     /// for clocks that run ahead of the writer's.
-    fn cutoff_ms(&self, now_ms: u64) -> u64 {
+    pub(crate) fn cutoff_ms(&self, now_ms: u64) -> u64 {
         now_ms.saturating_sub(millis(self.options.clock_skew_allowance()))
     }
 
-    fn expiry(&self, now_ms: u64, after: Duration) -> Expiry {
+    pub(crate) fn expiry(&self, now_ms: u64, after: Duration) -> Expiry {
         let at_ms = now_ms.saturating_add(millis(after));
         let deletable_ms = at_ms.saturating_add(millis(self.options.clock_skew_allowance()));
         Expiry {
@@ -190,17 +238,181 @@ impl DynamoStore {
         }
     }
 
-    fn key_value(&self, key: &str) -> (String, AttributeValue) {
+    pub(crate) fn key_value(&self, key: &str) -> (String, AttributeValue) {
         (
             self.options.key_attribute_name().to_owned(),
             AttributeValue::S(key.to_owned()),
         )
     }
 
+    /// The client the store sends its requests through.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Decodes an item read back from the table.
+    pub(crate) fn decode(
+        &self,
+        found: &HashMap<String, AttributeValue>,
+    ) -> Result<item::StoredRecord, StoreError> {
+        item::decode(found, self.options.key_attribute_name())
+    }
+
+    /// An `UpdateItem` of the record `token` owns, conditioned on the owner's test for the
+    /// layout the token was issued for ([`Layout`]); see [`owner_update`](Self::owner_update).
+    pub(crate) fn owned_update(
+        &self,
+        key: &str,
+        token: FencingToken,
+        now_ms: u64,
+    ) -> UpdateItemFluentBuilder {
+        self.owner_update(key, token, now_ms, Layout::of(token))
+    }
+
+    /// An `UpdateItem` of the record `token` owns, if it is a record of `layout`:
+    /// conditioned on the owner's test for that layout, with the names and values the test
+    /// uses (`#t`, `#s`, and `#e` or `#l`; `:token`, `:running`, `:cutoff`). The caller
+    /// adds its update expression and what that uses.
+    pub(crate) fn owner_update(
+        &self,
+        key: &str,
+        token: FencingToken,
+        now_ms: u64,
+        layout: Layout,
+    ) -> UpdateItemFluentBuilder {
+        let (key_name, key_value) = self.key_value(key);
+        let request = self
+            .client
+            .update_item()
+            .table_name(self.options.table())
+            .key(key_name, key_value)
+            .expression_attribute_names("#t", TOKEN)
+            .expression_attribute_names("#s", STATUS)
+            .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
+            .expression_attribute_values(":running", running())
+            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now_ms)));
+        match layout {
+            Layout::Plain => request
+                .condition_expression(OWNED)
+                .expression_attribute_names("#e", EXPIRES_AT_MS),
+            Layout::Durable => request
+                .condition_expression(OWNED_DURABLE)
+                .expression_attribute_names("#l", LEASE_UNTIL_MS),
+        }
+    }
+
+    /// The attributes every running record starts with: key, version, status, token,
+    /// fingerprint, and when it stops being live.
+    pub(crate) fn running_item(
+        &self,
+        req: &StartRequest<'_>,
+        token: FencingToken,
+        expiry: Expiry,
+    ) -> HashMap<String, AttributeValue> {
+        let (key_name, key_value) = self.key_value(req.key);
+        let mut item = HashMap::from([
+            (key_name, key_value),
+            (VERSION.to_owned(), number(SCHEMA_VERSION)),
+            (STATUS.to_owned(), running()),
+            (TOKEN.to_owned(), AttributeValue::S(token.to_string())),
+            (EXPIRES_AT_MS.to_owned(), number(expiry.at_ms)),
+            (
+                self.options.ttl_attribute_name().to_owned(),
+                number(expiry.ttl_secs),
+            ),
+        ]);
+        if let Some(fingerprint) = req.fingerprint {
+            item.insert(
+                FINGERPRINT.to_owned(),
+                AttributeValue::S(fingerprint.to_owned()),
+            );
+        }
+        item
+    }
+
+    /// Writes `item`, the running record `token` acquires, if the key is free for `req`:
+    /// one conditional `PutItem` that returns the item in the way when the key is not.
+    ///
+    /// The free cases, in the order of the decision table: absent; expired (of this
+    /// schema version only — an unknown layout is never "free"); a failure the caller may
+    /// re-run, with fingerprints that do not disagree. The type check keeps a malformed
+    /// expiry from being compared at all (DynamoDB would call it not expired, moto fails
+    /// the request); the record is then reported and fails to decode.
+    pub(crate) async fn put_running(
+        &self,
+        req: &StartRequest<'_>,
+        token: FencingToken,
+        item: HashMap<String, AttributeValue>,
+        now_ms: u64,
+    ) -> Result<Put, StoreError> {
+        let condition = match (req.rerun_failed, req.fingerprint.is_some()) {
+            (false, _) => {
+                "attribute_not_exists(#k) OR (#v = :v \
+                 AND (attribute_type(#e, :number) AND #e <= :cutoff))"
+            }
+            (true, false) => {
+                "attribute_not_exists(#k) OR (#v = :v \
+                 AND ((attribute_type(#e, :number) AND #e <= :cutoff) OR #s = :failed))"
+            }
+            (true, true) => {
+                "attribute_not_exists(#k) OR (#v = :v \
+                 AND ((attribute_type(#e, :number) AND #e <= :cutoff) \
+                 OR (#s = :failed AND (attribute_not_exists(#f) OR #f = :fp))))"
+            }
+        };
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(self.options.table())
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .expression_attribute_names("#k", self.options.key_attribute_name())
+            .expression_attribute_names("#v", VERSION)
+            .expression_attribute_names("#e", EXPIRES_AT_MS)
+            .expression_attribute_values(":v", number(SCHEMA_VERSION))
+            .expression_attribute_values(":number", AttributeValue::S("N".into()))
+            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now_ms)))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if req.rerun_failed {
+            request = request
+                .expression_attribute_names("#s", STATUS)
+                .expression_attribute_values(
+                    ":failed",
+                    AttributeValue::S(RecordStatus::Failed.as_str().into()),
+                );
+            if let Some(fingerprint) = req.fingerprint {
+                request = request
+                    .expression_attribute_names("#f", FINGERPRINT)
+                    .expression_attribute_values(":fp", AttributeValue::S(fingerprint.to_owned()));
+            }
+        }
+        let err = match request.send().await {
+            Ok(_) => return Ok(Put::Acquired),
+            Err(err) => err,
+        };
+        if let Some(PutItemError::ConditionalCheckFailedException(failed)) = err.as_service_error()
+        {
+            let Some(existing) = failed.item() else {
+                return Err(StoreError::backend(MissingOldItem));
+            };
+            // Our own token: an earlier attempt of this very request was applied and the
+            // SDK retried it (its response was lost). The key is ours.
+            if self.decode(existing)?.record.token == token {
+                return Ok(Put::Acquired);
+            }
+            return Ok(Put::Held(existing.clone()));
+        }
+        if is_item_too_large(&err) {
+            return Ok(Put::TooLarge(Box::new(err)));
+        }
+        Err(request_failed("PutItem", err))
+    }
+
     /// The conditional `UpdateItem` that finishes the owned record, with `result` or
     /// without one. Without one, it answers the finished item as DynamoDB stored it
     /// (`ReturnValues=ALL_NEW`: the item is small then), from which the room a result had
-    /// is computed.
+    /// is computed. A durable record keeps its input and journal, and drops its lease and
+    /// retention (it is no longer running).
     async fn write_finished(
         &self,
         key: &str,
@@ -212,29 +424,39 @@ impl DynamoStore {
         let now = now_ms();
         // The result is set first: a server that applies an update piecemeal (moto) fails
         // on it before touching anything else.
-        let update = match (result.is_some(), ttl.is_some()) {
-            (true, true) => "SET #r = :result, #s = :status, #e = :expires, #ttl = :ttl",
-            (false, true) => "SET #s = :status, #e = :expires, #ttl = :ttl",
-            (true, false) => "SET #r = :result, #s = :status REMOVE #e, #ttl",
-            (false, false) => "SET #s = :status REMOVE #e, #ttl",
-        };
-        let (key_name, key_value) = self.key_value(key);
+        let mut set = Vec::new();
+        let mut remove = Vec::new();
+        if result.is_some() {
+            set.push("#r = :result");
+        }
+        set.push("#s = :status");
+        if ttl.is_some() {
+            set.extend(["#e = :expires", "#ttl = :ttl"]);
+        } else {
+            remove.extend(["#e", "#ttl"]);
+        }
+        let durable = Layout::of(token) == Layout::Durable;
+        if durable {
+            remove.extend(["#l", "#rm", "#rs", "#ids"]);
+        }
+        let mut update = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            update.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
         let mut request = self
-            .client
-            .update_item()
-            .table_name(self.options.table())
-            .key(key_name, key_value)
+            .owned_update(key, token, now)
             .update_expression(update)
-            .condition_expression(OWNED)
-            .expression_attribute_names("#s", STATUS)
-            .expression_attribute_names("#t", TOKEN)
             .expression_attribute_names("#e", EXPIRES_AT_MS)
             .expression_attribute_names("#ttl", self.options.ttl_attribute_name())
             .expression_attribute_values(":status", AttributeValue::S(status.as_str().into()))
-            .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
-            .expression_attribute_values(":running", running())
-            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if durable {
+            request = request
+                .expression_attribute_names("#l", LEASE_UNTIL_MS)
+                .expression_attribute_names("#rm", RETAIN_MS)
+                .expression_attribute_names("#rs", RETAIN_SECS)
+                .expression_attribute_names("#ids", APPEND_IDS);
+        }
         match result {
             Some(result) => {
                 request = request
@@ -258,7 +480,7 @@ impl DynamoStore {
         {
             let found = failed
                 .item()
-                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok())
+                .and_then(|found| self.decode(found).ok())
                 .filter(|found| found.record.token == token && found.record.status == status);
             // Finished by our token with this status: an earlier attempt of this finish
             // was applied (the SDK retried it after losing its response, or the caller
@@ -303,7 +525,7 @@ impl IdempotencyStore for DynamoStore {
         };
         // Native TTL deletes lazily (typically within days): an expired item may still be
         // there, and reads as absent.
-        let stored = item::decode(found, self.options.key_attribute_name())?;
+        let stored = self.decode(found)?;
         Ok(stored
             .is_live(self.cutoff_ms(now_ms()))
             .then_some(stored.record))
@@ -311,82 +533,13 @@ impl IdempotencyStore for DynamoStore {
 
     async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
         let now = now_ms();
-        let token = FencingToken::generate();
-        let lease = self.expiry(now, req.lease);
-        let (key_name, key_value) = self.key_value(req.key);
-        // The free cases, in the order of the decision table: absent; expired (of this
-        // schema version only — an unknown layout is never "free"); a failure the caller
-        // may re-run, with fingerprints that do not disagree. The type check keeps a
-        // malformed expiry from being compared at all (DynamoDB would call it not
-        // expired, moto fails the request); the record is then reported and fails to
-        // decode.
-        let condition = match (req.rerun_failed, req.fingerprint.is_some()) {
-            (false, _) => {
-                "attribute_not_exists(#k) OR (#v = :v \
-                 AND (attribute_type(#e, :number) AND #e <= :cutoff))"
-            }
-            (true, false) => {
-                "attribute_not_exists(#k) OR (#v = :v \
-                 AND ((attribute_type(#e, :number) AND #e <= :cutoff) OR #s = :failed))"
-            }
-            (true, true) => {
-                "attribute_not_exists(#k) OR (#v = :v \
-                 AND ((attribute_type(#e, :number) AND #e <= :cutoff) \
-                 OR (#s = :failed AND (attribute_not_exists(#f) OR #f = :fp))))"
-            }
-        };
-        let mut request = self
-            .client
-            .put_item()
-            .table_name(self.options.table())
-            .item(key_name.clone(), key_value)
-            .item(VERSION, number(SCHEMA_VERSION))
-            .item(STATUS, running())
-            .item(TOKEN, AttributeValue::S(token.to_string()))
-            .item(EXPIRES_AT_MS, number(lease.at_ms))
-            .item(self.options.ttl_attribute_name(), number(lease.ttl_secs))
-            .condition_expression(condition)
-            .expression_attribute_names("#k", key_name)
-            .expression_attribute_names("#v", VERSION)
-            .expression_attribute_names("#e", EXPIRES_AT_MS)
-            .expression_attribute_values(":v", number(SCHEMA_VERSION))
-            .expression_attribute_values(":number", AttributeValue::S("N".into()))
-            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        if let Some(fingerprint) = req.fingerprint {
-            request = request.item(FINGERPRINT, AttributeValue::S(fingerprint.to_owned()));
+        let token = Layout::Plain.issue();
+        let item = self.running_item(&req, token, self.expiry(now, req.lease));
+        match self.put_running(&req, token, item, now).await? {
+            Put::Acquired => Ok(StartOutcome::Acquired(token)),
+            Put::Held(existing) => Ok(StartOutcome::Existing(self.decode(&existing)?.record)),
+            Put::TooLarge(err) => Err(request_failed("PutItem", err)),
         }
-        if req.rerun_failed {
-            request = request
-                .expression_attribute_names("#s", STATUS)
-                .expression_attribute_values(
-                    ":failed",
-                    AttributeValue::S(RecordStatus::Failed.as_str().into()),
-                );
-            if let Some(fingerprint) = req.fingerprint {
-                request = request
-                    .expression_attribute_names("#f", FINGERPRINT)
-                    .expression_attribute_values(":fp", AttributeValue::S(fingerprint.to_owned()));
-            }
-        }
-        let err = match request.send().await {
-            Ok(_) => return Ok(StartOutcome::Acquired(token)),
-            Err(err) => err,
-        };
-        if let Some(PutItemError::ConditionalCheckFailedException(failed)) = err.as_service_error()
-        {
-            let Some(existing) = failed.item() else {
-                return Err(StoreError::backend(MissingOldItem));
-            };
-            let stored = item::decode(existing, self.options.key_attribute_name())?;
-            // Our own token: an earlier attempt of this very request was applied and the
-            // SDK retried it (its response was lost). The key is ours.
-            if stored.record.token == token {
-                return Ok(StartOutcome::Acquired(token));
-            }
-            return Ok(StartOutcome::Existing(stored.record));
-        }
-        Err(request_failed("PutItem", err))
     }
 
     // Marks the owned record finished, storing the result if the item can hold it and
@@ -444,6 +597,8 @@ impl IdempotencyStore for DynamoStore {
         })
     }
 
+    // A durable record's retention end moves with its lease: computed from its stored
+    // retention in the same request.
     async fn renew(
         &self,
         key: &str,
@@ -452,26 +607,23 @@ impl IdempotencyStore for DynamoStore {
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let expiry = self.expiry(now, lease);
-        let (key_name, key_value) = self.key_value(key);
-        let renewed = self
-            .client
-            .update_item()
-            .table_name(self.options.table())
-            .key(key_name, key_value)
-            .update_expression("SET #e = :expires, #ttl = :ttl")
-            .condition_expression(OWNED)
-            .expression_attribute_names("#s", STATUS)
-            .expression_attribute_names("#t", TOKEN)
+        let request = self
+            .owned_update(key, token, now)
             .expression_attribute_names("#e", EXPIRES_AT_MS)
-            .expression_attribute_names("#ttl", self.options.ttl_attribute_name())
-            .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
-            .expression_attribute_values(":running", running())
-            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
-            .expression_attribute_values(":expires", number(expiry.at_ms))
-            .expression_attribute_values(":ttl", number(expiry.ttl_secs))
-            .send()
-            .await;
-        match renewed {
+            .expression_attribute_names("#ttl", self.options.ttl_attribute_name());
+        let request = match Layout::of(token) {
+            Layout::Plain => request
+                .update_expression("SET #e = :expires, #ttl = :ttl")
+                .expression_attribute_values(":expires", number(expiry.at_ms))
+                .expression_attribute_values(":ttl", number(expiry.ttl_secs)),
+            Layout::Durable => request
+                .update_expression("SET #l = :lease, #e = :lease + #rm, #ttl = :lease_ttl + #rs")
+                .expression_attribute_names("#rm", RETAIN_MS)
+                .expression_attribute_names("#rs", RETAIN_SECS)
+                .expression_attribute_values(":lease", number(expiry.at_ms))
+                .expression_attribute_values(":lease_ttl", number(expiry.ttl_secs)),
+        };
+        match request.send().await {
             Ok(_) => Ok(()),
             Err(err) if is_conditional_check_failure(&err) => Err(StoreError::StaleToken),
             Err(err) => Err(request_failed("UpdateItem", err)),
@@ -479,31 +631,33 @@ impl IdempotencyStore for DynamoStore {
     }
 
     // Not a delete: a tombstone, so that a retry can tell its own applied release from a
-    // lost lease (see `item::RELEASED_AT_MS`). Native TTL deletes it.
+    // lost lease (see `item::RELEASED_AT_MS`). Native TTL deletes it. A durable record's
+    // tombstone is a plain one: its journal and everything durable goes.
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
         let now = now_ms();
         let deletable = self.expiry(now, Duration::ZERO);
-        let (key_name, key_value) = self.key_value(key);
-        let released = self
-            .client
-            .update_item()
-            .table_name(self.options.table())
-            .key(key_name, key_value)
-            .update_expression("SET #e = :released, #ttl = :ttl")
-            .condition_expression(OWNED)
-            .expression_attribute_names("#s", STATUS)
-            .expression_attribute_names("#t", TOKEN)
+        let request = self
+            .owned_update(key, token, now)
             .expression_attribute_names("#e", EXPIRES_AT_MS)
             .expression_attribute_names("#ttl", self.options.ttl_attribute_name())
-            .expression_attribute_values(":token", AttributeValue::S(token.to_string()))
-            .expression_attribute_values(":running", running())
-            .expression_attribute_values(":cutoff", number(self.cutoff_ms(now)))
             .expression_attribute_values(":released", number(RELEASED_AT_MS))
             .expression_attribute_values(":ttl", number(deletable.ttl_secs))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        let err = match released {
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let request = match Layout::of(token) {
+            Layout::Plain => request.update_expression("SET #e = :released, #ttl = :ttl"),
+            Layout::Durable => request
+                .update_expression(
+                    "SET #e = :released, #ttl = :ttl \
+                     REMOVE #l, #rm, #rs, #in, #j, #jb, #ids",
+                )
+                .expression_attribute_names("#rm", RETAIN_MS)
+                .expression_attribute_names("#rs", RETAIN_SECS)
+                .expression_attribute_names("#in", INPUT)
+                .expression_attribute_names("#j", JOURNAL)
+                .expression_attribute_names("#jb", JOURNAL_BYTES)
+                .expression_attribute_names("#ids", APPEND_IDS),
+        };
+        let err = match request.send().await {
             Ok(_) => return Ok(()),
             Err(err) => err,
         };
@@ -514,7 +668,7 @@ impl IdempotencyStore for DynamoStore {
             // the SDK retried it (its response was lost).
             let released = failed
                 .item()
-                .and_then(|found| item::decode(found, self.options.key_attribute_name()).ok())
+                .and_then(|found| self.decode(found).ok())
                 .is_some_and(|found| found.is_released_by(token));
             return if released {
                 Ok(())
@@ -540,19 +694,27 @@ impl IdempotencyStore for DynamoStore {
             .map_err(|err| request_failed("DeleteItem", err))?;
         Ok(())
     }
+
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
+    }
+
+    fn kind(&self) -> &'static str {
+        "dynamodb"
+    }
 }
 
-fn running() -> AttributeValue {
+pub(crate) fn running() -> AttributeValue {
     AttributeValue::S(RecordStatus::Running.as_str().into())
 }
 
-fn is_conditional_check_failure<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+pub(crate) fn is_conditional_check_failure<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     err.code() == Some("ConditionalCheckFailedException")
 }
 
 /// DynamoDB refuses an item over 400 KB with a `ValidationException` that only its
 /// message tells apart from other invalid requests.
-fn is_item_too_large<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+pub(crate) fn is_item_too_large<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     err.code() == Some("ValidationException")
         && err
             .message()
@@ -569,7 +731,7 @@ struct RequestFailed {
     source: Box<dyn StdError + Send + Sync>,
 }
 
-fn request_failed(
+pub(crate) fn request_failed(
     operation: &'static str,
     err: impl StdError + Send + Sync + 'static,
 ) -> StoreError {
@@ -589,7 +751,7 @@ struct FinishedEarlierWithoutResult;
 /// which a DynamoDB honouring `ReturnValuesOnConditionCheckFailure` never does.
 #[derive(Debug, thiserror::Error)]
 #[error("DynamoDB refused PutItem on its condition but returned no existing item")]
-struct MissingOldItem;
+pub(crate) struct MissingOldItem;
 
 /// The table's native TTL is already enabled on another attribute than the store's.
 #[derive(Debug, thiserror::Error)]

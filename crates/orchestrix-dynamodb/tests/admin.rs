@@ -1,15 +1,16 @@
 //! The DynamoDB store's record admin, against the local DynamoDB-compatible server
-//! (`DYNAMODB_ENDPOINT`): the shared admin conformance suite (this store keeps no journals
-//! yet, so without its durable checks), and items the store did not write.
+//! (`DYNAMODB_ENDPOINT`): the shared admin conformance suite, durable records included, and
+//! items the store did not write.
 
 mod common;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use orchestrix::store::{IdempotencyStore, ListRequest, StartOutcome, StoreError};
+use orchestrix::store::{IdempotencyStore, ListRequest, StartOutcome};
 use orchestrix_conformance::admin::undecodable_records_are_reported_not_skipped;
 use orchestrix_conformance::{request, unique_key};
 
 orchestrix_conformance::admin_conformance_tests!(common::store());
+orchestrix_conformance::admin_journal_conformance_tests!(common::store());
 
 /// Items that are not records: no schema version, a running record whose token is not
 /// one, another schema version. Each is inspected as a decode error and listed as
@@ -43,33 +44,6 @@ async fn undecodable_items_are_reported_not_skipped() {
         })
         .await;
     }
-}
-
-/// A record that holds a journal (written by a build that keeps journals on DynamoDB) is
-/// not released: deleting it would drop the journal a resumed run needs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_holding_a_journal_is_not_released() {
-    let store = common::store().await;
-    let key = unique_key("admin-journal");
-    let started = store.start(request(&key, None)).await;
-    assert!(matches!(started, Ok(StartOutcome::Acquired(_))));
-    common::client()
-        .update_item()
-        .table_name(common::shared_table())
-        .key("key", AttributeValue::S(key.clone()))
-        .update_expression("SET #in = :in")
-        .expression_attribute_names("#in", "input")
-        .expression_attribute_values(":in", AttributeValue::B(b"input".to_vec().into()))
-        .send()
-        .await
-        .expect("raw UpdateItem");
-    let admin = store.admin().expect("the DynamoDB store offers an admin");
-    let released = admin.release(&key).await;
-    assert!(
-        matches!(released, Err(StoreError::Backend(_))),
-        "{released:?}"
-    );
-    assert!(matches!(admin.inspect(&key).await, Ok(Some(_))));
 }
 
 /// A page never holds more records than asked: each `Scan` evaluates no more items than

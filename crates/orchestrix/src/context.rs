@@ -58,9 +58,10 @@ struct Shared<I> {
 }
 
 /// Where a context is being used: a step's position, and whether for its compensation.
+/// Small on purpose: the engine clones the context for every attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct StepSlot {
-    pub(crate) position: usize,
+    pub(crate) position: u32,
     pub(crate) compensation: bool,
 }
 
@@ -198,7 +199,7 @@ impl<I> Context<I> {
             .shared
             .names
             .as_ref()
-            .and_then(|names| names.get(slot.position))
+            .and_then(|names| names.get(slot.position as usize))
             .map_or("", |n| &**n);
         let mut hasher = Sha256::new();
         match &self.shared.run {
@@ -212,7 +213,7 @@ impl<I> Context<I> {
                 hasher.update(id.to_le_bytes());
             }
         }
-        hasher.update((slot.position as u64).to_le_bytes());
+        hasher.update(u64::from(slot.position).to_le_bytes());
         hasher.update((name.len() as u64).to_le_bytes());
         hasher.update(name.as_bytes());
         hasher.update([u8::from(slot.compensation)]);

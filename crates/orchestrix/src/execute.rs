@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -101,11 +102,30 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             }
             let outcome = match stage {
                 Stage::Single(i) => {
-                    let (outcome, ended) = self.step(*i, &ctx, clock, track, &mut steps).await;
-                    clock = ended.unwrap_or(clock);
+                    let i = *i;
+                    let outcome = if let Track::Journal(journal) = track {
+                        // Boxed: the journal's writes stay out of the future of plain runs.
+                        let (result, outcome) =
+                            Box::pin(self.journaled_step(i, &ctx, clock, journal)).await;
+                        if let Some(result) = result {
+                            clock += result.duration.saturating_sub(clock - started);
+                            steps[i] = result;
+                        }
+                        outcome
+                    } else {
+                        let (result, outcome, ended) = self.run_step(i, &ctx, None, clock).await;
+                        clock = ended;
+                        if outcome.is_ok()
+                            && let Track::Progress(progress) = track
+                        {
+                            progress.completed(i, &result);
+                        }
+                        steps[i] = result;
+                        outcome.map(|()| true)
+                    };
                     outcome.map(|ran| {
                         if ran {
-                            self.completed(*i, &mut completed);
+                            self.completed(i, &mut completed);
                         }
                     })
                 }
@@ -171,7 +191,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                     name: name.to_owned(),
                     error: error.clone(),
                 };
-                journal.note(name, &failed).await;
+                Box::pin(journal.note(name, &failed)).await;
             }
             self.compensate(
                 &ctx,
@@ -241,27 +261,8 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         Some(error)
     }
 
-    /// Runs the step at `i` unless the journal already has it. `Ok(true)` when it ran and
-    /// completed (and, in a durable run, its checkpoint is written), `Ok(false)` when it
-    /// was restored; beside it, when the step ended if it ran.
-    async fn step(
-        &self,
-        i: usize,
-        ctx: &Context<I>,
-        started: Instant,
-        track: Track<'_>,
-        steps: &mut [StepResult],
-    ) -> (Result<bool, FlowError>, Option<Instant>) {
-        let (result, outcome) = self.tracked_step(i, ctx, started, track).await;
-        let ended = result.as_ref().map(|r| started + r.duration);
-        if let Some(result) = result {
-            steps[i] = result;
-        }
-        (outcome, ended)
-    }
-
-    /// [`step`](Self::step), returning the step's result (`None` when restored) beside the
-    /// outcome, so parallel branches can run it concurrently.
+    /// The step at `i` as a parallel branch: run and tracked as [`execute`](Self::execute)
+    /// does a single step, returning its result (`None` when restored) and whether it ran.
     async fn tracked_step(
         &self,
         i: usize,
@@ -269,65 +270,69 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         started: Instant,
         track: Track<'_>,
     ) -> (Option<StepResult>, Result<bool, FlowError>) {
+        if let Track::Journal(journal) = track {
+            return Box::pin(self.journaled_step(i, ctx, started, journal)).await;
+        }
+        let (result, outcome, _) = self.run_step(i, ctx, None, started).await;
+        if outcome.is_ok()
+            && let Track::Progress(progress) = track
+        {
+            progress.completed(i, &result);
+        }
+        (Some(result), outcome.map(|()| true))
+    }
+
+    /// A step in a durable run: skipped when the journal has
+    /// it, refused when an at-most-once step was interrupted, its start marked when it is
+    /// at most once, and its checkpoint (with the state it wrote) written once it completed.
+    async fn journaled_step(
+        &self,
+        i: usize,
+        ctx: &Context<I>,
+        started: Instant,
+        journal: &Journaling<'_>,
+    ) -> (Option<StepResult>, Result<bool, FlowError>) {
         let step = &self.steps[i];
-        let journal = match track {
-            Track::Journal(journal) => Some(journal),
-            _ => None,
-        };
-        if let Some(journal) = journal {
-            if journal.resume.is_restored(i) {
-                return (None, Ok(false));
-            }
-            if step.at_most_once {
-                if journal.resume.is_interrupted(i) {
-                    let mut result = StepResult::pending(&step.name);
-                    result.status = Status::Failed;
-                    let error = FlowError::StepInterrupted {
-                        step: step.name.to_string(),
-                    };
-                    result.error = Some(error.to_string());
-                    return (Some(result), Err(error));
-                }
-                let mark = Entry::Started {
-                    position: i,
-                    name: step.name.to_string(),
+        if journal.resume.is_restored(i) {
+            return (None, Ok(false));
+        }
+        if step.at_most_once {
+            if journal.resume.is_interrupted(i) {
+                let mut result = StepResult::pending(&step.name);
+                result.status = Status::Failed;
+                let error = FlowError::StepInterrupted {
+                    step: step.name.to_string(),
                 };
-                if let Err(e) = journal.write(&step.name, &mark).await {
-                    return (Some(StepResult::pending(&step.name)), Err(e));
-                }
+                result.error = Some(error.to_string());
+                return (Some(result), Err(error));
+            }
+            let mark = Entry::Started {
+                position: i,
+                name: step.name.to_string(),
+            };
+            if let Err(e) = journal.write(&step.name, &mark).await {
+                return (Some(StepResult::pending(&step.name)), Err(e));
             }
         }
-        let writes = journal.map(|_| Arc::new(Mutex::new(Vec::new())));
-        let slot = StepSlot {
-            position: i,
-            compensation: false,
-        };
-        let step_ctx = ctx.for_step(slot, writes.clone());
-        let (result, outcome) = self.run_step(i, &step_ctx, started).await;
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let (result, outcome, _) = self
+            .run_step(i, ctx, Some(Arc::clone(&writes)), started)
+            .await;
         if outcome.is_err() {
             return (Some(result), outcome.map(|()| true));
         }
-        match track {
-            Track::Off => {}
-            Track::Progress(progress) => progress.completed(i, &result),
-            Track::Journal(journal) => {
-                let written = writes
-                    .as_ref()
-                    .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
-                    .unwrap_or_default();
-                let entry = Entry::Completed {
-                    position: i,
-                    name: step.name.to_string(),
-                    attempts: result.attempts,
-                    duration: result.duration,
-                    state: step_ctx.state_of(&written),
-                };
-                if let Err(e) = journal.write(&step.name, &entry).await {
-                    // The step completed but is not recorded: it is compensated with the
-                    // others, and a resumed run would run it again.
-                    return (Some(result), Err(e));
-                }
-            }
+        let written = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let entry = Entry::Completed {
+            position: i,
+            name: step.name.to_string(),
+            attempts: result.attempts,
+            duration: result.duration,
+            state: ctx.state_of(&written),
+        };
+        if let Err(e) = journal.write(&step.name, &entry).await {
+            // The step completed but is not recorded: it is compensated with the others,
+            // and a resumed run would run it again.
+            return (Some(result), Err(e));
         }
         (Some(result), Ok(true))
     }
@@ -354,13 +359,23 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         }
     }
 
-    /// Runs one step, started at `started`, to completion or exhaustion of its retries.
+    /// Runs one step, started at `started`, to completion or exhaustion of its retries;
+    /// beside its result, when it ended. `writes`, in a durable run, collects the state
+    /// keys the step sets.
+    ///
+    /// The step is a span of its own when a subscriber listens; each attempt's future is
+    /// instrumented with it, and the plain future runs as it is when nobody does.
     async fn run_step(
         &self,
         i: usize,
         ctx: &Context<I>,
+        writes: Option<Arc<Mutex<Vec<String>>>>,
         started: Instant,
-    ) -> (StepResult, Result<(), FlowError>) {
+    ) -> (StepResult, Result<(), FlowError>, Instant) {
+        let slot = StepSlot {
+            position: position(i),
+            compensation: false,
+        };
         let step = &self.steps[i];
         let span = tracing::info_span!(
             "step",
@@ -369,28 +384,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             attempts = tracing::field::Empty,
             workflow.task.run.result = tracing::field::Empty,
         );
-        // Instrumenting costs a little even when no subscriber listens: skip it then.
-        if span.is_disabled() {
-            let (result, outcome, _) = self.attempts(i, ctx, started).await;
-            return (result, outcome);
-        }
-        let (result, outcome, last) = self
-            .attempts(i, ctx, started)
-            .instrument(span.clone())
-            .await;
-        span.record("attempts", result.attempts);
-        span.record("workflow.task.run.result", task_result(result.status, last));
-        (result, outcome)
-    }
-
-    /// The attempts of the step at `i`; beside its result, how its last attempt ended.
-    async fn attempts(
-        &self,
-        i: usize,
-        ctx: &Context<I>,
-        started: Instant,
-    ) -> (StepResult, Result<(), FlowError>, Option<ErrorKind>) {
-        let step = &self.steps[i];
+        let traced = !span.is_disabled();
         let mut result = StepResult::pending(&step.name);
         let mut attempt = 0;
         let mut last = None;
@@ -406,7 +400,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 step: &step.name,
                 attempt,
             });
-            let run = (step.run)(ctx.clone());
+            let run = (step.run)(ctx.for_step(slot, writes.clone()));
+            let run = if traced {
+                Either::Right(run.instrument(span.clone()))
+            } else {
+                Either::Left(run)
+            };
             let outcome = match step.timeout {
                 Some(limit) => tokio::time::timeout(limit, run)
                     .await
@@ -415,16 +414,20 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             };
             let err = match outcome {
                 Ok(()) => {
+                    let ended = Instant::now();
                     result.status = Status::Completed;
                     result.error = None;
-                    result.duration = started.elapsed();
+                    result.duration = ended.duration_since(started);
                     self.hooks.emit(Event::StepComplete {
                         flow: &self.name,
                         step: &step.name,
                         attempts: attempt,
                         duration: result.duration,
                     });
-                    return (result, Ok(()), None);
+                    if traced {
+                        record_step(&span, &result, None);
+                    }
+                    return (result, Ok(()), ended);
                 }
                 Err(err) => err,
             };
@@ -442,12 +445,14 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             if let Some(delay) = retry_in {
                 // A retry is an event of the step's span: which attempt failed, and when the
                 // next one starts. The message is the step's own error text.
-                tracing::info!(
-                    attempt,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    error = %message,
-                    "step attempt failed; retrying"
-                );
+                span.in_scope(|| {
+                    tracing::info!(
+                        attempt,
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        error = %message,
+                        "step attempt failed; retrying"
+                    );
+                });
             } else {
                 tracing::debug!(step = %step.name, attempt, error = %message, "step attempt failed");
             }
@@ -477,8 +482,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 () = tokio::time::sleep(delay) => {}
             }
         };
-        result.duration = started.elapsed();
-        (result, outcome, last)
+        let ended = Instant::now();
+        result.duration = ended.duration_since(started);
+        if traced {
+            record_step(&span, &result, last);
+        }
+        (result, outcome, ended)
     }
 
     /// Starts the group's steps together and applies the group's failure rule. In a durable
@@ -576,7 +585,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             });
             let span = tracing::info_span!("compensate", step = %step.name);
             let slot = StepSlot {
-                position: i,
+                position: position(i),
                 compensation: true,
             };
             let error = compensate(ctx.for_step(slot, None))
@@ -597,7 +606,7 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                             position: i,
                             name: step.name.to_string(),
                         };
-                        journal.note(&step.name, &entry).await;
+                        Box::pin(journal.note(&step.name, &entry)).await;
                     }
                 }
                 Some(message) => failures.push(CompensationFailure {
@@ -609,6 +618,12 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
     }
 }
 
+/// Records how a step ended on its span.
+fn record_step(span: &tracing::Span, result: &StepResult, last: Option<ErrorKind>) {
+    span.record("attempts", result.attempts);
+    span.record("workflow.task.run.result", task_result(result.status, last));
+}
+
 /// A step's `workflow.task.run.result`, from its status and how its last attempt ended.
 fn task_result(status: Status, last: Option<ErrorKind>) -> &'static str {
     match (status, last) {
@@ -618,4 +633,9 @@ fn task_result(status: Status, last: Option<ErrorKind>) -> &'static str {
         (_, Some(ErrorKind::Panicked)) => "error",
         _ => "failure",
     }
+}
+
+/// A step's index as the context's slot holds it. A flow has far fewer than 2³² steps.
+fn position(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
 }

@@ -101,14 +101,20 @@ where
             replayed = tracing::field::Empty,
         );
         let mut waited = false;
+        // Instrumenting costs a little even when no subscriber listens: skip it then, and
+        // keep no span in the future across the run.
+        if span.is_disabled() {
+            drop(span);
+            let outcome = self.decide(input, options, None, &mut waited).await;
+            self.inner.metrics.run(|| classify(&outcome, waited));
+            return outcome;
+        }
         let outcome = self
-            .decide(input, options, &span, &mut waited)
+            .decide(input, options, Some(&span), &mut waited)
             .instrument(span.clone())
             .await;
-        self.inner.metrics.run(classify(&outcome, waited));
-        if !span.is_disabled()
-            && let Ok(result) = &outcome
-        {
+        self.inner.metrics.run(|| classify(&outcome, waited));
+        if let Ok(result) = &outcome {
             span.record("workflow.execution.result", execution_result(result.status));
             span.record("replayed", result.replayed);
         }
@@ -124,7 +130,7 @@ where
         &self,
         input: I,
         options: RunOptions,
-        span: &tracing::Span,
+        span: Option<&tracing::Span>,
         waited: &mut bool,
     ) -> Result<FlowResult<O>, RunError<O>> {
         options.validate()?;
@@ -133,7 +139,7 @@ where
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
             let id = fastrand::u128(..);
-            if !span.is_disabled() {
+            if let Some(span) = span {
                 span.record("workflow.execution.id", format_args!("{id:032x}"));
             }
             let run = RunIdentity::Random(id);
@@ -142,7 +148,7 @@ where
                 .await;
             return Ok(self.notify(result));
         };
-        if !span.is_disabled() {
+        if let Some(span) = span {
             span.record("workflow.execution.id", key.as_str());
         }
         if self.inner.durable.is_some() {

@@ -4,13 +4,14 @@
 //!
 //! Through the [`metrics`](https://docs.rs/metrics) facade: install any recorder (for
 //! example `metrics-exporter-prometheus`) **before building flows** — a flow registers its
-//! handles when it is built, and without a recorder they do nothing, at no measurable
-//! cost. Names follow Prometheus conventions (base units, counters end in `_total`).
+//! handles when it is built; a flow built without a recorder records nothing and skips the
+//! calls altogether, at no measurable cost. Names follow Prometheus conventions (base units, counters end in `_total`).
 //! Labels are the flow's name, a step's name, the store's kind and fixed words; never an
 //! idempotency key or anything from an input or output.
 //!
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
+//! | `orchestrix_flow_info` | gauge | `flow` | 1 for each flow built |
 //! | `orchestrix_runs_total` | counter | `flow`, `outcome` | every `run`, by outcome: `executed`, `resumed` (a durable run that restored steps), `replayed`, `waited` (replayed after waiting for the owner), `running`, `key_reused`, `already_running`, `wait_timed_out`, `not_persisted`, `rejected` (validation), `error` |
 //! | `orchestrix_flow_duration_seconds` | histogram | `flow`, `status` | executed runs, `completed` / `failed` / `cancelled` |
 //! | `orchestrix_step_duration_seconds` | histogram | `flow`, `step`, `status` | each step that ran |
@@ -37,11 +38,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, Label, Unit};
+use std::cell::Cell;
+
+use metrics::{Counter, Histogram, IntoF64, Label, Unit};
 
 use crate::result::{FlowResult, Status};
 use crate::store::{IdempotencyStore, StoreError};
 
+const FLOW_INFO: &str = "orchestrix_flow_info";
 const RUNS: &str = "orchestrix_runs_total";
 const FLOW_DURATION: &str = "orchestrix_flow_duration_seconds";
 const STEP_DURATION: &str = "orchestrix_step_duration_seconds";
@@ -54,6 +58,7 @@ const LEASES_LOST: &str = "orchestrix_leases_lost_total";
 
 /// How one call of `run` ended, as `orchestrix_runs_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub(crate) enum Outcome {
     Executed,
     Resumed,
@@ -103,8 +108,14 @@ impl Outcome {
 /// The statuses durations are kept by.
 const STATUSES: [Status; 3] = [Status::Completed, Status::Failed, Status::Cancelled];
 
+#[inline]
 fn status_index(status: Status) -> Option<usize> {
-    STATUSES.iter().position(|s| *s == status)
+    match status {
+        Status::Completed => Some(0),
+        Status::Failed => Some(1),
+        Status::Cancelled => Some(2),
+        _ => None,
+    }
 }
 
 fn status_label(status: Status) -> &'static str {
@@ -119,6 +130,9 @@ fn status_label(status: Status) -> &'static str {
 
 /// One flow's metric handles, registered when the flow is built.
 pub(crate) struct FlowMetrics {
+    /// Whether a recorder was installed when the flow was built: without one every handle
+    /// does nothing, and the run skips even the calls.
+    enabled: bool,
     runs: Vec<Counter>,
     duration: Vec<Histogram>,
     steps: Vec<StepMetrics>,
@@ -135,6 +149,12 @@ impl FlowMetrics {
     pub(crate) fn register(flow: &str, steps: &[Arc<str>]) -> Self {
         describe();
         let flow_label = || Label::new("flow", flow.to_owned());
+        // `orchestrix_flow_info` (1 per flow built) doubles as the probe that tells whether
+        // a recorder is installed: a handle only converts the value it records when a
+        // recorder is behind it.
+        let recording = Cell::new(false);
+        metrics::gauge!(FLOW_INFO, vec![flow_label()]).set(Probe(&recording));
+        let enabled = recording.get();
         let runs = Outcome::ALL
             .iter()
             .map(|o| metrics::counter!(RUNS, vec![flow_label(), Label::new("outcome", o.label())]))
@@ -167,6 +187,7 @@ impl FlowMetrics {
             })
             .collect();
         Self {
+            enabled,
             runs,
             duration,
             steps,
@@ -174,20 +195,30 @@ impl FlowMetrics {
     }
 
     /// Counts one call of `run`.
-    pub(crate) fn run(&self, outcome: Outcome) {
-        if let Some(counter) = Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .and_then(|i| self.runs.get(i))
-        {
+    #[inline]
+    pub(crate) fn run(&self, outcome: impl FnOnce() -> Outcome) {
+        if !self.enabled {
+            return;
+        }
+        // `Outcome::ALL` lists the variants in declaration order: the index is the variant.
+        if let Some(counter) = self.runs.get(outcome() as usize) {
             counter.increment(1);
         }
     }
 
-    /// Records an executed run's duration and each step that ran.
+    /// Records an executed run's duration and each step that ran. Without a recorder the
+    /// handles do nothing, and a duration is not even converted (`record` takes the
+    /// `Duration` itself).
+    #[inline]
     pub(crate) fn executed<O>(&self, result: &FlowResult<O>) {
+        if self.enabled {
+            self.record_executed(result);
+        }
+    }
+
+    fn record_executed<O>(&self, result: &FlowResult<O>) {
         if let Some(h) = status_index(result.status).and_then(|i| self.duration.get(i)) {
-            h.record(result.duration.as_secs_f64());
+            h.record(result.duration);
         }
         for (step, metrics) in result.steps.iter().zip(&self.steps) {
             if step.restored || step.attempts == 0 {
@@ -198,7 +229,7 @@ impl FlowMetrics {
                 metrics.retries.increment(u64::from(step.attempts - 1));
             }
             if let Some(h) = status_index(step.status).and_then(|i| metrics.duration.get(i)) {
-                h.record(step.duration.as_secs_f64());
+                h.record(step.duration);
             }
         }
     }
@@ -207,6 +238,7 @@ impl FlowMetrics {
 /// Describes every metric to the current recorder (once per flow built: cheap, and a
 /// recorder installed between two builds still gets the descriptions).
 fn describe() {
+    metrics::describe_gauge!(FLOW_INFO, Unit::Count, "1 for each flow built, by name.");
     metrics::describe_counter!(RUNS, Unit::Count, "Calls of Flow::run, by outcome.");
     metrics::describe_histogram!(
         FLOW_DURATION,
@@ -236,6 +268,17 @@ fn describe() {
         Unit::Count,
         "Runs cancelled because their lease was lost."
     );
+}
+
+/// A value that notes it was converted: a handle converts what it records only when a
+/// recorder is behind it.
+struct Probe<'a>(&'a Cell<bool>);
+
+impl IntoF64 for Probe<'_> {
+    fn into_f64(self) -> f64 {
+        self.0.set(true);
+        1.0
+    }
 }
 
 /// The label of a store error's kind.

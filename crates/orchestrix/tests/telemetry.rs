@@ -2,6 +2,11 @@
 //!
 //! Both are captured on the test's own thread (a thread-local recorder, a default
 //! subscriber), with a current-thread runtime, so the tests never see each other.
+//!
+//! One thing is process-wide: `tracing` caches whether a span callsite is enabled the first
+//! time any thread reaches it. A test running without a subscriber would cache "never" for
+//! the engine's spans and blind a parallel test that captures them, so every test that
+//! captures spans first installs a global default subscriber ([`capture_spans`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +48,14 @@ impl CounterFn for Value {
     }
 }
 
+impl metrics::GaugeFn for Value {
+    fn increment(&self, _value: f64) {}
+    fn decrement(&self, _value: f64) {}
+    fn set(&self, value: f64) {
+        self.0.store(value as u64, Ordering::SeqCst);
+    }
+}
+
 impl HistogramFn for Value {
     fn record(&self, _value: f64) {
         self.0.fetch_add(1, Ordering::SeqCst);
@@ -75,12 +88,23 @@ impl Recorder for Captured {
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         Counter::from_arc(self.handle(key))
     }
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.handle(key))
     }
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::from_arc(self.handle(key))
     }
+}
+
+/// Sends this thread's spans to `spans` until the guard drops. A global default subscriber
+/// is installed once so that no callsite is ever cached as disabled (see the module docs).
+fn capture_spans(spans: &Spans) -> tracing::subscriber::DefaultGuard {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Registry::default());
+    });
+    tracing::callsite::rebuild_interest_cache();
+    tracing::subscriber::set_default(Registry::default().with(spans.clone()))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -168,6 +192,24 @@ fn runs_are_counted_by_outcome_with_flow_and_step_labels_only() {
     for id in captured.ids() {
         assert!(!id.contains("order-"), "a key leaked into {id}");
     }
+}
+
+#[test]
+fn a_flow_built_without_a_recorder_records_nothing_even_under_one_later() {
+    let flow = flow();
+    let captured = Captured::default();
+    let _recorder = metrics::set_default_local_recorder(&captured);
+    runtime().block_on(async {
+        let _ = flow.run(7, RunOptions::key("order-7")).await;
+    });
+    assert!(
+        captured
+            .ids()
+            .iter()
+            .all(|id| !id.starts_with("orchestrix_runs_total")),
+        "{:?}",
+        captured.ids()
+    );
 }
 
 #[test]
@@ -265,7 +307,7 @@ impl Spans {
 #[test]
 fn spans_carry_the_workflow_attributes_and_retries_are_events() {
     let spans = Spans::default();
-    let _subscriber = tracing::subscriber::set_default(Registry::default().with(spans.clone()));
+    let _subscriber = capture_spans(&spans);
     let flow = flow();
     runtime().block_on(async {
         let _ = flow.run(1, RunOptions::key("order-1")).await;
@@ -322,7 +364,7 @@ fn spans_carry_the_workflow_attributes_and_retries_are_events() {
 #[test]
 fn a_failing_step_is_a_failure_and_a_panicking_one_an_error() {
     let spans = Spans::default();
-    let _subscriber = tracing::subscriber::set_default(Registry::default().with(spans.clone()));
+    let _subscriber = capture_spans(&spans);
     let panicking = Flow::<u64, ()>::builder("p")
         .step("boom", |_ctx: Context<u64>| async { panic!("bug") })
         .build()

@@ -5,15 +5,17 @@
 //! | --- | --- | --- |
 //! | `inspect` | one strongly consistent `GetItem` | one read of the item |
 //! | `list` | strongly consistent `Scan`s with a filter (`begins_with` on the key, the status), `Limit` = what the page lacks, from the cursor's `ExclusiveStartKey`; at most [`SCANS_PER_PAGE`] per page | **a listing reads the table**: DynamoDB charges every item a `Scan` evaluates, filtered out or not, so listing one flow's records costs a read of every item in the table (a prefix cannot narrow a `Scan` of a hash-keyed table) |
-//! | `release` | a `GetItem`, then a `DeleteItem` conditioned on the token it read | two requests; the condition makes it act only on the record it decoded |
+//! | `release` | a `GetItem`, then, for a plain record, a `DeleteItem` conditioned on the token it read; for a durable one, the `suspend` of that token (its lease ends, its journal stays) | two requests; the conditions make it act only on the record it decoded |
 //!
 //! The cursor is the last evaluated key, which in this layout is the record's key itself.
 //! A page holds at most the records asked for (each `Scan` evaluates no more items than
 //! the page lacks), and may hold fewer, or none, with a next cursor. Items are decoded by
-//! the store's own decoding (`item::decode`), so an item that is not a record is an
-//! undecodable row; expiry is judged on this machine's clock with the store's skew
-//! allowance, as every other operation judges it: a lease or TTL "left" is what is left
-//! before another caller may take the key.
+//! the store's own decoding (`item::decode`, `item::journal`), so an item that is not a
+//! record is an undecodable row; expiry is judged on this machine's clock with the store's
+//! skew allowance, as every other operation judges it: a lease or TTL "left" is what is
+//! left before another caller may take the key. A durable run that was suspended or
+//! released has its lease end at the epoch, so how long ago it lapsed is not known: it is
+//! shown as lapsed 0 s ago.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,28 +23,25 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use orchestrix::store::{
-    Lease, ListRequest, Listed, Page, RecordAdmin, RecordInfo, RecordStatus, Released,
-    SCHEMA_VERSION, StoreError,
+    Journal, JournalStore, Lease, ListRequest, Listed, Page, RecordAdmin, RecordInfo, RecordStatus,
+    Released, SCHEMA_VERSION, StoreError,
 };
 
 use super::{DynamoStore, is_conditional_check_failure, request_failed, running};
-use crate::item::{self, STATUS, StoredRecord, TOKEN, now_ms};
+use crate::item::{self, INPUT, STATUS, SUSPENDED_AT_MS, StoredRecord, TOKEN, now_ms};
 
 /// The most `Scan` requests one page makes: a page over a table the prefix rarely matches
 /// ends there, with a cursor to go on from.
 pub(crate) const SCANS_PER_PAGE: usize = 16;
 
-/// How often `release` reads and deletes when the record changed in between.
+/// How often `release` reads and writes when the record changed in between.
 const RELEASE_ATTEMPTS: usize = 3;
 
-/// The attribute in which builds that keep journals on DynamoDB keep a durable run's
-/// input: a record that has one holds a journal, which a release must keep.
-const JOURNAL_INPUT: &str = "input";
-
 impl DynamoStore {
-    /// What the store's clock rules say of `stored` now: its [`RecordInfo`], or `None` when
-    /// it has expired (it reads as absent).
-    fn info(&self, stored: StoredRecord) -> Option<RecordInfo> {
+    /// What the store's clock rules say of `stored` now, with `journal` (inspect reads it
+    /// for a durable record): its [`RecordInfo`], or `None` when it has expired (it reads
+    /// as absent).
+    fn info(&self, stored: StoredRecord, journal: Option<Journal>) -> Option<RecordInfo> {
         let cutoff = self.cutoff_ms(now_ms());
         if !stored.is_live(cutoff) {
             return None;
@@ -50,6 +49,20 @@ impl DynamoStore {
         let left = |at: u64| Duration::from_millis(at.saturating_sub(cutoff));
         let record = stored.record;
         let running = record.status == RecordStatus::Running;
+        // A plain record's lease is its expiry; a durable one's an attribute of its own.
+        let lease_end = match &stored.durable {
+            Some(durable) => durable.lease_until_ms,
+            None => stored.expires_at_ms,
+        };
+        let lease = lease_end.filter(|_| running).map(|at| match at {
+            at if at > cutoff => Lease::Held { left: left(at) },
+            SUSPENDED_AT_MS => Lease::Lapsed {
+                ago: Duration::ZERO,
+            },
+            at => Lease::Lapsed {
+                ago: Duration::from_millis(cutoff - at),
+            },
+        });
         Some(RecordInfo {
             result_bytes: record.result.as_ref().map(|r| r.len() as u64),
             key: record.key,
@@ -57,14 +70,10 @@ impl DynamoStore {
             token: record.token,
             fingerprint: record.fingerprint,
             schema_version: SCHEMA_VERSION,
-            durable: false,
-            // A live running record's expiry is its lease.
-            lease: stored
-                .expires_at_ms
-                .filter(|_| running)
-                .map(|at| Lease::Held { left: left(at) }),
+            durable: stored.durable.is_some(),
+            lease,
             expires_in: stored.expires_at_ms.map(left),
-            journal: None,
+            journal,
         })
     }
 
@@ -145,8 +154,12 @@ impl RecordAdmin for DynamoStore {
         let Some(found) = self.read_item(key).await? else {
             return Ok(None);
         };
-        let stored = item::decode(&found, self.options.key_attribute_name())?;
-        Ok(self.info(stored))
+        let stored = self.decode(&found)?;
+        let journal = match stored.durable {
+            Some(_) => Some(item::journal(&found)?),
+            None => None,
+        };
+        Ok(self.info(stored, journal))
     }
 
     async fn list(&self, req: ListRequest<'_>) -> Result<Page, StoreError> {
@@ -161,7 +174,7 @@ impl RecordAdmin for DynamoStore {
             for found in items {
                 match item::decode(&found, key_name) {
                     Ok(stored) => {
-                        if let Some(info) = self.info(stored)
+                        if let Some(info) = self.info(stored, None)
                             && req.filter.matches(&info)
                         {
                             records.push(Listed::Record(info));
@@ -191,20 +204,27 @@ impl RecordAdmin for DynamoStore {
             let Some(found) = self.read_item(key).await? else {
                 return Ok(Released::Absent);
             };
-            let stored = item::decode(&found, self.options.key_attribute_name())?;
-            let Some(info) = self.info(stored) else {
+            let stored = self.decode(&found)?;
+            let durable = stored.durable.is_some();
+            let Some(info) = self.info(stored, None) else {
                 return Ok(Released::Absent);
             };
             if info.status != RecordStatus::Running {
                 return Ok(Released::NotRunning(info.status));
             }
-            if found.contains_key(JOURNAL_INPUT) {
-                return Err(StoreError::backend_msg(format!(
-                    "the record under {key:?} holds a durable run's journal, which this \
-                     build of the DynamoDB store does not keep: it does not release it"
-                )));
+            if durable {
+                if info.is_abandoned() {
+                    return Ok(Released::LeaseLapsed);
+                }
+                // The owner's own suspend, under the token just read: the lease ends, the
+                // journal stays, fenced like any owner's write.
+                match self.suspend(key, info.token).await {
+                    Ok(()) => return Ok(Released::LeaseLapsed),
+                    Err(StoreError::StaleToken) => continue,
+                    Err(err) => return Err(err),
+                }
             }
-            // Only the record just decoded: same token, still running, no journal.
+            // Only the plain record just decoded: same token, still running, no journal.
             let (key_name, key_value) = self.key_value(key);
             let deleted = self
                 .client
@@ -214,7 +234,7 @@ impl RecordAdmin for DynamoStore {
                 .condition_expression("#t = :token AND #s = :running AND attribute_not_exists(#in)")
                 .expression_attribute_names("#t", TOKEN)
                 .expression_attribute_names("#s", STATUS)
-                .expression_attribute_names("#in", JOURNAL_INPUT)
+                .expression_attribute_names("#in", INPUT)
                 .expression_attribute_values(":token", AttributeValue::S(info.token.to_string()))
                 .expression_attribute_values(":running", running())
                 .send()

@@ -2,13 +2,18 @@
 //! (`DYNAMODB_ENDPOINT`, started by `scripts/test`) and a store on a table of its own.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::interceptors::BeforeDeserializationInterceptorContextMut;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
-use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_dynamodb::config::{
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+};
+use aws_sdk_dynamodb::error::BoxError;
 use orchestrix_dynamodb::{DynamoOptions, DynamoStore};
 use tokio::sync::OnceCell;
 
@@ -28,21 +33,79 @@ pub fn endpoint() -> String {
 /// A client for `endpoint` with dummy credentials, short timeouts and two attempts: what
 /// a production client should also configure, with values fitting its network.
 pub fn client_for(endpoint: &str) -> Client {
+    Client::from_conf(config_for(endpoint).build())
+}
+
+/// A client for the local server whose responses `lose` can lose.
+pub fn client_losing(lose: &LoseResponses) -> Client {
+    Client::from_conf(config_for(&endpoint()).interceptor(lose.clone()).build())
+}
+
+/// Loses a response, as a network can: the server applied the request, the client sees a
+/// server error (HTTP 500) instead of the answer, and the SDK sends the same request
+/// again. Counts the responses since it was armed.
+#[derive(Debug, Clone, Default)]
+pub struct LoseResponses {
+    /// Which response to lose, counting from 1 since `arm`; 0 for none.
+    target: Arc<AtomicUsize>,
+    seen: Arc<AtomicUsize>,
+}
+
+impl LoseResponses {
+    /// Loses the `nth` response from now (1: the next one); 0 loses none, and only counts.
+    pub fn arm(&self, nth: usize) {
+        self.seen.store(0, Ordering::SeqCst);
+        self.target.store(nth, Ordering::SeqCst);
+    }
+
+    /// How many responses came back since the last `arm`, the lost one included.
+    pub fn seen(&self) -> usize {
+        self.seen.load(Ordering::SeqCst)
+    }
+
+    /// Whether the response it was armed to lose was lost.
+    pub fn spent(&self) -> bool {
+        self.target.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Intercept for LoseResponses {
+    fn name(&self) -> &'static str {
+        "LoseResponses"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let nth = self.seen.fetch_add(1, Ordering::SeqCst) + 1;
+        let lose = self
+            .target
+            .compare_exchange(nth, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if lose {
+            *context.response_mut().status_mut() = 500u16.try_into()?;
+        }
+        Ok(())
+    }
+}
+
+fn config_for(endpoint: &str) -> aws_sdk_dynamodb::config::Builder {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(1))
         .operation_attempt_timeout(Duration::from_secs(10))
         .operation_timeout(Duration::from_secs(20))
         .build();
     let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned());
-    let config = aws_sdk_dynamodb::Config::builder()
+    aws_sdk_dynamodb::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(region))
         .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
         .endpoint_url(endpoint)
         .timeout_config(timeouts)
         .retry_config(RetryConfig::standard().with_max_attempts(2))
-        .build();
-    Client::from_conf(config)
 }
 
 /// A client for the local server.

@@ -297,39 +297,47 @@ impl<T> Seen<T> {
     }
 }
 
-/// What a caller that was shown a record does next: `Some` decision to return, or `None`
-/// to ask the store again (after waiting for the record to change).
-async fn after_seen<T, A>(
-    store: &Arc<dyn IdempotencyStore>,
+/// What a caller that was shown a record does next.
+enum Next<D> {
+    /// Return this decision.
+    Decide(D),
+    /// Wait (at most this long) for the record to change, then ask the store again.
+    Wait(Duration),
+}
+
+/// The decision table's answer to a record that holds the key. Synchronous, so that the
+/// (possibly large) decoded replay is never held across an await.
+fn after_seen<T, A>(
     req: &AdmitRequest<'_>,
     seen: Seen<T>,
     waiting_since: &mut Option<Instant>,
-) -> Result<Option<Decided<T, A>>, IdempotencyError> {
+) -> Result<Next<Decided<T, A>>, IdempotencyError> {
     match seen {
         Seen::Reused => {
             return Err(IdempotencyError::KeyReused {
                 key: req.key.to_owned(),
             });
         }
-        Seen::Finished(read) if waiting_since.is_some() => return Ok(Some(Decided::Waited(read))),
-        Seen::Finished(read) => return Ok(Some(Decided::Finished(read))),
+        Seen::Finished(read) if waiting_since.is_some() => {
+            return Ok(Next::Decide(Decided::Waited(read)));
+        }
+        Seen::Finished(read) => return Ok(Next::Decide(Decided::Finished(read))),
         Seen::Running => {}
     }
     match req.on_running {
-        OnRunning::ReturnRunning => Ok(Some(Decided::Running)),
+        OnRunning::ReturnRunning => Ok(Next::Decide(Decided::Running)),
         OnRunning::Error => Err(IdempotencyError::AlreadyRunning {
             key: req.key.to_owned(),
         }),
         OnRunning::Wait { timeout } => {
             let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
-            let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
-                return Err(IdempotencyError::WaitTimedOut {
+            match timeout.checked_sub(waited).filter(|d| !d.is_zero()) {
+                Some(left) => Ok(Next::Wait(left)),
+                None => Err(IdempotencyError::WaitTimedOut {
                     key: req.key.to_owned(),
                     waited,
-                });
-            };
-            store.wait_for_change(req.key, left).await?;
-            Ok(None)
+                }),
+            }
         }
     }
 }
@@ -410,8 +418,9 @@ pub(crate) async fn admit_with<T: Send>(
                 )));
             }
         };
-        if let Some(decided) = after_seen(store, &req, seen, &mut waiting_since).await? {
-            return Ok(decided);
+        match after_seen(&req, seen, &mut waiting_since)? {
+            Next::Decide(decided) => return Ok(decided),
+            Next::Wait(left) => store.wait_for_change(req.key, left).await?,
         }
     }
 }
@@ -444,8 +453,9 @@ pub(crate) async fn admit_durable<T: Send>(
             }
             DurableStartOutcome::Existing(record) => Seen::judge(&req, record.view(), &mut read),
         };
-        if let Some(decided) = after_seen(store, &req, seen, &mut waiting_since).await? {
-            return Ok(decided);
+        match after_seen(&req, seen, &mut waiting_since)? {
+            Next::Decide(decided) => return Ok(decided),
+            Next::Wait(left) => store.wait_for_change(req.key, left).await?,
         }
     }
 }
