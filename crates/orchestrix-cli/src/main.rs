@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 mod cli;
-mod journal;
 mod open;
 mod render;
 mod store_url;

@@ -3,10 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use orchestrix::store::{Lease, RecordInfo};
+use orchestrix::store::{Journal, JournalDescription, Lease, RecordInfo};
 use serde::Serialize;
-
-use crate::journal::{self, Summary};
 
 /// `d` for people: `850ms`, `27.9s`, `3m12s`, `2h05m`, `4d03h`.
 pub fn duration(d: Duration) -> String {
@@ -106,7 +104,7 @@ pub struct RecordJson {
     pub lease: Option<LeaseJson>,
     /// Milliseconds until the record expires; `null`: kept until deleted.
     pub expires_in_ms: Option<u128>,
-    pub journal: Option<Summary>,
+    pub journal: Option<JournalDescription>,
 }
 
 /// A lease as JSON; `deadline` is by this machine's clock.
@@ -139,7 +137,7 @@ impl RecordJson {
                 _ => None,
             }),
             expires_in_ms: info.expires_in.map(|d| d.as_millis()),
-            journal: info.journal.as_ref().map(journal::summarize),
+            journal: info.journal.as_ref().map(Journal::describe),
         }
     }
 }

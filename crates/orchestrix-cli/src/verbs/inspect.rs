@@ -3,11 +3,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use orchestrix::store::RecordInfo;
+use orchestrix::store::{JournalEntryKind, RecordInfo};
 
 use super::{Store, no_record};
 use crate::cli::InspectArgs;
-use crate::journal;
 use crate::render::{self, RecordJson};
 
 pub(super) async fn run(store: &Store, args: InspectArgs) -> anyhow::Result<ExitCode> {
@@ -74,26 +73,44 @@ pub(super) fn table(info: &RecordInfo) -> String {
         out.push_str(&format!("{name:<15} {value}\n"));
     }
     if let Some(journal) = &info.journal {
-        let summary = journal::summarize(journal);
-        let version = summary
+        let described = journal.describe();
+        let version = described
             .flow_version
             .as_deref()
             .map_or_else(String::new, |v| format!(", flow version {v:?}"));
+        let unreadable = if described.input_readable {
+            ""
+        } else {
+            " (not in a format this build reads)"
+        };
         out.push_str(&format!(
-            "{:<15} input {} bytes{version}, {} entries\n",
+            "{:<15} input {} bytes{unreadable}{version}, {} entries\n",
             "journal",
-            summary.input_bytes,
-            summary.entries.len()
+            described.input_bytes,
+            described.entries.len()
         ));
-        for (i, entry) in summary.entries.iter().enumerate() {
+        for (i, entry) in described.entries.iter().enumerate() {
             let step = match (&entry.step, entry.position) {
                 (Some(name), Some(position)) => format!("step {position} {name:?}"),
-                (Some(_), None) => "the flow (no step)".to_owned(),
+                (_, None) if entry.kind == JournalEntryKind::Failed => {
+                    "the flow (no step)".to_owned()
+                }
                 _ => String::new(),
             };
+            let mut details = vec![format!("{} bytes", entry.bytes)];
+            if let Some(attempts) = entry.attempts {
+                details.push(format!("{attempts} attempts"));
+            }
+            if !entry.state_keys.is_empty() {
+                details.push(format!("wrote {}", entry.state_keys.join(", ")));
+            }
+            if let Some(error) = &entry.error {
+                details.push(error.clone());
+            }
             out.push_str(&format!(
-                "  #{i:<3} {:<12} {step} ({} bytes)\n",
-                entry.kind, entry.bytes
+                "  #{i:<3} {:<12} {step} ({})\n",
+                entry.kind,
+                details.join("; ")
             ));
         }
     }

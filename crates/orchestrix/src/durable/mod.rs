@@ -47,6 +47,8 @@
 //! * **changing what a step writes** to the context is safe as long as later steps still
 //!   read what the old one wrote: a resumed run restores the old step's state.
 
+mod describe;
+pub(crate) use describe::describe;
 pub(crate) mod entry;
 pub(crate) mod journaling;
 mod run;

@@ -247,6 +247,97 @@ impl Journal {
     pub fn len_bytes(&self) -> usize {
         self.input.len() + self.entries.iter().map(Vec::len).sum::<usize>()
     }
+
+    /// What the journal says, for people (an operator tool, a log line): the flow version
+    /// the run started under and, per entry, its kind, step and sizes. State values and
+    /// the run's input are left out (they are the user's payload). Never fails: bytes this
+    /// build cannot read are described as [`JournalEntryKind::Undecodable`].
+    ///
+    /// ```
+    /// use orchestrix::store::Journal;
+    ///
+    /// let journal = Journal { input: b"not written by the engine".to_vec(), entries: vec![] };
+    /// let described = journal.describe();
+    /// assert!(!described.input_readable);
+    /// assert!(described.entries.is_empty());
+    /// ```
+    pub fn describe(&self) -> JournalDescription {
+        crate::durable::describe(self)
+    }
+}
+
+/// A journal, described by [`Journal::describe`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct JournalDescription {
+    /// Bytes of the journal's input (the run's settings and its input).
+    pub input_bytes: usize,
+    /// Whether the input is in a format this build reads.
+    pub input_readable: bool,
+    /// The flow version the run started under ([`FlowBuilder::version`](crate::FlowBuilder::version));
+    /// `None` for the default, empty version or an unreadable input.
+    pub flow_version: Option<String>,
+    /// The entries, oldest first.
+    pub entries: Vec<JournalEntryInfo>,
+}
+
+/// What kind of entry a journal entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum JournalEntryKind {
+    /// An [`at_most_once`](crate::Step::at_most_once) step is about to run its first attempt.
+    Started,
+    /// A step completed; its state writes are in the entry.
+    Completed,
+    /// A step was compensated.
+    Compensated,
+    /// The run failed (at a step, or after its steps).
+    Failed,
+    /// Bytes this build does not read (another format, or damage).
+    Undecodable,
+}
+
+impl JournalEntryKind {
+    /// The kind as one lower-case word: `started`, `completed`, `compensated`, `failed`,
+    /// `undecodable` (its JSON form too).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Completed => "completed",
+            Self::Compensated => "compensated",
+            Self::Failed => "failed",
+            Self::Undecodable => "undecodable",
+        }
+    }
+}
+
+impl std::fmt::Display for JournalEntryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One journal entry, described.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct JournalEntryInfo {
+    /// The entry's kind.
+    pub kind: JournalEntryKind,
+    /// The step's position in the flow's plan (`None`: no step, or undecodable).
+    pub position: Option<u32>,
+    /// The step's name.
+    pub step: Option<String>,
+    /// A completed step's attempts.
+    pub attempts: Option<u32>,
+    /// A completed step's duration.
+    pub duration: Option<Duration>,
+    /// The state keys a completed step wrote (the values are left out).
+    pub state_keys: Vec<String>,
+    /// A failure's error message.
+    pub error: Option<String>,
+    /// The entry's size in bytes.
+    pub bytes: usize,
 }
 
 /// What [`JournalStore::start_durable`] found.

@@ -106,7 +106,7 @@
 //! ```
 
 mod admin;
-mod journal;
+pub mod journal;
 mod memory;
 mod record;
 
@@ -119,7 +119,10 @@ pub use admin::{
     DEFAULT_PAGE_SIZE, Lease, ListRequest, Listed, Page, RecordAdmin, RecordInfo, Released,
     StatusFilter,
 };
-pub use journal::{DurableStart, DurableStartOutcome, Journal, JournalStore, Redrive};
+pub use journal::{
+    DurableStart, DurableStartOutcome, Journal, JournalDescription, JournalEntryInfo,
+    JournalEntryKind, JournalStore, Redrive,
+};
 pub use memory::{DEFAULT_MAX_JOURNAL_BYTES, MemoryStore};
 pub use record::{FencingToken, Record, RecordStatus, RecordView, SCHEMA_VERSION};
 
