@@ -227,8 +227,8 @@ impl Raw {
 
     /// Appends `entry` to the value of key `n / ENTRIES` (created, untimed, at its first
     /// entry); the append is timed.
-    async fn raw_append(&self, n: u64, entry: &[u8]) -> anyhow::Result<Duration> {
-        let key = format!("floor-{}-{}", unique_tag(), n / ENTRIES);
+    async fn raw_append(&self, tag: &str, n: u64, entry: &[u8]) -> anyhow::Result<Duration> {
+        let key = format!("floor-{tag}-{}", n / ENTRIES);
         let first = n % ENTRIES == 0;
         match self {
             Self::None => Ok(Duration::ZERO),
@@ -316,12 +316,6 @@ impl Raw {
     }
 }
 
-/// A tag for this process's raw keys, so runs never meet each other's.
-fn unique_tag() -> &'static str {
-    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TAG.get_or_init(unique_suffix)
-}
-
 /// Checkpoints: acquire a durable record (untimed), then append the real run's entries to
 /// it one by one (timed), a new record every [`ENTRIES`].
 async fn checkpoint(
@@ -382,18 +376,21 @@ async fn measure_checkpoints(
     let (mut n_raw, mut n_floor, mut n_append) = (0u64, 0u64, 0u64);
     let value = &entries[1];
     // Warm-up: connections, prepared statements, scripts.
+    let warm_tag = format!("warm-{tag}");
     let mut warm = 0;
     timed(Duration::from_millis(200), &mut warm, |n| {
-        checkpoint(journal, entries, "warm", n, &token)
+        checkpoint(journal, entries, &warm_tag, n, &token)
     })
     .await;
+    let mut warm = 0;
     timed(Duration::from_millis(100), &mut warm, |n| {
-        setting.raw.raw_append(n, value)
+        setting.raw.raw_append(&warm_tag, n, value)
     })
     .await;
     for _ in 0..ROUNDS {
         raw += timed(slice, &mut n_raw, |n| setting.raw.round_trip(n, value)).await;
-        floor += timed(slice, &mut n_floor, |n| setting.raw.raw_append(n, value)).await;
+        n_floor = n_floor.div_ceil(ENTRIES) * ENTRIES;
+        floor += timed(slice, &mut n_floor, |n| setting.raw.raw_append(&tag, n, value)).await;
         // Each slice starts on a fresh record.
         n_append = n_append.div_ceil(ENTRIES) * ENTRIES;
         append += timed(slice, &mut n_append, |n| {
@@ -618,7 +615,7 @@ pub async fn main(kinds: &[StoreKind], config: &DurableBenchConfig) -> anyhow::R
                 }
             };
             let us = |l: &Latency| {
-                if l.count > 0 && !(kind == StoreKind::Memory && l.total.is_zero()) {
+                if l.count > 0 && kind != StoreKind::Memory {
                     format!("{:.1}", l.micros())
                 } else {
                     "-".to_owned()
@@ -631,7 +628,7 @@ pub async fn main(kinds: &[StoreKind], config: &DurableBenchConfig) -> anyhow::R
                 us(&c.raw),
                 raw_names.1.to_owned(),
                 us(&c.floor),
-                format!("{:.1}", c.append.micros()),
+                format!("{:.2}", c.append.micros()),
                 ratio(&c.append, &c.raw),
                 ratio(&c.append, &c.floor),
                 if kind == StoreKind::Memory {
