@@ -13,6 +13,12 @@ pub async fn main(args: &Args) -> anyhow::Result<()> {
         Some(role @ ("durable-crash-owner" | "durable-crash-retry" | "durable-crash-recover")) => {
             crate::durable_crash::child(args, role.trim_start_matches("durable-crash-")).await
         }
+        Some(
+            stage @ ("durable-chaos-owner"
+            | "durable-chaos-resume"
+            | "durable-chaos-retry"
+            | "durable-chaos-recover"),
+        ) => crate::durable_chaos::child(args, stage.trim_start_matches("durable-chaos-")).await,
         other => bail!("unknown child role {other:?}"),
     }
 }

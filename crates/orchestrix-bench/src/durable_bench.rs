@@ -390,7 +390,10 @@ async fn measure_checkpoints(
     for _ in 0..ROUNDS {
         raw += timed(slice, &mut n_raw, |n| setting.raw.round_trip(n, value)).await;
         n_floor = n_floor.div_ceil(ENTRIES) * ENTRIES;
-        floor += timed(slice, &mut n_floor, |n| setting.raw.raw_append(&tag, n, value)).await;
+        floor += timed(slice, &mut n_floor, |n| {
+            setting.raw.raw_append(&tag, n, value)
+        })
+        .await;
         // Each slice starts on a fresh record.
         n_append = n_append.div_ceil(ENTRIES) * ENTRIES;
         append += timed(slice, &mut n_append, |n| {

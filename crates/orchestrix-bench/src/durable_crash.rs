@@ -53,24 +53,24 @@ use crate::stores::{Backend, Namespace, StoreKind};
 /// The flow's steps, in order; `charge` and `notify` are a parallel group.
 pub const STEPS: [&str; 5] = ["reserve", "charge", "notify", "pack", "ship"];
 /// The at-most-once step (index into [`STEPS`]).
-const CHARGE: usize = 1;
+pub(crate) const CHARGE: usize = 1;
 /// `notify`, which waits in the owner until `charge`'s checkpoint is stored.
 const NOTIFY: usize = 2;
 /// Steps with a compensation: all but `ship`, the last.
-const COMPENSATED: [bool; 5] = [true, true, true, true, false];
+pub(crate) const COMPENSATED: [bool; 5] = [true, true, true, true, false];
 
 /// How long the parent waits for the owner's runs to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a resumer waits for a key (retry) or looks for abandoned runs (recover).
-const RESUME_TIMEOUT: Duration = Duration::from_secs(40);
+pub(crate) const RESUME_TIMEOUT: Duration = Duration::from_secs(40);
 /// Bound on a resumer process.
-const RESUMER_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const RESUMER_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often the recovering process asks for abandoned runs.
-const RECOVER_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const RECOVER_EVERY: Duration = Duration::from_millis(100);
 /// The TTL of every run.
 const TTL: Duration = Duration::from_secs(3600);
 /// The line a resumer prints per key.
-const OUTCOME_TAG: &str = "OUTCOME ";
+pub(crate) const OUTCOME_TAG: &str = "OUTCOME ";
 /// The line the owner prints per parked run.
 const PARKED_TAG: &str = "PARKED ";
 
@@ -216,6 +216,8 @@ pub struct DurableCrashConfig {
     pub lease: Duration,
     pub rounds: u64,
     pub points: Vec<Point>,
+    /// Keys per random-kill round ([`crate::durable_chaos`]); 0: none.
+    pub chaos_keys: u64,
 }
 
 impl DurableCrashConfig {
@@ -224,6 +226,7 @@ impl DurableCrashConfig {
             lease: args.millis("lease-ms", Duration::from_secs(1))?,
             rounds: args.count("rounds", 1)?,
             points: Point::parse_list(args.get("points").unwrap_or("all"))?,
+            chaos_keys: args.number("chaos-keys", 16)?,
         })
     }
 }
@@ -234,7 +237,7 @@ fn key_of(round: u64, point: Point) -> String {
 }
 
 /// The key as the store holds it: scoped by flow name (`flow:key`).
-fn scoped(flow: &str, key: &str) -> String {
+pub(crate) fn scoped(flow: &str, key: &str) -> String {
     format!("{flow}:{key}")
 }
 
@@ -247,7 +250,7 @@ fn input_of(point: Point) -> u64 {
         .map_or(0, |i| i as u64 + 1)
 }
 
-fn options(key: &str, lease: Duration) -> RunOptions {
+pub(crate) fn options(key: &str, lease: Duration) -> RunOptions {
     RunOptions::key(key).lease(lease).ttl(TTL)
 }
 
@@ -256,13 +259,13 @@ fn options(key: &str, lease: Duration) -> RunOptions {
 /// The per-step `O_APPEND` files of one scenario run, each line
 /// `<flow> <key> <role> <step key>`.
 #[derive(Clone)]
-struct Logs {
+pub(crate) struct Logs {
     steps: Vec<ExecutionLog>,
     undo: Vec<ExecutionLog>,
 }
 
 impl Logs {
-    fn open(dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn open(dir: &Path) -> anyhow::Result<Self> {
         let open = |name: String| {
             ExecutionLog::open(&dir.join(name)).context("opening a step's execution file")
         };
@@ -296,20 +299,47 @@ fn step_value(i: usize, ctx: &Context<u64>) -> Result<String, StepError> {
 
 /// The steps of one process: what they append, and (owner only) where they park.
 #[derive(Clone)]
-struct Effects {
-    logs: Logs,
-    flow: String,
-    role: &'static str,
+pub(crate) struct Effects {
+    pub(crate) logs: Logs,
+    pub(crate) flow: String,
+    pub(crate) role: &'static str,
     parking: Option<Arc<Parking>>,
+    /// Random pauses (up to this long) before and after each step's effect and each
+    /// compensation: the random-kill rounds spread their kills over every window.
+    pub(crate) jitter: Option<Duration>,
 }
 
 impl Effects {
+    /// The steps of a run that parks nowhere.
+    pub(crate) fn plain(
+        logs: &Logs,
+        flow: &str,
+        role: &'static str,
+        jitter: Option<Duration>,
+    ) -> Self {
+        Self {
+            logs: logs.clone(),
+            flow: flow.to_owned(),
+            role,
+            parking: None,
+            jitter,
+        }
+    }
+
     fn line(&self, ctx: &Context<u64>) -> String {
         let key = ctx.step_key().unwrap_or_else(|| "-".to_owned());
         format!("{} {} {} {key}", self.flow, ctx.input(), self.role)
     }
 
+    async fn pause(&self) {
+        if let Some(max) = self.jitter {
+            let micros = u64::try_from(max.as_micros()).unwrap_or(u64::MAX);
+            tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=micros))).await;
+        }
+    }
+
     async fn run(self, i: usize, ctx: Context<u64>) -> Result<(), StepError> {
+        self.pause().await;
         let value = step_value(i, &ctx)?;
         if i == NOTIFY
             && let Some(parking) = &self.parking
@@ -323,11 +353,14 @@ impl Effects {
         {
             parking.park(&self.flow, Point::In(i)).await;
         }
+        self.pause().await;
         Ok(())
     }
 
     async fn undo(self, i: usize, ctx: Context<u64>) -> Result<(), StepError> {
+        self.pause().await;
         self.logs.undo[i].record(&self.line(&ctx))?;
+        self.pause().await;
         Ok(())
     }
 
@@ -344,7 +377,7 @@ impl Effects {
     }
 }
 
-fn crash_flow(
+pub(crate) fn crash_flow(
     store: Arc<dyn IdempotencyStore>,
     effects: &Effects,
 ) -> anyhow::Result<Flow<u64, String>> {
@@ -481,13 +514,13 @@ impl Parking {
 
 /// The kind bytes of the engine's journal entries (`orchestrix::durable` module docs:
 /// `kind:u8 position:u32 name:str ...`).
-const STARTED: u8 = b's';
-const COMPLETED: u8 = b'c';
+pub(crate) const STARTED: u8 = b's';
+pub(crate) const COMPLETED: u8 = b'c';
 const COMPENSATION: u8 = b'x';
 const FAILURE: u8 = b'f';
 
 /// An entry's kind and step name.
-fn entry_head(entry: &[u8]) -> Option<(u8, &str)> {
+pub(crate) fn entry_head(entry: &[u8]) -> Option<(u8, &str)> {
     let kind = *entry.first()?;
     let len = u32::from_le_bytes(entry.get(5..9)?.try_into().ok()?) as usize;
     let name = std::str::from_utf8(entry.get(9..9 + len)?).ok()?;
@@ -648,6 +681,7 @@ fn start_owner(
             flow: mode.flow(),
             role: "owner",
             parking: Some(Arc::clone(&parking)),
+            jitter: None,
         };
         let flow = crash_flow(Arc::clone(&store), &effects)?;
         for &point in points {
@@ -673,19 +707,19 @@ fn start_owner(
 
 /// How a resumed run ended, as a resumer reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Outcome {
-    input: u64,
-    status: Option<Status>,
-    replayed: bool,
-    output: Option<String>,
-    error: Option<FlowError>,
-    restored: Vec<String>,
+pub(crate) struct Outcome {
+    pub(crate) input: u64,
+    pub(crate) status: Option<Status>,
+    pub(crate) replayed: bool,
+    pub(crate) output: Option<String>,
+    pub(crate) error: Option<FlowError>,
+    pub(crate) restored: Vec<String>,
     /// `Err` from the run, as text.
-    run_error: Option<String>,
+    pub(crate) run_error: Option<String>,
 }
 
 impl Outcome {
-    fn of(input: u64, result: &Result<FlowResult<String>, RunError<String>>) -> Self {
+    pub(crate) fn of(input: u64, result: &Result<FlowResult<String>, RunError<String>>) -> Self {
         match result {
             Ok(r) => Self {
                 input,
@@ -729,6 +763,7 @@ async fn resume(
         flow: mode.flow(),
         role: mode.name(),
         parking: None,
+        jitter: None,
     };
     let flow = crash_flow(store, &effects)?;
     match mode {
@@ -804,15 +839,15 @@ pub async fn child(args: &Args, role: &str) -> anyhow::Result<()> {
 
 /// Lines per step (and per compensation) of one flow's key, and the step keys they carry.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Lines {
-    steps: [u64; 5],
-    undo: [u64; 5],
+pub(crate) struct Lines {
+    pub(crate) steps: [u64; 5],
+    pub(crate) undo: [u64; 5],
     /// Steps (or compensations) whose lines carry more than one step key.
-    unstable_keys: Vec<String>,
+    pub(crate) unstable_keys: Vec<String>,
 }
 
 impl Lines {
-    fn read(dir: &Path, flow: &str, input: u64) -> anyhow::Result<Self> {
+    pub(crate) fn read(dir: &Path, flow: &str, input: u64) -> anyhow::Result<Self> {
         let mut lines = Self::default();
         for (i, step) in STEPS.iter().enumerate() {
             for (undo, file) in [
@@ -843,7 +878,7 @@ impl Lines {
     }
 
     /// `1 1 1 2 1`, then the compensations that ran: `undo reserve notify`.
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = self.steps.map(|n| n.to_string()).join(" ");
         let undone: Vec<String> = STEPS
             .iter()
@@ -1047,6 +1082,7 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
         "recover: outcome",
         "invariant",
     ]);
+    let mut chaos_table = crate::durable_chaos::table();
     for &kind in kinds {
         let (namespace, backend) = match Namespace::create(kind, "dcrash", 8).await {
             Ok(opened) => opened,
@@ -1056,6 +1092,44 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
             }
         };
         let measured = store_rounds(kind, &namespace, &backend, config).await;
+        if config.chaos_keys > 0 {
+            let chaos = match tempfile::Builder::new()
+                .prefix("orchestrix-bench-chaos-")
+                .tempdir()
+            {
+                Ok(root) => {
+                    crate::durable_chaos::run(
+                        kind,
+                        &namespace,
+                        &backend,
+                        root.path(),
+                        config.rounds,
+                        config.chaos_keys,
+                        config.lease,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.into()),
+            };
+            match chaos {
+                Ok(tally) => {
+                    crate::durable_chaos::row(
+                        &mut chaos_table,
+                        kind,
+                        config.rounds,
+                        config.chaos_keys,
+                        &tally,
+                    );
+                    for problem in tally.problems {
+                        section.violation(format!("{} (random kills): {problem}", kind.name()));
+                    }
+                }
+                Err(e) => section.violation(format!(
+                    "{}: the random kills did not complete: {e:#}",
+                    kind.name()
+                )),
+            }
+        }
         if let Some(problem) = namespace.remove(&backend).await {
             section.note(problem);
         }
@@ -1113,6 +1187,9 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
         }
     }
     section.tables.push(table);
+    if config.chaos_keys > 0 {
+        section.tables.push(chaos_table);
+    }
     section.note(format!(
         "{} round(s) per store; where rounds differ, a cell lists each value.",
         config.rounds
@@ -1172,6 +1249,7 @@ async fn store_rounds(
                 flow: mode.flow(),
                 role: "replay",
                 parking: None,
+                jitter: None,
             };
             let flow = crash_flow(backend.store(), &effects)?;
             for (point, per_mode, problems) in &mut rows {
@@ -1224,6 +1302,7 @@ async fn run_baseline(
         flow: BASELINE_FLOW.to_owned(),
         role: "baseline",
         parking: None,
+        jitter: None,
     };
     let flow = crash_flow(store, &effects)?;
     let mut baseline = Baseline::new();
@@ -1436,7 +1515,7 @@ async fn crash_in_processes(
     Ok((journals, outcomes))
 }
 
-async fn stderr_text(child: &mut tokio::process::Child) -> String {
+pub(crate) async fn stderr_text(child: &mut tokio::process::Child) -> String {
     use tokio::io::AsyncReadExt as _;
     let mut text = String::new();
     if let Some(mut stderr) = child.stderr.take() {

@@ -48,6 +48,7 @@ mod child;
 mod counter;
 mod crash;
 mod durable_bench;
+mod durable_chaos;
 mod durable_crash;
 mod machine;
 mod outage;
@@ -75,6 +76,7 @@ scenarios:
               [--race fresh|expired|failed|all] [--lease-ms 1000]
   crash       --store S [--lease-ms 1000] [--rounds 1]
   durable-crash --store S [--lease-ms 1000] [--rounds 1] [--points all|P,P,...]
+              [--chaos-keys 16 (random kills per round; 0: none)]
               (P: acquired, in-reserve, after-reserve, started-charge, in-charge, ...)
   outage      [--store redis] [--fault kill|stop] [--window-keys 20] [--callers 16]
               [--step-ms 5] [--down-at-ms 2500]
