@@ -232,8 +232,8 @@ struct KeyRound<'a> {
 }
 
 /// Checks one key; returns whether it was interrupted in `charge`, and how many step runs
-/// repeated an effect (in flight at a kill).
-fn judge(key: &KeyRound<'_>, problems: &mut Vec<String>) -> (bool, u64) {
+/// and compensations repeated an effect (in flight at a kill).
+fn judge(key: &KeyRound<'_>, problems: &mut Vec<String>) -> (bool, u64, u64) {
     let [l1, l2, end] = key.lines;
     let before = [&Lines::default(), l1, l2];
     let mut repeats = 0;
@@ -284,11 +284,11 @@ fn judge(key: &KeyRound<'_>, problems: &mut Vec<String>) -> (bool, u64) {
     let interrupted = key.snapshots.iter().any(|s| s.open.contains(&CHARGE));
     let Some(outcome) = key.outcome else {
         problems.push("no final outcome".to_owned());
-        return (interrupted, repeats);
+        return (interrupted, repeats, 0);
     };
     if let Some(e) = &outcome.run_error {
         problems.push(format!("the final call failed: {e}"));
-        return (interrupted, repeats);
+        return (interrupted, repeats, 0);
     }
     if interrupted {
         let right = matches!(
@@ -322,7 +322,8 @@ fn judge(key: &KeyRound<'_>, problems: &mut Vec<String>) -> (bool, u64) {
             ));
         }
     }
-    (interrupted, repeats)
+    let undo_repeats = end.undo.iter().map(|n| n.saturating_sub(1)).sum();
+    (interrupted, repeats, undo_repeats)
 }
 
 /// How one store's random-kill rounds went.
@@ -337,6 +338,7 @@ pub struct ChaosTally {
     pub interrupted: u64,
     pub completed: u64,
     pub repeats: u64,
+    pub undo_repeats: u64,
     pub problems: Vec<String>,
 }
 
@@ -480,7 +482,8 @@ pub async fn run(
                 baseline: baseline.get(&input_of(i)),
             };
             let mut found = Vec::new();
-            let (interrupted, repeats) = judge(&key, &mut found);
+            let (interrupted, repeats, undo_repeats) = judge(&key, &mut found);
+            tally.undo_repeats += undo_repeats;
             tally.keys += 1;
             for k in 0..2 {
                 *tally.at_kill[k]
@@ -514,7 +517,8 @@ pub fn table() -> Table {
         "at kill 2",
         "completed = uncrashed",
         "StepInterrupted(charge)",
-        "effects repeated",
+        "step effects repeated",
+        "compensations repeated",
         "invariant",
     ])
 }
@@ -535,6 +539,7 @@ pub fn row(table: &mut Table, kind: StoreKind, rounds: u64, keys: u64, tally: &C
         tally.completed.to_string(),
         tally.interrupted.to_string(),
         tally.repeats.to_string(),
+        tally.undo_repeats.to_string(),
         if tally.problems.is_empty() {
             "held".to_owned()
         } else {
