@@ -296,6 +296,9 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         if journal.resume.is_restored(i) {
             return (None, Ok(false));
         }
+        if let Err(e) = journal.stop_if_lapsed(&step.name) {
+            return (Some(StepResult::pending(&step.name)), Err(e));
+        }
         if step.at_most_once {
             if journal.resume.is_interrupted(i) {
                 let mut result = StepResult::pending(&step.name);

@@ -26,7 +26,11 @@
 //! | [redrive](crate::Flow::redrive) of a failed run | never again (a compensated step runs again) | the failed step runs again |
 //!
 //! A step that completed is recorded only once its entry is written: a crash between the
-//! step's end and its entry is a crash during the step. To make even that step safe, send
+//! step's end and its entry is a crash during the step. A run that was frozen rather than
+//! killed (a paused VM, a stalled process) and goes on after its lease lapsed stops before
+//! its next step, and compensates nothing, as soon as its own clock says the lease lapsed
+//! (counted from when its last successful acquire or renewal was sent): another owner may
+//! have resumed it meanwhile. Only the step it was in when frozen may have run twice. To make even that step safe, send
 //! [`Context::step_key`](crate::Context::step_key) as the idempotency key of what it calls
 //! downstream: it is the same in every run of the key.
 //!
