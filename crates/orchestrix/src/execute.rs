@@ -296,9 +296,6 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         if journal.resume.is_restored(i) {
             return (None, Ok(false));
         }
-        if let Err(e) = journal.stop_if_lapsed(&step.name) {
-            return (Some(StepResult::pending(&step.name)), Err(e));
-        }
         if step.at_most_once {
             if journal.resume.is_interrupted(i) {
                 let mut result = StepResult::pending(&step.name);
@@ -316,6 +313,11 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             if let Err(e) = journal.write(&step.name, &mark).await {
                 return (Some(StepResult::pending(&step.name)), Err(e));
             }
+        }
+        // Checked last thing before the step runs (after its start mark, which a stall
+        // may also have outlived).
+        if let Err(e) = journal.stop_if_lapsed(&step.name) {
+            return (Some(StepResult::pending(&step.name)), Err(e));
         }
         let writes = Arc::new(Mutex::new(Vec::new()));
         let (result, outcome, _) = self

@@ -362,15 +362,28 @@ async fn a_run_that_lost_its_heartbeat_is_resumed_by_the_next_caller() {
     );
 }
 
-/// A memory store whose journal appends, while `hold` is set, wait once stored until
-/// `release`: the owner frozen (a paused VM, SIGSTOP, a long stall) right after a
-/// checkpoint, before its next step starts.
-#[derive(Debug, Clone, Default)]
+/// A memory store whose journal append number `hold_at` (0-based), once stored, waits
+/// until `release`: the owner frozen (a paused VM, SIGSTOP, a long stall) right after a
+/// journal write, before its next step (or the step it marked started) runs.
+#[derive(Debug, Clone)]
 struct HeldAppends {
     inner: Arc<MemoryStore>,
-    hold: Arc<AtomicBool>,
+    hold_at: u32,
+    appended: Arc<AtomicU32>,
     held: Arc<AtomicU32>,
     release: Arc<Notify>,
+}
+
+impl HeldAppends {
+    fn holding(hold_at: u32) -> Self {
+        Self {
+            inner: Arc::default(),
+            hold_at,
+            appended: Arc::default(),
+            held: Arc::default(),
+            release: Arc::default(),
+        }
+    }
 }
 
 impl HeldAppends {
@@ -428,7 +441,7 @@ impl JournalStore for HeldAppends {
     }
     async fn append(&self, key: &str, token: FencingToken, entry: &[u8]) -> Result<(), StoreError> {
         self.journal()?.append(key, token, entry).await?;
-        if self.hold.load(Ordering::SeqCst) {
+        if self.appended.fetch_add(1, Ordering::SeqCst) == self.hold_at {
             let released = self.release.notified();
             self.held.fetch_add(1, Ordering::SeqCst);
             released.await;
@@ -461,10 +474,10 @@ impl JournalStore for HeldAppends {
 
 #[tokio::test(start_paused = true)]
 async fn an_owner_frozen_past_its_lease_does_not_run_a_step_its_taker_completed() {
-    let (world, held) = (World::default(), HeldAppends::default());
+    // The first append: `charge`'s checkpoint.
+    let (world, held) = (World::default(), HeldAppends::holding(0));
     let store: Arc<dyn IdempotencyStore> = Arc::new(held.clone());
     let flow = world.order(&store);
-    held.hold.store(true, Ordering::SeqCst);
     let mut owner = Box::pin(flow.run(7, key("o-frozen")));
     bounded("the owner to store charge's checkpoint", async {
         while held.held.load(Ordering::SeqCst) == 0 {
@@ -476,7 +489,6 @@ async fn an_owner_frozen_past_its_lease_does_not_run_a_step_its_taker_completed(
         }
     })
     .await;
-    held.hold.store(false, Ordering::SeqCst);
     // Frozen: not polled for two leases, so neither its steps nor its heartbeat run.
     tokio::time::sleep(LEASE * 2).await;
     let taken = ok(bounded("the taker", flow.run(7, key("o-frozen"))).await);
@@ -501,6 +513,51 @@ async fn an_owner_frozen_past_its_lease_does_not_run_a_step_its_taker_completed(
     let replay = ok(flow.run(7, key("o-frozen")).await);
     assert!(replay.replayed);
     assert_eq!(replay.output, taken.output);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_frozen_after_marking_an_at_most_once_step_started_does_not_run_it() {
+    // The second append: the start mark of `transfer`, after `charge`'s checkpoint.
+    let (world, held) = (World::default(), HeldAppends::holding(1));
+    let store: Arc<dyn IdempotencyStore> = Arc::new(held.clone());
+    let flow = Flow::<u64, String>::builder("payout")
+        .durable()
+        .store(Arc::clone(&store))
+        .then(world.step("charge"))
+        .then(world.step("transfer").at_most_once())
+        .then(world.step("notify"))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut owner = Box::pin(flow.run(7, key("p-frozen")));
+    bounded("the owner to mark transfer started", async {
+        while held.held.load(Ordering::SeqCst) == 0 {
+            tokio::select! {
+                biased;
+                _ = &mut owner => panic!("the owner ended before the mark"),
+                () = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(LEASE * 2).await;
+    // The taker finds `transfer` started and unfinished: it fails and undoes `charge`.
+    let taken = ok(bounded("the taker", flow.run(7, key("p-frozen"))).await);
+    assert_eq!(
+        taken.error,
+        Some(FlowError::StepInterrupted {
+            step: "transfer".into()
+        })
+    );
+    assert_eq!(world.undone(), ["charge=charge:7"]);
+    // Thawed right after its mark, the owner must not transfer now: the run it belonged
+    // to has failed and been compensated.
+    held.release.notify_waiters();
+    let thawed = bounded("the thawed owner", owner).await;
+    assert_eq!(
+        world.runs("transfer"),
+        0,
+        "the thawed owner ran transfer: {thawed:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
