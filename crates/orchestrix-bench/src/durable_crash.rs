@@ -69,6 +69,8 @@ pub(crate) const RESUMER_TIMEOUT: Duration = Duration::from_secs(90);
 pub(crate) const RECOVER_EVERY: Duration = Duration::from_millis(100);
 /// The TTL of every run.
 const TTL: Duration = Duration::from_secs(3600);
+/// What the parent writes to a thawed owner to let its parked runs go on.
+const RELEASE: &str = "GO";
 /// The line a resumer prints per key.
 pub(crate) const OUTCOME_TAG: &str = "OUTCOME ";
 /// The line the owner prints per parked run.
@@ -189,15 +191,22 @@ pub enum Mode {
     /// `Flow::recover()`, no caller: it finds the abandoned run and resumes it with the
     /// journaled input.
     Recover,
+    /// The owner is frozen (SIGSTOP; in process: no longer polled) instead of killed, a
+    /// second process runs every key again as `Retry` does, and then the owner is thawed
+    /// and goes on from where it stood, its lease long lapsed.
+    Freeze,
 }
 
 impl Mode {
-    const ALL: [Self; 2] = [Self::Retry, Self::Recover];
+    /// The modes whose owner is killed.
+    const KILLED: [Self; 2] = [Self::Retry, Self::Recover];
+    const ALL: [Self; 3] = [Self::Retry, Self::Recover, Self::Freeze];
 
     fn name(self) -> &'static str {
         match self {
             Self::Retry => "retry",
             Self::Recover => "recover",
+            Self::Freeze => "freeze",
         }
     }
 
@@ -344,7 +353,13 @@ impl Effects {
         if i == NOTIFY
             && let Some(parking) = &self.parking
         {
-            parking.charge_stored(&self.flow, *ctx.input()).await;
+            tokio::select! {
+                () = parking.charge_stored(&self.flow, *ctx.input()) => {}
+                // A thawed owner that learns its lease is lost stops its steps.
+                () = ctx.cancellation().cancelled() => {
+                    return Err(StepError::msg("stopped: the run was cancelled"));
+                }
+            }
         }
         self.logs.steps[i].record(&self.line(&ctx))?;
         ctx.set(STEPS[i], value)?;
@@ -414,12 +429,14 @@ struct Parking {
     charged_changed: Notify,
     /// Where "parked" is reported: stdout (a child process) or a channel (in-process).
     report: Option<mpsc::UnboundedSender<String>>,
+    /// Fired to let parked runs go on (a frozen owner, thawed); never, for a killed one.
+    release: CancellationToken,
 }
 
 impl Parking {
-    fn new(round: u64, points: &[Point], report: Option<mpsc::UnboundedSender<String>>) -> Self {
+    fn new(round: u64, points: &[Point], modes: &[Mode], control: &OwnerControl) -> Self {
         let mut keys = HashMap::new();
-        for mode in Mode::ALL {
+        for &mode in modes {
             for &point in points {
                 keys.insert(
                     scoped(&mode.flow(), &key_of(round, point)),
@@ -432,7 +449,8 @@ impl Parking {
             keys,
             charged: Mutex::new(HashSet::new()),
             charged_changed: Notify::new(),
-            report,
+            report: control.report.clone(),
+            release: control.release.clone(),
         }
     }
 
@@ -440,8 +458,8 @@ impl Parking {
         self.points.get(&input).copied()
     }
 
-    /// Reports the run parked at `point` and never returns: the run waits here to be
-    /// killed, its heartbeat still renewing its lease.
+    /// Reports the run parked at `point` and waits, its heartbeat still renewing its lease,
+    /// to be killed (or frozen, and then released).
     async fn park(&self, flow: &str, point: Point) {
         let line = format!("{flow} {}", point.slug());
         match &self.report {
@@ -455,7 +473,7 @@ impl Parking {
                 let _ = out.flush();
             }
         }
-        std::future::pending::<()>().await;
+        self.release.cancelled().await;
     }
 
     /// Waits until `charge`'s checkpoint of this run is stored.
@@ -657,25 +675,40 @@ impl JournalStore for ParkingStore {
 
 // --- Owner and resumers ---------------------------------------------------------------------
 
+/// How an owner's parked runs are reported, and (in process) crashed or frozen.
+#[derive(Clone, Default)]
+struct OwnerControl {
+    /// Where parked runs are reported in process (`None`: stdout).
+    report: Option<mpsc::UnboundedSender<String>>,
+    /// Lets the parked runs go on.
+    release: CancellationToken,
+    /// In process: every run is forgotten (the crash).
+    crash: CancellationToken,
+    /// In process: the runs are no longer polled until `thaw` (the freeze).
+    freeze: CancellationToken,
+    thaw: CancellationToken,
+}
+
 /// Starts the owner's runs (one per kill point and mode) on `store`; each parks at its
-/// point. Returns the run futures' tasks: in a child process they run until SIGKILL; in
-/// process, `crash` makes each task forget its run.
+/// point. Returns the run futures' tasks, which end with the run's outcome: in a child
+/// process they run until SIGKILL (or SIGSTOP, SIGCONT and release); in process, `crash`
+/// makes each task forget its run, and `freeze` stops polling it until `thaw`.
 fn start_owner(
     store: Arc<dyn IdempotencyStore>,
     logs: &Logs,
     round: u64,
     points: &[Point],
+    modes: &[Mode],
     lease: Duration,
-    report: Option<mpsc::UnboundedSender<String>>,
-    crash: &CancellationToken,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let parking = Arc::new(Parking::new(round, points, report));
+    control: &OwnerControl,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Option<Outcome>>>> {
+    let parking = Arc::new(Parking::new(round, points, modes, control));
     let store: Arc<dyn IdempotencyStore> = Arc::new(ParkingStore {
         inner: store,
         parking: Arc::clone(&parking),
     });
     let mut tasks = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in modes {
         let effects = Effects {
             logs: logs.clone(),
             flow: mode.flow(),
@@ -685,18 +718,27 @@ fn start_owner(
         };
         let flow = crash_flow(Arc::clone(&store), &effects)?;
         for &point in points {
-            let (flow, crash) = (flow.clone(), crash.clone());
+            let (flow, control) = (flow.clone(), control.clone());
             let opts = options(&key_of(round, point), lease);
             tasks.push(tokio::spawn(async move {
-                let mut run = Box::pin(flow.run(input_of(point), opts));
-                tokio::select! {
-                    result = &mut run => {
-                        eprintln!("the owner's run of {point} ended instead of parking: {:?}", result.map(|r| r.status));
-                    }
-                    () = crash.cancelled() => {
-                        // The crash: the run is never polled again, and never dropped (a
-                        // drop would settle its record).
-                        std::mem::forget(run);
+                let input = input_of(point);
+                let mut run = Box::pin(flow.run(input, opts));
+                let mut frozen = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = control.crash.cancelled() => {
+                            // The crash: the run is never polled again, and never dropped
+                            // (a drop would settle its record).
+                            std::mem::forget(run);
+                            return None;
+                        }
+                        () = control.freeze.cancelled(), if !frozen => {
+                            // Nothing of the run (its heartbeat neither) runs until thawed.
+                            frozen = true;
+                            control.thaw.cancelled().await;
+                        }
+                        result = &mut run => return Some(Outcome::of(input, &result)),
                     }
                 }
             }));
@@ -737,7 +779,10 @@ impl Outcome {
             },
             Err(e) => Self {
                 input,
-                status: None,
+                status: match e {
+                    RunError::NotPersisted { result, .. } => Some(result.status),
+                    _ => None,
+                },
                 replayed: false,
                 output: None,
                 error: None,
@@ -767,7 +812,7 @@ async fn resume(
     };
     let flow = crash_flow(store, &effects)?;
     match mode {
-        Mode::Retry => {
+        Mode::Retry | Mode::Freeze => {
             let runs = points.iter().map(|&point| {
                 let flow = flow.clone();
                 let opts = options(&key_of(round, point), lease).on_running(OnRunning::Wait {
@@ -813,18 +858,40 @@ pub async fn child(args: &Args, role: &str) -> anyhow::Result<()> {
     let backend = Backend::open(kind, args.required("ns")?, 8).await?;
     match role {
         "owner" => {
-            let crash = CancellationToken::new();
-            let tasks = start_owner(backend.store(), &logs, round, &points, lease, None, &crash)?;
+            let control = OwnerControl::default();
+            let store = backend.store();
+            let tasks = start_owner(store, &logs, round, &points, &Mode::KILLED, lease, &control)?;
             for task in tasks {
                 let _ = task.await;
             }
             bail!("every run of the owner ended instead of parking until killed")
         }
-        "retry" | "recover" => {
-            let mode = if role == "retry" {
-                Mode::Retry
-            } else {
-                Mode::Recover
+        "freeze-owner" => {
+            // Parks, is frozen and thawed by the parent, and goes on once told `GO`.
+            let control = OwnerControl::default();
+            let release = control.release.clone();
+            tokio::spawn(async move {
+                let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+                while let Ok(Some(line)) = stdin.next_line().await {
+                    if line == RELEASE {
+                        release.cancel();
+                    }
+                }
+            });
+            let store = backend.store();
+            let modes = [Mode::Freeze];
+            for task in start_owner(store, &logs, round, &points, &modes, lease, &control)? {
+                if let Some(outcome) = task.await? {
+                    println!("{OUTCOME_TAG}{}", serde_json::to_string(&outcome)?);
+                }
+            }
+            Ok(())
+        }
+        "retry" | "recover" | "freeze" => {
+            let mode = match role {
+                "retry" => Mode::Retry,
+                "recover" => Mode::Recover,
+                _ => Mode::Freeze,
             };
             for outcome in resume(backend.store(), &logs, mode, round, &points, lease).await? {
                 println!("{OUTCOME_TAG}{}", serde_json::to_string(&outcome)?);
@@ -913,6 +980,7 @@ struct Observed {
 /// every broken invariant to `problems`.
 fn judge(
     point: Point,
+    mode: Mode,
     journal_at_kill: &str,
     lines: &Lines,
     outcome: Option<&Outcome>,
@@ -929,8 +997,24 @@ fn judge(
     }
     let done = point.completed_before();
     let in_flight = point.in_flight();
+    // A frozen owner's `notify` had started with `charge` (the group starts together) and
+    // waits, inside its step, for `charge`'s checkpoint: it is in flight too, and its
+    // effect may follow the thaw.
+    let notify_in_flight = mode == Mode::Freeze
+        && matches!(
+            point,
+            Point::Started(CHARGE) | Point::In(CHARGE) | Point::After(CHARGE)
+        );
     for (i, step) in STEPS.iter().enumerate() {
         let n = lines.steps[i];
+        if i == NOTIFY && notify_in_flight {
+            if n > 2 {
+                broken(format!(
+                    "{step} was in flight and ran {n} times (at most twice)"
+                ));
+            }
+            continue;
+        }
         if i < done && n != 1 {
             broken(format!(
                 "{step} completed before the kill and ran {n} times (must be exactly once)"
@@ -1058,7 +1142,13 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
          resume at once: one runs every key again with `OnRunning::Wait` (it takes over \
          when the lease lapses), one calls `flow.recover()` (no caller; the input comes \
          from the journal) until it has found its keys. Finally the parent calls every key \
-         once more. **Invariants:** every step that completed before the kill appears \
+         once more. **Frozen owners** (the `freeze` columns): another owner process parks \
+         one key per point the same way and is frozen with SIGSTOP instead of killed; a \
+         process runs every key again once the lease lapsed; then the owner gets SIGCONT and \
+         its parked runs go on, their lease long lapsed: they must stop before any further \
+         step (or, past the last checkpoint, have their outcome refused). Its step in flight \
+         may have run twice, and so may `notify`, which started with `charge` and waits \
+         inside its step for `charge`'s checkpoint. **Invariants:** every step that completed before the kill appears \
          exactly once in its file; the step in flight at most twice; `charge` (at most \
          once) never again: a run interrupted in it fails with `StepInterrupted(charge)` \
          and every step that completed is compensated exactly once; every other run \
@@ -1080,6 +1170,8 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
         "retry: outcome",
         "recover: lines",
         "recover: outcome",
+        "freeze: lines",
+        "freeze: outcome",
         "invariant",
     ]);
     let mut chaos_table = crate::durable_chaos::table();
@@ -1161,6 +1253,8 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
                 cell(Mode::Retry, &|o| o.outcome.clone()),
                 cell(Mode::Recover, &|o| o.lines.render()),
                 cell(Mode::Recover, &|o| o.outcome.clone()),
+                cell(Mode::Freeze, &|o| o.lines.render()),
+                cell(Mode::Freeze, &|o| o.outcome.clone()),
                 if problems.is_empty() {
                     "held".to_owned()
                 } else {
@@ -1237,7 +1331,7 @@ async fn store_rounds(
     .await?;
     for round in 0..config.rounds {
         let (dir, logs) = open(&format!("round-{round}"))?;
-        let (journals, outcomes) = if kind == StoreKind::Memory {
+        let crashed = if kind == StoreKind::Memory {
             crash_in_process(backend, &logs, round, config).await?
         } else {
             crash_in_processes(kind, namespace, backend, &dir, round, config).await?
@@ -1258,20 +1352,41 @@ async fn store_rounds(
                 let replay =
                     Outcome::of(input, &flow.run(input, options(&key, config.lease)).await);
                 let lines = Lines::read(&dir, &mode.flow(), input)?;
-                let journal = journals
+                let journal = crashed
+                    .journals
                     .get(&(mode.name(), input))
                     .cloned()
                     .unwrap_or_else(|| "unread".to_owned());
                 let mut found = Vec::new();
-                let text = judge(
+                let mut text = judge(
                     *point,
+                    mode,
                     &journal,
                     &lines,
-                    outcomes.get(&(mode.name(), input)),
+                    crashed.outcomes.get(&(mode.name(), input)),
                     Some(&replay),
                     &baseline,
                     &mut found,
                 );
+                if mode == Mode::Freeze {
+                    // The thawed owner must have stopped (its lease lapsed long ago), or,
+                    // thawed after its last checkpoint, had its outcome refused.
+                    let thawed = crashed.thawed.get(&input);
+                    let status = thawed.and_then(|t| t.status);
+                    let refused = thawed.is_some_and(|t| t.run_error.is_some());
+                    let how = match (status, refused) {
+                        (Some(Status::Cancelled), _) => "stopped",
+                        (Some(Status::Completed), true) => "outcome refused",
+                        _ => {
+                            found.push(format!(
+                                "{point}: the thawed owner ended {status:?} ({:?})",
+                                thawed.and_then(|t| t.run_error.as_deref())
+                            ));
+                            "**went on**"
+                        }
+                    };
+                    text.push_str(&format!("; thawed owner {how}"));
+                }
                 problems.extend(
                     found
                         .into_iter()
@@ -1327,22 +1442,25 @@ async fn run_baseline(
     Ok(baseline)
 }
 
-/// Journals at the kill, and the resumers' outcomes, by (mode, input).
-type Crashed = (
-    HashMap<(&'static str, u64), String>,
-    HashMap<(&'static str, u64), Outcome>,
-);
+/// Journals at the kill (or freeze), and the resumers' outcomes, by (mode, input); and
+/// how the thawed owner's runs ended, by input.
+struct Crashed {
+    journals: HashMap<(&'static str, u64), String>,
+    outcomes: HashMap<(&'static str, u64), Outcome>,
+    thawed: HashMap<u64, Outcome>,
+}
 
 async fn read_journals(
     store: &Arc<dyn IdempotencyStore>,
     round: u64,
     points: &[Point],
-) -> anyhow::Result<HashMap<(&'static str, u64), String>> {
+    modes: &[Mode],
+    journals: &mut HashMap<(&'static str, u64), String>,
+) -> anyhow::Result<()> {
     let journal = store
         .journal_store()
         .context("the store keeps no journals")?;
-    let mut journals = HashMap::new();
-    for mode in Mode::ALL {
+    for &mode in modes {
         for &point in points {
             let key = scoped(&mode.flow(), &key_of(round, point));
             let summary = match journal.read_journal(&key).await? {
@@ -1352,10 +1470,26 @@ async fn read_journals(
             journals.insert((mode.name(), input_of(point)), summary);
         }
     }
-    Ok(journals)
+    Ok(())
 }
 
-/// The memory store: owner, crash and resumers in this process.
+/// Waits for `n` parked runs reported on `parked`.
+async fn await_parked(
+    parked: &mut mpsc::UnboundedReceiver<String>,
+    n: usize,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(PARK_TIMEOUT, async {
+        for _ in 0..n {
+            if parked.recv().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the owner's runs did not all park within {PARK_TIMEOUT:?}"))
+}
+
+/// The memory store: owner, crash (or freeze) and resumers in this process.
 async fn crash_in_process(
     backend: &Backend,
     logs: &Logs,
@@ -1363,48 +1497,37 @@ async fn crash_in_process(
     config: &DurableCrashConfig,
 ) -> anyhow::Result<Crashed> {
     let store = backend.store();
+    let (points, lease) = (&config.points, config.lease);
     let (report, mut parked) = mpsc::unbounded_channel();
-    let crash = CancellationToken::new();
+    let killed = OwnerControl {
+        report: Some(report),
+        ..OwnerControl::default()
+    };
     let tasks = start_owner(
         Arc::clone(&store),
         logs,
         round,
-        &config.points,
-        config.lease,
-        Some(report),
-        &crash,
+        points,
+        &Mode::KILLED,
+        lease,
+        &killed,
     )?;
-    let expected = config.points.len() * Mode::ALL.len();
-    tokio::time::timeout(PARK_TIMEOUT, async {
-        for _ in 0..expected {
-            if parked.recv().await.is_none() {
-                break;
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("the owner's runs did not all park within {PARK_TIMEOUT:?}"))?;
-    crash.cancel();
+    await_parked(&mut parked, points.len() * Mode::KILLED.len()).await?;
+    killed.crash.cancel();
     for task in tasks {
         let _ = task.await;
     }
-    let journals = read_journals(&store, round, &config.points).await?;
+    let mut journals = HashMap::new();
+    read_journals(&store, round, points, &Mode::KILLED, &mut journals).await?;
     let (retry, recover) = tokio::join!(
-        resume(
-            Arc::clone(&store),
-            logs,
-            Mode::Retry,
-            round,
-            &config.points,
-            config.lease
-        ),
+        resume(Arc::clone(&store), logs, Mode::Retry, round, points, lease),
         resume(
             Arc::clone(&store),
             logs,
             Mode::Recover,
             round,
-            &config.points,
-            config.lease
+            points,
+            lease
         ),
     );
     let mut outcomes = HashMap::new();
@@ -1413,7 +1536,43 @@ async fn crash_in_process(
             outcomes.insert((mode.name(), outcome.input), outcome);
         }
     }
-    Ok((journals, outcomes))
+
+    // Frozen instead: parked, no longer polled (heartbeat included), resumed by another
+    // caller, then thawed and let go.
+    let (report, mut parked) = mpsc::unbounded_channel();
+    let frozen = OwnerControl {
+        report: Some(report),
+        ..OwnerControl::default()
+    };
+    let tasks = start_owner(
+        Arc::clone(&store),
+        logs,
+        round,
+        points,
+        &[Mode::Freeze],
+        lease,
+        &frozen,
+    )?;
+    await_parked(&mut parked, points.len()).await?;
+    frozen.freeze.cancel();
+    tokio::task::yield_now().await;
+    read_journals(&store, round, points, &[Mode::Freeze], &mut journals).await?;
+    for outcome in resume(Arc::clone(&store), logs, Mode::Freeze, round, points, lease).await? {
+        outcomes.insert((Mode::Freeze.name(), outcome.input), outcome);
+    }
+    frozen.thaw.cancel();
+    frozen.release.cancel();
+    let mut thawed = HashMap::new();
+    for task in tasks {
+        if let Some(outcome) = task.await? {
+            thawed.insert(outcome.input, outcome);
+        }
+    }
+    Ok(Crashed {
+        journals,
+        outcomes,
+        thawed,
+    })
 }
 
 /// A shared store: the owner and the resumers are child processes.
@@ -1450,7 +1609,7 @@ async fn crash_in_processes(
     };
     let mut owner = command("owner").spawn().context("spawning the owner")?;
     let mut lines = BufReader::new(owner.stdout.take().context("the owner's stdout")?).lines();
-    let expected = config.points.len() * Mode::ALL.len();
+    let expected = config.points.len() * Mode::KILLED.len();
     let parked = tokio::time::timeout(PARK_TIMEOUT, async {
         let mut parked = 0;
         while parked < expected {
@@ -1477,7 +1636,9 @@ async fn crash_in_processes(
             stderr_text(&mut owner).await
         ),
     }
-    let journals = read_journals(&backend.store(), round, &config.points).await?;
+    let store = backend.store();
+    let mut journals = HashMap::new();
+    read_journals(&store, round, &config.points, &Mode::KILLED, &mut journals).await?;
     let resumers = [Mode::Retry, Mode::Recover].map(|mode| {
         let mut command = command(mode.name());
         async move {
@@ -1512,7 +1673,99 @@ async fn crash_in_processes(
             outcomes.insert((mode, outcome.input), outcome);
         }
     }
-    Ok((journals, outcomes))
+
+    // Frozen instead: SIGSTOP once parked, another process runs every key again, then
+    // SIGCONT and `GO` let the owner's runs go on.
+    let mut owner = command("freeze-owner")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("spawning the owner to freeze")?;
+    let mut go = owner.stdin.take().context("the frozen owner's stdin")?;
+    let mut lines = BufReader::new(owner.stdout.take().context("the owner's stdout")?).lines();
+    let expected = config.points.len();
+    let parked = tokio::time::timeout(PARK_TIMEOUT, async {
+        let mut parked = 0;
+        while parked < expected {
+            match lines.next_line().await? {
+                Some(line) if line.starts_with(PARKED_TAG) => parked += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        anyhow::Ok(parked)
+    })
+    .await;
+    if !matches!(parked, Ok(Ok(n)) if n == expected) {
+        owner.kill().await?;
+        bail!(
+            "the owner to freeze did not park its {expected} runs: {}",
+            stderr_text(&mut owner).await
+        );
+    }
+    let pid = owner.id().context("the owner to freeze has no pid")?;
+    signal("STOP", pid).await?;
+    read_journals(
+        &store,
+        round,
+        &config.points,
+        &[Mode::Freeze],
+        &mut journals,
+    )
+    .await?;
+    let taker = command("freeze").spawn().context("spawning the taker")?;
+    let taken = tokio::time::timeout(RESUMER_TIMEOUT, taker.wait_with_output()).await;
+    signal("CONT", pid).await?;
+    let output =
+        taken.map_err(|_| anyhow::anyhow!("the taker ran longer than {RESUMER_TIMEOUT:?}"))??;
+    if !output.status.success() {
+        bail!(
+            "the taker failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    for json in String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(OUTCOME_TAG))
+    {
+        let outcome: Outcome = serde_json::from_str(json)?;
+        outcomes.insert((Mode::Freeze.name(), outcome.input), outcome);
+    }
+    {
+        use tokio::io::AsyncWriteExt as _;
+        go.write_all(format!("{RELEASE}\n").as_bytes()).await?;
+        drop(go);
+    }
+    let mut thawed = HashMap::new();
+    tokio::time::timeout(RESUMER_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(json) = line.strip_prefix(OUTCOME_TAG) {
+                let outcome: Outcome = serde_json::from_str(json)?;
+                thawed.insert(outcome.input, outcome);
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the thawed owner ran longer than {RESUMER_TIMEOUT:?}"))??;
+    let _ = owner.wait().await;
+    Ok(Crashed {
+        journals,
+        outcomes,
+        thawed,
+    })
+}
+
+/// Sends `signal` to `pid` with the `kill` command (this crate has no `unsafe`).
+async fn signal(signal: &str, pid: u32) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running `kill -{signal} {pid}`"))?;
+    anyhow::ensure!(status.success(), "`kill -{signal} {pid}` failed ({status})");
+    Ok(())
 }
 
 pub(crate) async fn stderr_text(child: &mut tokio::process::Child) -> String {

@@ -288,7 +288,8 @@ fn a_hung_redis_ends_every_call_in_time_and_frees_every_key_one_lease_after_it_r
 }
 
 /// The durable crash proof on `store`: every kill point resumed by a retry and by
-/// `recover`, and random kills of the owner and of its taker.
+/// `recover`, the owner frozen at every point and thawed after a retry resumed it, and
+/// random kills of the owner and of its taker.
 fn durable_crash(store: &str) -> Output {
     bench(&[
         "durable-crash",
@@ -350,6 +351,14 @@ fn assert_durable_crash_held(output: &Output, store: &str) {
     let after_ship = point("after ship");
     assert_eq!(after_ship[3], "1 1 1 1 1");
     assert_eq!(after_ship[6], "completed = uncrashed, 5 restored");
+    // Frozen past its lease after a checkpoint, then thawed once another process resumed
+    // the run: the owner stops before the next step (the taker ran it).
+    let after_notify = point("after notify");
+    assert_eq!(after_notify[7], "1 1 1 1 1");
+    assert_eq!(
+        after_notify[8],
+        "completed = uncrashed, 3 restored; thawed owner stopped"
+    );
 }
 
 #[test]
