@@ -229,7 +229,7 @@ impl Raw {
     /// entry); the append is timed.
     async fn raw_append(&self, tag: &str, n: u64, entry: &[u8]) -> anyhow::Result<Duration> {
         let key = format!("floor-{tag}-{}", n / ENTRIES);
-        let first = n % ENTRIES == 0;
+        let first = n.is_multiple_of(ENTRIES);
         match self {
             Self::None => Ok(Duration::ZERO),
             Self::Redis { conn, prefix } => {
@@ -326,7 +326,7 @@ async fn checkpoint(
     token: &std::sync::Mutex<Option<FencingToken>>,
 ) -> anyhow::Result<Duration> {
     let key = format!("durable:ckpt-{tag}-{}", n / ENTRIES);
-    if n % ENTRIES == 0 {
+    if n.is_multiple_of(ENTRIES) {
         let start = DurableStart {
             key: &key,
             fingerprint: None,

@@ -408,9 +408,8 @@ pub(crate) fn crash_flow(
         .then(effects.step(3))
         .then(effects.step(4))
         .output(|ctx| {
-            Ok(ctx
-                .get::<String>("ship")?
-                .ok_or_else(|| StepError::msg("no shipment"))?)
+            ctx.get::<String>("ship")?
+                .ok_or_else(|| StepError::msg("no shipment"))
         })
         .build()?)
 }
@@ -978,6 +977,7 @@ struct Observed {
 
 /// Checks one resumed key against the invariants; returns what to print, and pushes
 /// every broken invariant to `problems`.
+#[allow(clippy::too_many_arguments)]
 fn judge(
     point: Point,
     mode: Mode,
@@ -1057,8 +1057,7 @@ fn judge(
         broken(format!("the resume returned an error: {e}"));
         return format!("error: {e}");
     }
-    let described;
-    if point.interrupts() {
+    let described = if point.interrupts() {
         let interrupted = matches!(
             &outcome.error,
             Some(FlowError::StepInterrupted { step }) if step == STEPS[CHARGE]
@@ -1082,7 +1081,7 @@ fn judge(
                 ));
             }
         }
-        described = "failed: StepInterrupted(charge), compensated".to_owned();
+        "failed: StepInterrupted(charge), compensated"
     } else {
         let expected = baseline.get(&outcome.input);
         if outcome.status != Some(Status::Completed) || outcome.output.as_ref() != expected {
@@ -1097,8 +1096,8 @@ fn judge(
                 lines.render()
             ));
         }
-        described = "completed = uncrashed".to_owned();
-    }
+        "completed = uncrashed"
+    };
     if outcome.replayed {
         broken("the resume was a replay: nothing was resumed".to_owned());
     }
