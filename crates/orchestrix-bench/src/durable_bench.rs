@@ -361,6 +361,41 @@ struct Checkpoint {
     raw: Latency,
     floor: Latency,
     append: Latency,
+    /// Redis: its own time per command (`INFO commandstats`, µs): `SET`, `APPEND`, and the
+    /// scripts of the append slices (the appends and, one in six, their record's
+    /// `start_durable`).
+    redis_usec: Option<[f64; 3]>,
+}
+
+/// Calls and µs Redis spent in the commands named (`cmdstat_<name>`, prefixes).
+async fn redis_stats(raw: &Raw, names: &[&str]) -> Option<(u64, u64)> {
+    let Raw::Redis { conn, .. } = raw else {
+        return None;
+    };
+    let info = crate::stores::redis_info(conn.clone(), "commandstats")
+        .await
+        .ok()?;
+    let (mut calls, mut usec) = (0, 0);
+    for line in info.lines() {
+        let Some((name, stats)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        if !names.iter().any(|n| name.starts_with(n)) {
+            continue;
+        }
+        let stat = |field: &str| {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(field)?.strip_prefix('='))
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        calls += stat("calls").unwrap_or(0);
+        usec += stat("usec").unwrap_or(0);
+    }
+    Some((calls, usec))
 }
 
 async fn measure_checkpoints(
@@ -387,21 +422,48 @@ async fn measure_checkpoints(
         setting.raw.raw_append(&warm_tag, n, value)
     })
     .await;
+    // Redis's own time, summed over the slices: (calls, µs) of SET, APPEND, scripts.
+    let mut server = [(0u64, 0u64); 3];
+    let mut counted = matches!(setting.raw, Raw::Redis { .. });
+    let mut add =
+        |i: usize, before: Option<(u64, u64)>, after: Option<(u64, u64)>| match (before, after) {
+            (Some(b), Some(a)) => {
+                server[i].0 += a.0.saturating_sub(b.0);
+                server[i].1 += a.1.saturating_sub(b.1);
+            }
+            _ => counted = false,
+        };
     for _ in 0..ROUNDS {
+        let before = redis_stats(&setting.raw, &["set"]).await;
         raw += timed(slice, &mut n_raw, |n| setting.raw.round_trip(n, value)).await;
+        add(0, before, redis_stats(&setting.raw, &["set"]).await);
         n_floor = n_floor.div_ceil(ENTRIES) * ENTRIES;
+        let before = redis_stats(&setting.raw, &["append"]).await;
         floor += timed(slice, &mut n_floor, |n| {
             setting.raw.raw_append(&tag, n, value)
         })
         .await;
+        add(1, before, redis_stats(&setting.raw, &["append"]).await);
         // Each slice starts on a fresh record.
         n_append = n_append.div_ceil(ENTRIES) * ENTRIES;
+        let before = redis_stats(&setting.raw, &["eval", "fcall"]).await;
         append += timed(slice, &mut n_append, |n| {
             checkpoint(journal, entries, &tag, n, &token)
         })
         .await;
+        add(
+            2,
+            before,
+            redis_stats(&setting.raw, &["eval", "fcall"]).await,
+        );
     }
-    Ok(Checkpoint { raw, floor, append })
+    let redis_usec = counted.then(|| server.map(|(calls, usec)| usec as f64 / calls.max(1) as f64));
+    Ok(Checkpoint {
+        raw,
+        floor,
+        append,
+        redis_usec,
+    })
 }
 
 /// Fresh keyed runs of the 5-step flow, durable and not, alternating in slices.
@@ -602,6 +664,10 @@ pub async fn main(kinds: &[StoreKind], config: &DurableBenchConfig) -> anyhow::R
                 continue;
             }
         };
+        let redis_time: Vec<(String, [f64; 3])> = ckpt_rows
+            .iter()
+            .filter_map(|(label, _, c)| Some((label.clone(), c.redis_usec?)))
+            .collect();
         for (label, raw_names, c) in ckpt_rows {
             let errors = c.raw.errors + c.floor.errors + c.append.errors;
             if errors > 0 {
@@ -672,6 +738,14 @@ pub async fn main(kinds: &[StoreKind], config: &DurableBenchConfig) -> anyhow::R
         }
         for note in notes {
             section.note(note);
+        }
+        for (label, c) in &redis_time {
+            section.note(format!(
+                "redis ({label}): Redis's own time per command (`INFO commandstats`, server-wide, \
+                 same slices): `SET` {:.1} µs, `APPEND` {:.1} µs, a journal script \
+                 (the appends and their records' `start_durable`) {:.1} µs",
+                c[0], c[1], c[2]
+            ));
         }
     }
     section.tables.push(checkpoints);
