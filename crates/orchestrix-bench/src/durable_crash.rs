@@ -59,6 +59,8 @@ const NOTIFY: usize = 2;
 /// Steps with a compensation: all but `ship`, the last.
 pub(crate) const COMPENSATED: [bool; 5] = [true, true, true, true, false];
 
+/// The shortest lease the proof gives runs on DynamoDB (see `main`).
+const DYNAMODB_LEASE: Duration = Duration::from_secs(3);
 /// How long the parent waits for the owner's runs to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a resumer waits for a key (retry) or looks for abandoned runs (recover).
@@ -1182,6 +1184,17 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
                 continue;
             }
         };
+        // The local DynamoDB-compatible server answers a few hundred requests a second;
+        // with every waiter polling it, an answer can take longer than a 1 s lease, and a
+        // run that learns of its acquire only after its lease lapsed rightly stops.
+        let config = &DurableCrashConfig {
+            lease: if kind == StoreKind::Dynamodb {
+                config.lease.max(DYNAMODB_LEASE)
+            } else {
+                config.lease
+            },
+            ..config.clone()
+        };
         let measured = store_rounds(kind, &namespace, &backend, config).await;
         if config.chaos_keys > 0 {
             let chaos = match tempfile::Builder::new()
@@ -1273,10 +1286,13 @@ pub async fn main(kinds: &[StoreKind], config: &DurableCrashConfig) -> anyhow::R
             );
         }
         if kind == StoreKind::Dynamodb {
-            section.note(
-                "dynamodb: a lease counts as lapsed only after the store's clock-skew \
-                 allowance (default 1 s) on top of it",
-            );
+            section.note(format!(
+                "dynamodb: lease {:?} (at least {DYNAMODB_LEASE:?}: the local server answers \
+                 a few hundred requests a second, and a run whose acquire is answered after \
+                 its lease lapsed stops before its first step); a lease counts as lapsed \
+                 only after the store's clock-skew allowance (default 1 s) on top of it",
+                config.lease
+            ));
         }
     }
     section.tables.push(table);
