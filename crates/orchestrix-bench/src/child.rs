@@ -10,6 +10,19 @@ pub async fn main(args: &Args) -> anyhow::Result<()> {
         Some("storm-dead-owner") => crate::takeover::dead_owner_child(args).await,
         Some("crash-owner") => crate::crash::child(args, crate::crash::Role::Owner).await,
         Some("crash-taker") => crate::crash::child(args, crate::crash::Role::Taker).await,
+        Some(
+            role @ ("durable-crash-owner"
+            | "durable-crash-retry"
+            | "durable-crash-recover"
+            | "durable-crash-freeze-owner"
+            | "durable-crash-freeze"),
+        ) => crate::durable_crash::child(args, role.trim_start_matches("durable-crash-")).await,
+        Some(
+            stage @ ("durable-chaos-owner"
+            | "durable-chaos-resume"
+            | "durable-chaos-retry"
+            | "durable-chaos-recover"),
+        ) => crate::durable_chaos::child(args, stage.trim_start_matches("durable-chaos-")).await,
         other => bail!("unknown child role {other:?}"),
     }
 }

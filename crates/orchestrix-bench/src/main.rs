@@ -27,6 +27,13 @@
 //!   refuses results above it. Invariant: each key still executes exactly once; the
 //!   caller is told the record was finished without its result, and later callers are
 //!   refused with "result not stored", also after the lease.
+//! * `durable-crash` — a durable flow's owner process is killed with SIGKILL at every step
+//!   boundary and in every step; another process resumes each run by retrying its key
+//!   and by `Flow::recover`. Invariant: no step that completed runs again, the step in
+//!   flight at most once more (never an at-most-once step), and the output equals an
+//!   uncrashed run's.
+//! * `durable` — one checkpoint beside the store's raw round trip, and durable ÷ plain
+//!   keyed runs of a 5-step flow.
 //! * `throughput` — fresh runs/s and replays/s beside the raw round-trip rate of the same
 //!   client, and round trips per operation.
 //! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
@@ -40,6 +47,9 @@ mod big_results;
 mod child;
 mod counter;
 mod crash;
+mod durable_bench;
+mod durable_chaos;
+mod durable_crash;
 mod machine;
 mod outage;
 mod redis_server;
@@ -65,6 +75,9 @@ scenarios:
   storm       --store S [--processes 4] [--callers 5] [--keys 500]
               [--race fresh|expired|failed|all] [--lease-ms 1000]
   crash       --store S [--lease-ms 1000] [--rounds 1]
+  durable-crash --store S [--lease-ms 1000] [--rounds 1] [--points all|P,P,...]
+              [--chaos-keys 16 (random kills per round; 0: none)]
+              (P: acquired, in-reserve, after-reserve, started-charge, in-charge, ...)
   outage      [--store redis] [--fault kill|stop] [--window-keys 20] [--callers 16]
               [--step-ms 5] [--down-at-ms 2500]
               [--seconds 8 (kill) | 10 (stop)] [--down-for-ms 1500 (kill) | 6000 (stop)]
@@ -72,6 +85,7 @@ scenarios:
               [--response-timeout-ms 2000 (kill) | 500 (stop)] [--deadline-ms D]
   big-results [--limit bulk|memory|all] [--keys 10] [--callers 4] [--lease-ms 1000]
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
+  durable     --store S [--seconds 2]
   report      [--output PATH] [--seconds 2]
 
 S: memory | redis | postgres | sqlite | dynamodb | all
@@ -131,6 +145,20 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         "crash" => {
             vec![crash::main(&stores_arg(&args)?, &crash::CrashConfig::from_args(&args)?).await?]
         }
+        "durable-crash" => vec![
+            durable_crash::main(
+                &stores_arg(&args)?,
+                &durable_crash::DurableCrashConfig::from_args(&args)?,
+            )
+            .await?,
+        ],
+        "durable" => vec![
+            durable_bench::main(
+                &stores_arg(&args)?,
+                &durable_bench::DurableBenchConfig::from_args(&args)?,
+            )
+            .await?,
+        ],
         "outage" => {
             let kinds = stores_arg(&args).unwrap_or_else(|_| vec![StoreKind::Redis]);
             if kinds != [StoreKind::Redis] {

@@ -13,6 +13,8 @@ use anyhow::Context as _;
 use crate::args::Args;
 use crate::big_results::{BigResultsConfig, Limit};
 use crate::crash::CrashConfig;
+use crate::durable_bench::DurableBenchConfig;
+use crate::durable_crash::{DurableCrashConfig, Point};
 use crate::machine;
 use crate::outage::OutageConfig;
 use crate::section::{Section, Table};
@@ -67,6 +69,15 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         records: Vec::new(),
     };
     sections.extend(bounded("throughput", crate::throughput::main(&SHARED, &shared)).await);
+    let durable = DurableBenchConfig { phase };
+    sections.extend(
+        bounded("durable", async {
+            Ok(vec![
+                crate::durable_bench::main(&StoreKind::ALL, &durable).await?,
+            ])
+        })
+        .await,
+    );
     let storm_size = |kind: StoreKind| match kind {
         StoreKind::Memory => StormSize {
             processes: 1,
@@ -112,6 +123,20 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
     sections.extend(
         bounded("crash", async {
             Ok(vec![crate::crash::main(&SHARED, &crash).await?])
+        })
+        .await,
+    );
+    let durable_crash = DurableCrashConfig {
+        lease: Duration::from_secs(1),
+        rounds: 1,
+        points: Point::all(),
+        chaos_keys: 16,
+    };
+    sections.extend(
+        bounded("durable crash", async {
+            Ok(vec![
+                crate::durable_crash::main(&StoreKind::ALL, &durable_crash).await?,
+            ])
         })
         .await,
     );
@@ -241,7 +266,8 @@ fn render(sections: &[Section], services: &[(StoreKind, String)], took: Duration
          comes from real flows \
          (`Flow::run` with an idempotency key) against real services on 127.0.0.1. Run one \
          scenario alone with `cargo run --release -p orchestrix-bench -- <scenario> --store <store>` \
-         (`storm`, `crash`, `outage`, `big-results`, `throughput`; `--help` lists the options).\n\n\
+         (`storm`, `crash`, `durable-crash`, `outage`, `big-results`, `throughput`, `durable`; \
+         `--help` lists the options).\n\n\
          **Caveat:** measured on a shared 2-core virtual machine. The harness, its child \
          processes and the servers (Redis, PostgreSQL, the DynamoDB-compatible `moto`) share \
          those two cores, and other work on the host adds noise: read the figures as orders \

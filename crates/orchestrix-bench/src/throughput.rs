@@ -60,18 +60,18 @@ impl ThroughputConfig {
 
 /// Runs counted in one timed phase.
 #[derive(Debug, Default, Clone, Copy)]
-struct Rate {
-    ops: u64,
+pub struct Rate {
+    pub ops: u64,
     /// Completed, but not as the phase expects (a fresh run replayed, a replay that ran).
-    wrong: u64,
-    errors: u64,
+    pub wrong: u64,
+    pub errors: u64,
     /// How many operations were started (fresh runs: keys `0..attempted` exist).
-    attempted: u64,
-    secs: f64,
+    pub attempted: u64,
+    pub secs: f64,
 }
 
 impl Rate {
-    fn per_sec(&self) -> f64 {
+    pub fn per_sec(&self) -> f64 {
         if self.secs > 0.0 {
             self.ops as f64 / self.secs
         } else {
@@ -94,7 +94,7 @@ impl std::ops::AddAssign for Rate {
 
 /// Runs `op(n)` for n = `first`, `first` + 1, … from `concurrency` tasks until `duration`
 /// has passed. The rate's `attempted` is the next unused n.
-async fn measure<F, Fut>(concurrency: u64, duration: Duration, first: u64, op: F) -> Rate
+pub async fn measure<F, Fut>(concurrency: u64, duration: Duration, first: u64, op: F) -> Rate
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<bool>> + Send + 'static,
@@ -547,7 +547,7 @@ async fn shared_stores(kinds: &[StoreKind], config: &ThroughputConfig) -> anyhow
 /// Slices each concurrency level is measured in: the raw, fresh and replay phases take
 /// turns, so a burst of noise on the shared machine falls on all three alike and the
 /// ratios between them stay fair.
-const ROUNDS: u32 = 5;
+pub const ROUNDS: u32 = 5;
 
 async fn measure_store(
     backend: &Backend,

@@ -286,3 +286,92 @@ fn a_hung_redis_ends_every_call_in_time_and_frees_every_key_one_lease_after_it_r
         "{stdout}"
     );
 }
+
+/// The durable crash proof on `store`: every kill point resumed by a retry and by
+/// `recover`, the owner frozen at every point and thawed after a retry resumed it, and
+/// random kills of the owner and of its taker.
+fn durable_crash(store: &str) -> Output {
+    bench(&[
+        "durable-crash",
+        "--store",
+        store,
+        "--lease-ms",
+        "1000",
+        "--chaos-keys",
+        "8",
+    ])
+}
+
+/// Asserts the crash proof held on `store` at every kill point and under random kills,
+/// and that the kill points the table names ended as the invariants say.
+fn assert_durable_crash_held(output: &Output, store: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("all invariants held"),
+        "invariant broken or scenario failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: Vec<Vec<String>> = stdout
+        .lines()
+        .filter(|line| line.starts_with(&format!("| {store} ")))
+        .map(|row| {
+            row.split('|')
+                .skip(1)
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .collect();
+    // Twelve kill points, then the random kills' row.
+    assert_eq!(rows.len(), 13, "{stdout}");
+    assert!(
+        rows.iter().all(|r| r.contains(&"held".to_owned())),
+        "{stdout}"
+    );
+    let point = |name: &str| {
+        rows.iter()
+            .find(|r| r[1] == name)
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"))
+    };
+    // In a step: it ran twice (killed owner, resumer), every other step once.
+    let in_pack = point("in pack");
+    assert_eq!(
+        (in_pack[3].as_str(), in_pack[5].as_str()),
+        ("1 1 1 2 1", "1 1 1 2 1")
+    );
+    // Interrupted in the at-most-once step: not run again, the run compensates.
+    let in_charge = point("in charge");
+    assert_eq!(in_charge[2], "reserve charge(started)");
+    assert_eq!(in_charge[3], "1 1 1 0 0 · undo reserve notify");
+    assert!(
+        in_charge[4].starts_with("failed: StepInterrupted(charge)"),
+        "{in_charge:?}"
+    );
+    // Killed after the last checkpoint: all five restored, none run again.
+    let after_ship = point("after ship");
+    assert_eq!(after_ship[3], "1 1 1 1 1");
+    assert_eq!(after_ship[6], "completed = uncrashed, 5 restored");
+    // Frozen past its lease after a checkpoint, then thawed once another process resumed
+    // the run: the owner stops before the next step (the taker ran it).
+    let after_notify = point("after notify");
+    assert_eq!(after_notify[7], "1 1 1 1 1");
+    assert_eq!(
+        after_notify[8],
+        "completed = uncrashed, 3 restored; thawed owner stopped"
+    );
+}
+
+#[test]
+fn durable_crash_on_redis_never_repeats_a_checkpointed_step_at_any_kill_point() {
+    assert_durable_crash_held(&durable_crash("redis"), "redis");
+}
+
+#[test]
+fn durable_crash_on_sqlite_never_repeats_a_checkpointed_step_at_any_kill_point() {
+    assert_durable_crash_held(&durable_crash("sqlite"), "sqlite");
+}
+
+#[test]
+fn durable_crash_on_postgres_never_repeats_a_checkpointed_step_at_any_kill_point() {
+    assert_durable_crash_held(&durable_crash("postgres"), "postgres");
+}

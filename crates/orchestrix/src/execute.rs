@@ -296,6 +296,9 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
         if journal.resume.is_restored(i) {
             return (None, Ok(false));
         }
+        if let Err(e) = journal.stop_if_lapsed(&step.name) {
+            return (Some(StepResult::pending(&step.name)), Err(e));
+        }
         if step.at_most_once {
             if journal.resume.is_interrupted(i) {
                 let mut result = StepResult::pending(&step.name);
@@ -311,6 +314,13 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
                 name: step.name.to_string(),
             };
             if let Err(e) = journal.write(&step.name, &mark).await {
+                return (Some(StepResult::pending(&step.name)), Err(e));
+            }
+            // Again once the mark is stored, which a stall may also have outlived: the
+            // step is then left interrupted (never run) rather than run after another
+            // owner failed the run for it. Checked before the mark too, so a lease that
+            // had lapsed already does not leave the step marked.
+            if let Err(e) = journal.stop_if_lapsed(&step.name) {
                 return (Some(StepResult::pending(&step.name)), Err(e));
             }
         }

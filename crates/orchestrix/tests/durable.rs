@@ -16,8 +16,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrix::idempotency::{IdempotencyError, OnRunning};
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, MemoryStore, Record, RecordStatus, StartOutcome,
-    StartRequest, StoreError,
+    DurableStart, DurableStartOutcome, FencingToken, FinalStatus, IdempotencyStore, Journal,
+    JournalStore, MemoryStore, Record, RecordStatus, Redrive, StartOutcome, StartRequest,
+    StoreError,
 };
 use orchestrix::{
     BuildError, CancellationToken, Context, Event, Flow, FlowError, FlowResult, Parallel,
@@ -359,6 +360,238 @@ async fn a_run_that_lost_its_heartbeat_is_resumed_by_the_next_caller() {
         ),
         (1, 1, 2)
     );
+}
+
+/// A memory store whose journal append number `hold_at` (0-based), once stored, waits
+/// until `release`: the owner frozen (a paused VM, SIGSTOP, a long stall) right after a
+/// journal write, before its next step (or the step it marked started) runs.
+#[derive(Debug, Clone)]
+struct HeldAppends {
+    inner: Arc<MemoryStore>,
+    hold_at: u32,
+    appended: Arc<AtomicU32>,
+    held: Arc<AtomicU32>,
+    release: Arc<Notify>,
+}
+
+impl HeldAppends {
+    fn holding(hold_at: u32) -> Self {
+        Self {
+            inner: Arc::default(),
+            hold_at,
+            appended: Arc::default(),
+            held: Arc::default(),
+            release: Arc::default(),
+        }
+    }
+}
+
+impl HeldAppends {
+    fn journal(&self) -> Result<&dyn JournalStore, StoreError> {
+        self.inner
+            .journal_store()
+            .ok_or_else(|| StoreError::backend_msg("no journal"))
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for HeldAppends {
+    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
+        self.inner.start(req).await
+    }
+    async fn finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.inner.finish(key, token, status, result, ttl).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    fn journal_store(&self) -> Option<&dyn JournalStore> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl JournalStore for HeldAppends {
+    async fn start_durable(
+        &self,
+        req: DurableStart<'_>,
+    ) -> Result<DurableStartOutcome, StoreError> {
+        self.journal()?.start_durable(req).await
+    }
+    async fn append(&self, key: &str, token: FencingToken, entry: &[u8]) -> Result<(), StoreError> {
+        self.journal()?.append(key, token, entry).await?;
+        if self.appended.fetch_add(1, Ordering::SeqCst) == self.hold_at {
+            let released = self.release.notified();
+            self.held.fetch_add(1, Ordering::SeqCst);
+            released.await;
+        }
+        Ok(())
+    }
+    async fn suspend(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        self.journal()?.suspend(key, token).await
+    }
+    async fn redrive(
+        &self,
+        key: &str,
+        lease: Duration,
+        retain: Option<Duration>,
+    ) -> Result<Redrive, StoreError> {
+        self.journal()?.redrive(key, lease, retain).await
+    }
+    async fn read_journal(&self, key: &str) -> Result<Option<Journal>, StoreError> {
+        self.journal()?.read_journal(key).await
+    }
+    async fn abandoned(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.journal()?.abandoned(prefix, after, limit).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_frozen_past_its_lease_does_not_run_a_step_its_taker_completed() {
+    // The first append: `charge`'s checkpoint.
+    let (world, held) = (World::default(), HeldAppends::holding(0));
+    let store: Arc<dyn IdempotencyStore> = Arc::new(held.clone());
+    let flow = world.order(&store);
+    let mut owner = Box::pin(flow.run(7, key("o-frozen")));
+    bounded("the owner to store charge's checkpoint", async {
+        while held.held.load(Ordering::SeqCst) == 0 {
+            tokio::select! {
+                biased;
+                _ = &mut owner => panic!("the owner ended before its first checkpoint"),
+                () = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        }
+    })
+    .await;
+    // Frozen: not polled for two leases, so neither its steps nor its heartbeat run.
+    tokio::time::sleep(LEASE * 2).await;
+    let taken = ok(bounded("the taker", flow.run(7, key("o-frozen"))).await);
+    assert_eq!(taken.status, Status::Completed);
+    assert_eq!(
+        (
+            world.runs("charge"),
+            world.runs("reserve"),
+            world.runs("ship")
+        ),
+        (1, 1, 1)
+    );
+    // Thawed: the owner goes on from right after its checkpoint. Its lease lapsed long
+    // ago, so it must not start `reserve`, which its taker completed.
+    held.release.notify_waiters();
+    let thawed = bounded("the thawed owner", owner).await;
+    assert_eq!(
+        (world.runs("reserve"), world.runs("ship")),
+        (1, 1),
+        "the thawed owner ran steps its taker had completed: {thawed:?}"
+    );
+    let replay = ok(flow.run(7, key("o-frozen")).await);
+    assert!(replay.replayed);
+    assert_eq!(replay.output, taken.output);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_frozen_after_marking_an_at_most_once_step_started_does_not_run_it() {
+    // The second append: the start mark of `transfer`, after `charge`'s checkpoint.
+    let (world, held) = (World::default(), HeldAppends::holding(1));
+    let store: Arc<dyn IdempotencyStore> = Arc::new(held.clone());
+    let flow = Flow::<u64, String>::builder("payout")
+        .durable()
+        .store(Arc::clone(&store))
+        .then(world.step("charge"))
+        .then(world.step("transfer").at_most_once())
+        .then(world.step("notify"))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut owner = Box::pin(flow.run(7, key("p-frozen")));
+    bounded("the owner to mark transfer started", async {
+        while held.held.load(Ordering::SeqCst) == 0 {
+            tokio::select! {
+                biased;
+                _ = &mut owner => panic!("the owner ended before the mark"),
+                () = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(LEASE * 2).await;
+    // The taker finds `transfer` started and unfinished: it fails and undoes `charge`.
+    let taken = ok(bounded("the taker", flow.run(7, key("p-frozen"))).await);
+    assert_eq!(
+        taken.error,
+        Some(FlowError::StepInterrupted {
+            step: "transfer".into()
+        })
+    );
+    assert_eq!(world.undone(), ["charge=charge:7"]);
+    // Thawed right after its mark, the owner must not transfer now: the run it belonged
+    // to has failed and been compensated.
+    held.release.notify_waiters();
+    let thawed = bounded("the thawed owner", owner).await;
+    assert_eq!(
+        world.runs("transfer"),
+        0,
+        "the thawed owner ran transfer: {thawed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_frozen_past_its_lease_whose_step_then_fails_compensates_nothing() {
+    let (world, store) = (World::default(), memory());
+    let flow = world.order(&store);
+    world.gate("reserve");
+    let mut owner = Box::pin(flow.run(7, key("o-frozen-fail")));
+    bounded("the owner to reach reserve", async {
+        while world.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::select! {
+                biased;
+                _ = &mut owner => panic!("the owner ended before reserve"),
+                () = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        }
+    })
+    .await;
+    // Frozen inside `reserve` for two leases; a taker resumes and completes the order.
+    tokio::time::sleep(LEASE * 2).await;
+    world.ungate();
+    let taken = ok(bounded("the taker", flow.run(7, key("o-frozen-fail"))).await);
+    assert_eq!(taken.status, Status::Completed);
+    // Thawed, the owner's `reserve` fails: undoing `charge` now would undo the taker's
+    // completed order.
+    world.fail("reserve", true);
+    let thawed = bounded("the thawed owner", owner).await;
+    assert!(
+        world.undone().is_empty(),
+        "the thawed owner compensated {:?}: {thawed:?}",
+        world.undone()
+    );
+    let replay = ok(flow.run(7, key("o-frozen-fail")).await);
+    assert_eq!(replay.output, taken.output);
 }
 
 #[tokio::test(start_paused = true)]

@@ -68,9 +68,27 @@ impl Journaling<'_> {
         }
     }
 
-    /// Whether the run lost its ownership: then it must not compensate, since the run's
-    /// next owner resumes from the journal and counts the journaled steps as done.
+    /// Whether the run lost its ownership, or cannot be sure it still has it (its lease
+    /// lapsed by its own clock): then it must not compensate, since the run's next owner
+    /// resumes from the journal and counts the journaled steps as done.
     pub(crate) fn lost(&self) -> bool {
-        self.owner.lease_lost()
+        self.owner.lease_lost() || self.owner.lapsed()
+    }
+
+    /// Stops the run before it starts another step if its lease lapsed by its own clock:
+    /// a run frozen past its lease (a paused VM, a stalled process) finds, when it goes
+    /// on, that another owner may have resumed the key and run that very step. Its next
+    /// fenced write would be refused, but only after the step's effect.
+    pub(crate) fn stop_if_lapsed(&self, step: &str) -> Result<(), FlowError> {
+        if !self.owner.lapsed() {
+            return Ok(());
+        }
+        tracing::warn!(
+            key = %self.owner.key(),
+            step,
+            "the lease lapsed before this step could start (the run was stalled); stopping the run"
+        );
+        self.owner.lose(self.cancel);
+        Err(FlowError::Cancelled)
     }
 }

@@ -24,9 +24,15 @@
 //! | crash, dropped future or lost lease, then resume | never again | may run again; never for [`at_most_once`](crate::Step::at_most_once) (the run fails with `StepInterrupted`) |
 //! | cancellation, then a new call | never again (a compensated step is undone, and runs again) | compensated, or resumed per its status |
 //! | [redrive](crate::Flow::redrive) of a failed run | never again (a compensated step runs again) | the failed step runs again |
+//! | a process frozen past its lease goes on after another caller resumed the run | never again: it stops before its next step and compensates nothing | may have run twice |
+//! | crash during a compensation, then resume | journaled compensations never again | the compensation in flight may run again |
 //!
 //! A step that completed is recorded only once its entry is written: a crash between the
-//! step's end and its entry is a crash during the step. To make even that step safe, send
+//! step's end and its entry is a crash during the step. A run that was frozen rather than
+//! killed (a paused VM, a stalled process) and goes on after its lease lapsed stops before
+//! its next step, and compensates nothing, as soon as its own clock says the lease lapsed
+//! (counted from when its last successful acquire or renewal was sent): another owner may
+//! have resumed it meanwhile. Only the step it was in when frozen may have run twice. To make even that step safe, send
 //! [`Context::step_key`](crate::Context::step_key) as the idempotency key of what it calls
 //! downstream: it is the same in every run of the key.
 //!

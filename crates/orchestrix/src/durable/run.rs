@@ -312,13 +312,15 @@ where
         options.validate()?;
         let (_, journal) = self.durable_parts()?;
         let key = self.key_of(&options)?;
+        let sent = tokio::time::Instant::now();
         match journal
             .redrive(&key, options.lease, options.ttl)
             .await
             .map_err(IdempotencyError::from)?
         {
             Redrive::Acquired { token, journal } => {
-                let owner = Ownership::new(&self.inner.store, &key, token, options.lease);
+                let owner = Ownership::new(&self.inner.store, &key, token, options.lease)
+                    .keep_deadline(sent);
                 self.own_durable(owner, None, Some(journal), true, &options)
                     .await
             }

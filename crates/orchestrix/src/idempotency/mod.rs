@@ -350,8 +350,25 @@ impl Ownership {
             key: self.key.clone(),
             token: self.token,
             lease: self.lease,
-            lost: Arc::clone(&self.lost),
+            held: Arc::clone(&self.held),
         }
+    }
+
+    /// Keeps this process's own deadline of the lease, from `sent`, the moment the acquire
+    /// that succeeded was sent (the store's lease began later, so it cannot have lapsed
+    /// before): [`lapsed`](Self::lapsed) then tells a run that was frozen past its lease
+    /// (a paused VM, a stalled process) before it acts again. Renewals carry it forward.
+    /// Durable runs keep it; plain runs pay nothing for it.
+    pub(crate) fn keep_deadline(self, sent: Instant) -> Self {
+        *self.held.deadline() = Some(sent + self.lease);
+        self
+    }
+
+    /// Whether the lease surely lapsed by this process's clock: no acquire or renewal sent
+    /// within the last lease succeeded. Only for an ownership that
+    /// [keeps its deadline](Self::keep_deadline); `false` otherwise.
+    pub(crate) fn lapsed(&self) -> bool {
+        self.held.deadline().is_some_and(|d| Instant::now() >= d)
     }
 
     /// The ownership of `key` under `token`, acquired some other way than [`admit`] (a
@@ -367,7 +384,7 @@ impl Ownership {
             key: key.to_owned(),
             token,
             lease,
-            lost: Arc::default(),
+            held: Arc::default(),
         }
     }
 
@@ -381,7 +398,7 @@ impl Ownership {
             key: req.key.to_owned(),
             token,
             lease: req.lease,
-            lost: Arc::default(),
+            held: Arc::default(),
         }
     }
 }
@@ -445,10 +462,11 @@ pub(crate) async fn admit_durable<T: Send>(
             input,
             retain,
         };
+        let sent = Instant::now();
         let started = telemetry::observe(&**store, "start_durable", journal.start_durable(start));
         let seen = match started.await? {
             DurableStartOutcome::Acquired { token, resumed } => {
-                let owner = Ownership::acquired(store, &req, token);
+                let owner = Ownership::acquired(store, &req, token).keep_deadline(sent);
                 return Ok(Decided::Acquired((owner, resumed)));
             }
             DurableStartOutcome::Existing(record) => Seen::judge(&req, record.view(), &mut read),
@@ -533,8 +551,24 @@ pub struct Ownership {
     key: String,
     token: FencingToken,
     lease: Duration,
+    /// What this process knows of its hold, shared by the ownership's handles.
+    held: Arc<Held>,
+}
+
+/// What a process knows of its hold on a lease.
+#[derive(Debug, Default)]
+struct Held {
     /// Set when the heartbeat (or a journal append) learned the lease was lost.
-    lost: Arc<AtomicBool>,
+    lost: AtomicBool,
+    /// When the lease lapses at the latest by this process's clock, for an ownership that
+    /// [keeps it](Ownership::keep_deadline).
+    deadline: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Held {
+    fn deadline(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// How many times persisting an outcome is attempted before the error is surfaced.
@@ -559,12 +593,12 @@ impl Ownership {
     /// Whether the lease was lost while the work ran ([`hold`](Self::hold) then fired
     /// its token): another owner may have the key now.
     pub fn lease_lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        self.held.lost.load(Ordering::SeqCst)
     }
 
     /// Marks the lease lost and cancels the work.
     pub(crate) fn lose(&self, cancel: &CancellationToken) {
-        if !self.lost.swap(true, Ordering::SeqCst) {
+        if !self.held.lost.swap(true, Ordering::SeqCst) {
             telemetry::lease_lost(&*self.store);
         }
         cancel.cancel();
@@ -595,10 +629,14 @@ impl Ownership {
         let mut renewed_at = Instant::now();
         loop {
             tokio::time::sleep(interval).await;
+            let sent = Instant::now();
             let renewal = self.store.renew(&self.key, self.token, self.lease);
             match telemetry::observe(&*self.store, "renew", renewal).await {
                 Ok(()) => {
                     renewed_at = Instant::now();
+                    if let Some(deadline) = self.held.deadline().as_mut() {
+                        *deadline = sent + self.lease;
+                    }
                     telemetry::renewed(&*self.store);
                 }
                 Err(StoreError::StaleToken) => {
