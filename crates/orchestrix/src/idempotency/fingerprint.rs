@@ -13,6 +13,13 @@ use super::canonical::{Encoder, encode_value};
 #[derive(Default)]
 pub enum Fingerprint<I> {
     /// SHA-256 of the input's canonical JSON (object keys sorted). The default.
+    ///
+    /// Inputs are told apart by what serde makes of them, not by their Rust type:
+    /// non-finite floats and 128-bit integers get forms of their own and `-0.0` equals
+    /// `0.0`, but two values that serde itself writes alike share a fingerprint — `None`
+    /// and `Some(None)` of an `Option<Option<T>>` are both `null`, a unit struct and `()`
+    /// are both `null`. Where such inputs mean different operations, use
+    /// [`Fingerprint::custom`].
     #[default]
     Input,
     /// No fingerprint: any input under the key counts as the same operation.
