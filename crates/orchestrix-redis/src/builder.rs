@@ -4,9 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, RedisError};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, ConnectionInfo, IntoConnectionInfo, RedisError};
 
 use crate::RedisStore;
+use crate::connection::Connection;
 use crate::durable::{DEFAULT_MAX_JOURNAL_BYTES, REDIS_MAX_VALUE};
 
 /// The key prefix used unless [`RedisStoreBuilder::key_prefix`] sets another.
@@ -41,8 +44,9 @@ pub enum RedisStoreError {
     NoRuntime,
 }
 
-/// Builds a [`RedisStore`]; start from [`RedisStore::builder`] (a URL) or convert a
-/// [`redis::Client`] or a [`ConnectionManager`] with `RedisStoreBuilder::from`.
+/// Builds a [`RedisStore`]; start from [`RedisStore::builder`] (a URL),
+/// [`RedisStore::cluster`] (a Redis Cluster's seed nodes), or convert a [`redis::Client`] or
+/// a [`ConnectionManager`] with `RedisStoreBuilder::from`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), orchestrix_redis::RedisStoreError> {
@@ -74,11 +78,21 @@ enum Source {
     /// a few hundred bytes, and a builder is moved at every call of the chain.
     Client(Box<Result<Client, RedisError>>),
     Manager(ConnectionManager),
+    /// A Redis Cluster's seed nodes (any of them will do; the client learns the rest).
+    Cluster(Result<Vec<ConnectionInfo>, RedisError>),
 }
 
 impl RedisStoreBuilder {
     pub(crate) fn new(info: impl IntoConnectionInfo) -> Self {
         Self::with_source(Source::Client(Box::new(Client::open(info))))
+    }
+
+    pub(crate) fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> Self {
+        let nodes = nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect();
+        Self::with_source(Source::Cluster(nodes))
     }
 
     fn with_source(source: Source) -> Self {
@@ -146,21 +160,30 @@ impl RedisStoreBuilder {
     /// [`RedisStoreError::InvalidSettings`] for a malformed URL (or a `rediss://` URL
     /// without the `tls` feature); [`RedisStoreError::Connect`] when Redis does not answer.
     pub async fn connect(self) -> Result<RedisStore, RedisStoreError> {
-        let manager = match self.source {
-            Source::Manager(manager) => manager,
+        let conn = match self.source {
+            Source::Manager(manager) => Connection::Standalone(manager),
             Source::Client(client) => {
                 let client = (*client).map_err(RedisStoreError::InvalidSettings)?;
                 let config = manager_config(self.connection_timeout, self.response_timeout);
-                ConnectionManager::new_with_config(client, config)
+                let manager = ConnectionManager::new_with_config(client, config)
                     .await
-                    .map_err(RedisStoreError::Connect)?
+                    .map_err(RedisStoreError::Connect)?;
+                Connection::Standalone(manager)
+            }
+            Source::Cluster(nodes) => {
+                let client = cluster_client(nodes, self.connection_timeout, self.response_timeout)?;
+                let cluster: ClusterConnection = client
+                    .get_async_connection()
+                    .await
+                    .map_err(RedisStoreError::Connect)?;
+                Connection::Cluster(cluster)
             }
         };
         let limits = Limits {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
         };
-        Ok(store(manager, self.key_prefix, limits))
+        Ok(store(conn, self.key_prefix, limits))
     }
 
     /// Returns the store at once and connects on its first operation, for services that
@@ -171,23 +194,34 @@ impl RedisStoreBuilder {
     /// [`RedisStoreError::InvalidSettings`] as for [`connect`](Self::connect);
     /// [`RedisStoreError::NoRuntime`] outside a Tokio runtime.
     pub fn connect_lazy(self) -> Result<RedisStore, RedisStoreError> {
-        let manager = match self.source {
-            Source::Manager(manager) => manager,
+        let conn = match self.source {
+            Source::Manager(manager) => Connection::Standalone(manager),
             Source::Client(client) => {
                 let client = (*client).map_err(RedisStoreError::InvalidSettings)?;
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(RedisStoreError::NoRuntime);
                 }
                 let config = manager_config(self.connection_timeout, self.response_timeout);
-                ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(RedisStoreError::InvalidSettings)?
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(RedisStoreError::InvalidSettings)?;
+                Connection::Standalone(manager)
+            }
+            Source::Cluster(nodes) => {
+                let client = cluster_client(nodes, self.connection_timeout, self.response_timeout)?;
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(RedisStoreError::NoRuntime);
+                }
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(self.connection_timeout)
+                    .set_response_timeout(self.response_timeout);
+                Connection::Cluster(client.get_pending_async_connection_with_config(config))
             }
         };
         let limits = Limits {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
         };
-        Ok(store(manager, self.key_prefix, limits))
+        Ok(store(conn, self.key_prefix, limits))
     }
 }
 
@@ -206,6 +240,37 @@ impl From<ConnectionManager> for RedisStoreBuilder {
     }
 }
 
+/// A cluster client over `nodes`, with the store's timeouts.
+///
+/// A command that meets a node down (a primary killed, not yet replaced by its replica)
+/// is retried with the slot map refreshed, a few times, quickly, and the whole of one
+/// command — retries, reconnections and redirections included — never takes longer than
+/// one connection timeout plus two response timeouts: a store call fails in bounded time
+/// rather than waiting out a failover.
+fn cluster_client(
+    nodes: Result<Vec<ConnectionInfo>, RedisError>,
+    connection: Duration,
+    response: Duration,
+) -> Result<redis::cluster::ClusterClient, RedisStoreError> {
+    let nodes = nodes.map_err(RedisStoreError::InvalidSettings)?;
+    ClusterClientBuilder::new(nodes)
+        .connection_timeout(connection)
+        .response_timeout(response)
+        .overall_response_timeout(Some(connection + response * 2))
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+        .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+        .build()
+        .map_err(RedisStoreError::InvalidSettings)
+}
+
+/// Retries of one command on a cluster (redirections are not retries), and the bounds of
+/// the wait before each, in ms: a failover's new primary is found within a few hundred ms
+/// of the cluster electing it.
+const CLUSTER_RETRIES: u32 = 8;
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 20;
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 500;
+
 fn manager_config(connection: Duration, response: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(connection))
@@ -220,7 +285,7 @@ struct Limits {
     max_journal_bytes: usize,
 }
 
-fn store(conn: ConnectionManager, key_prefix: String, limits: Limits) -> RedisStore {
+fn store(conn: Connection, key_prefix: String, limits: Limits) -> RedisStore {
     RedisStore {
         conn,
         key_prefix: Arc::from(key_prefix),

@@ -93,6 +93,7 @@
 
 mod admin;
 mod builder;
+mod connection;
 mod durable;
 mod record;
 mod scripts;
@@ -107,7 +108,6 @@ use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
     StartOutcome, StartRequest, StoreError,
 };
-use redis::aio::ConnectionManager;
 use redis::{
     Cmd, ErrorKind, IntoConnectionInfo, RedisError, RedisWrite, Script, ServerErrorKind, Value,
 };
@@ -137,7 +137,7 @@ const U64_DIGITS: usize = 20;
 /// [crate documentation](crate) for the guarantees.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: connection::Connection,
     key_prefix: Arc<str>,
     max_result_size: usize,
     /// The largest a durable record may grow to.
@@ -150,6 +150,24 @@ impl RedisStore {
     /// [`IntoConnectionInfo`].
     pub fn builder(url: impl IntoConnectionInfo) -> RedisStoreBuilder {
         RedisStoreBuilder::new(url)
+    }
+
+    /// A builder for a store on a Redis Cluster, reached through `nodes` (a few of its
+    /// nodes' URLs, `redis://host:port`; the client learns the rest of the cluster from
+    /// them). The builder's options are the same as for one server.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), orchestrix_redis::RedisStoreError> {
+    /// use orchestrix_redis::RedisStore;
+    ///
+    /// let store = RedisStore::cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+    ///     .key_prefix("billing:")
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> RedisStoreBuilder {
+        RedisStoreBuilder::cluster(nodes)
     }
 
     /// The prefix every key is stored under.
