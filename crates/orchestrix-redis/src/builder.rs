@@ -69,6 +69,7 @@ pub struct RedisStoreBuilder {
     response_timeout: Duration,
     max_result_size: usize,
     max_journal_bytes: usize,
+    replicas: Option<crate::Replicas>,
 }
 
 #[derive(Debug)]
@@ -103,6 +104,7 @@ impl RedisStoreBuilder {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
+            replicas: None,
         }
     }
 
@@ -151,6 +153,27 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Opt-in: after each acquire (`start` that takes the key) and each finish of a plain
+    /// run, `WAIT` until `replicas` replicas of the key's primary hold the write, for at
+    /// most `timeout` (keep it under the [response timeout](Self::response_timeout)).
+    ///
+    /// Redis replicates asynchronously: a write its primary acknowledged may not have
+    /// reached a replica when the primary dies, and the replica promoted in its place has
+    /// never seen it, so a second caller can acquire the key and run it again. With this
+    /// option an acquire that is not confirmed by `replicas` replicas in time is released
+    /// and answered as [`StoreError::Backend`](orchestrix::store::StoreError::Backend)
+    /// (nothing runs), and a finish not confirmed in time is answered as a backend error
+    /// too (the record is finished on the primary, but may be lost with it). `WAIT` narrows
+    /// the window, it does not close it: a failover may still promote the one replica that
+    /// did not receive the write, and a write acknowledged by replicas is still lost if
+    /// every one of them fails too. Each acquire and finish costs one more round trip and
+    /// the replication delay (measured in `BENCHMARKS.md`). Durable runs' journal writes
+    /// are not waited for.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some(crate::Replicas { replicas, timeout });
+        self
+    }
+
     /// Connects now and returns the store.
     ///
     /// The connection reconnects by itself afterwards; an operation made while Redis is
@@ -182,6 +205,7 @@ impl RedisStoreBuilder {
         let limits = Limits {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
+            replicas: self.replicas,
         };
         Ok(store(conn, self.key_prefix, limits))
     }
@@ -220,6 +244,7 @@ impl RedisStoreBuilder {
         let limits = Limits {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
+            replicas: self.replicas,
         };
         Ok(store(conn, self.key_prefix, limits))
     }
@@ -283,6 +308,7 @@ fn manager_config(connection: Duration, response: Duration) -> ConnectionManager
 struct Limits {
     max_result_size: usize,
     max_journal_bytes: usize,
+    replicas: Option<crate::Replicas>,
 }
 
 fn store(conn: Connection, key_prefix: String, limits: Limits) -> RedisStore {
@@ -291,6 +317,7 @@ fn store(conn: Connection, key_prefix: String, limits: Limits) -> RedisStore {
         key_prefix: Arc::from(key_prefix),
         max_result_size: limits.max_result_size,
         max_journal_bytes: limits.max_journal_bytes,
+        replicas: limits.replicas,
     }
 }
 

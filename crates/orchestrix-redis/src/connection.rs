@@ -55,6 +55,34 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// `WAIT replicas timeout_ms` on the primary that holds `key` (the standalone server, or
+    /// on a cluster the key's primary: the client would send a bare `WAIT` to every
+    /// primary): how many replicas acknowledged every write sent before it over this
+    /// connection to that server.
+    pub(crate) async fn wait_for_replicas(
+        &mut self,
+        key: &[u8],
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> Result<u64, RedisError> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout_ms);
+        let value = match self {
+            Self::Standalone(conn) => cmd.query_async(conn).await?,
+            Self::Cluster(conn) => {
+                let route = redis::cluster_routing::Route::with_key(key, SlotAddr::Master);
+                conn.route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await?
+            }
+        };
+        Ok(redis::from_redis_value(value)?)
+    }
+}
+
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -142,6 +142,24 @@ pub struct RedisStore {
     max_result_size: usize,
     /// The largest a durable record may grow to.
     max_journal_bytes: usize,
+    /// `WAIT` for this many replicas after acquires and finishes, if set.
+    replicas: Option<Replicas>,
+}
+
+/// [`RedisStoreBuilder::wait_for_replicas`]'s setting.
+#[derive(Debug, Clone, Copy)]
+struct Replicas {
+    replicas: u32,
+    timeout: Duration,
+}
+
+/// A write the primary applied that fewer replicas than asked confirmed in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the write reached {acked} of the {asked} replicas asked for within {timeout:?}")]
+struct NotReplicated {
+    acked: u64,
+    asked: u32,
+    timeout: Duration,
 }
 
 impl RedisStore {
@@ -265,6 +283,92 @@ impl RedisStore {
             Reply::Ok | Reply::AlreadyFinished => Err(cause),
             // The refused write was applied after all (its reply was what got lost).
             Reply::AlreadyFinishedWithResult => Ok(()),
+            reply => Err(fenced_error(reply)),
+        }
+    }
+
+    /// With [`wait_for_replicas`](RedisStoreBuilder::wait_for_replicas): `WAIT` for the
+    /// replicas of `key`'s primary to hold what was just written to it.
+    async fn await_replicas(&self, key: &str) -> Result<(), StoreError> {
+        let Some(Replicas { replicas, timeout }) = self.replicas else {
+            return Ok(());
+        };
+        let redis_key = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
+        let mut conn = self.conn.clone();
+        let acked = conn
+            .wait_for_replicas(&redis_key, replicas, millis(timeout))
+            .await
+            .map_err(StoreError::backend)?;
+        if acked < u64::from(replicas) {
+            return Err(StoreError::backend(NotReplicated {
+                acked,
+                asked: replicas,
+                timeout,
+            }));
+        }
+        Ok(())
+    }
+
+    /// [`finish`](IdempotencyStore::finish) without the replicas' confirmation: one fenced
+    /// script that finishes the record with its result, one per final status, so the
+    /// status is a literal in the script rather than an argument. A result over the store's
+    /// limit, or one Redis refuses, is replaced by a finish without it.
+    async fn finish_record(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        if let Some(finished) = self.finish_durable(key, token, status, result, ttl).await {
+            return finished;
+        }
+        let scripts = match status {
+            FinalStatus::Completed => &SCRIPTS.complete,
+            FinalStatus::Failed => &SCRIPTS.fail,
+        };
+        let size = result.len();
+        if size > self.max_result_size {
+            let too_large = StoreError::TooLarge {
+                size,
+                limit: self.max_result_size,
+            };
+            let script = &scripts.without_result;
+            return self
+                .finish_without_result(script, key, token, ttl, too_large)
+                .await;
+        }
+        let script = &scripts.with_result;
+        let fence = record::running_prefix(token);
+        // The finished record's tail: the result behind its flag.
+        let tail = 1 + size;
+        let mut cmd = self.evalsha(script, key, 3, fence.len() + tail + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
+        push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
+        if let Some(ttl) = ttl {
+            cmd.arg(millis(ttl));
+        }
+        let reply = match self.query(script, &cmd).await {
+            Ok(value) => Reply::parse(value)?,
+            Err(err) if refused_result(&err, tail) => {
+                let refused = StoreError::ResultRefused {
+                    size,
+                    source: Box::new(err),
+                };
+                let script = &scripts.without_result;
+                return self
+                    .finish_without_result(script, key, token, ttl, refused)
+                    .await;
+            }
+            Err(err) => return Err(StoreError::backend(err)),
+        };
+        match reply {
+            Reply::Ok | Reply::AlreadyFinished => Ok(()),
+            Reply::AlreadyFinishedWithoutResult => Err(StoreError::ResultRefused {
+                size,
+                source: Box::new(FinishedEarlierWithoutResult),
+            }),
             reply => Err(fenced_error(reply)),
         }
     }
@@ -440,14 +544,20 @@ impl IdempotencyStore for RedisStore {
                 .map_err(native_error)?
         };
         match existing {
-            None => Ok(StartOutcome::Acquired(token)),
+            None => {
+                if let Err(err) = self.await_replicas(req.key).await {
+                    // Not confirmed: give the key back rather than run on a record a
+                    // failover could lose (best effort; the lease lapses otherwise).
+                    let _ = self.fenced(&SCRIPTS.release, req.key, token, None).await;
+                    return Err(err);
+                }
+                Ok(StartOutcome::Acquired(token))
+            }
             Some(value) => record::decode(req.key, &value).map(StartOutcome::Existing),
         }
     }
 
-    // One fenced script that finishes the record with its result: one per final status,
-    // so the status is a literal in the script rather than an argument. A result over the
-    // store's limit, or one Redis refuses, is replaced by a finish without it.
+    // The record's finish, then (if asked for) the replicas' confirmation of it.
     async fn finish(
         &self,
         key: &str,
@@ -456,56 +566,8 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        if let Some(finished) = self.finish_durable(key, token, status, result, ttl).await {
-            return finished;
-        }
-        let scripts = match status {
-            FinalStatus::Completed => &SCRIPTS.complete,
-            FinalStatus::Failed => &SCRIPTS.fail,
-        };
-        let size = result.len();
-        if size > self.max_result_size {
-            let too_large = StoreError::TooLarge {
-                size,
-                limit: self.max_result_size,
-            };
-            let script = &scripts.without_result;
-            return self
-                .finish_without_result(script, key, token, ttl, too_large)
-                .await;
-        }
-        let script = &scripts.with_result;
-        let fence = record::running_prefix(token);
-        // The finished record's tail: the result behind its flag.
-        let tail = 1 + size;
-        let mut cmd = self.evalsha(script, key, 3, fence.len() + tail + U64_DIGITS)?;
-        cmd.arg(&fence[..]);
-        push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
-        if let Some(ttl) = ttl {
-            cmd.arg(millis(ttl));
-        }
-        let reply = match self.query(script, &cmd).await {
-            Ok(value) => Reply::parse(value)?,
-            Err(err) if refused_result(&err, tail) => {
-                let refused = StoreError::ResultRefused {
-                    size,
-                    source: Box::new(err),
-                };
-                let script = &scripts.without_result;
-                return self
-                    .finish_without_result(script, key, token, ttl, refused)
-                    .await;
-            }
-            Err(err) => return Err(StoreError::backend(err)),
-        };
-        match reply {
-            Reply::Ok | Reply::AlreadyFinished => Ok(()),
-            Reply::AlreadyFinishedWithoutResult => Err(StoreError::ResultRefused {
-                size,
-                source: Box::new(FinishedEarlierWithoutResult),
-            }),
-            reply => Err(fenced_error(reply)),
-        }
+        self.finish_record(key, token, status, result, ttl).await?;
+        self.await_replicas(key).await
     }
 
     async fn renew(

@@ -135,3 +135,51 @@ async fn list_walks_every_primary_of_the_cluster() {
     expected.sort();
     assert_eq!(listed, expected, "every record listed exactly once");
 }
+
+/// A store on the cluster that waits for `replicas` replicas after acquires and finishes.
+async fn waiting_store(test: &str, replicas: u32) -> orchestrix_redis::RedisStore {
+    orchestrix_redis::RedisStore::cluster(common::cluster_nodes())
+        .key_prefix(common::unique_prefix(test))
+        .wait_for_replicas(replicas, Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("the cluster answers")
+}
+
+/// Each primary has one replica: waiting for it lets runs acquire and finish as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_the_replica_acquires_and_finishes() {
+    let store = waiting_store("cluster-wait", 1).await;
+    let StartOutcome::Acquired(token) = store.start(request("k", None)).await.expect("start")
+    else {
+        panic!("a fresh key is acquired");
+    };
+    store
+        .finish(
+            "k",
+            token,
+            orchestrix::store::FinalStatus::Completed,
+            b"ok",
+            None,
+        )
+        .await
+        .expect("the finish reached the replica");
+    let record = store.get("k").await.expect("get").expect("the record");
+    assert_eq!(record.result.as_deref(), Some(&b"ok"[..]));
+}
+
+/// Two replicas never confirm (each primary has one): the acquire is refused with a backend
+/// error, and the key is given back rather than left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_the_replicas_do_not_confirm_is_refused_and_released() {
+    let store = waiting_store("cluster-wait-refused", 2).await;
+    let started = store.start(request("k", None)).await;
+    assert!(
+        matches!(started, Err(orchestrix::store::StoreError::Backend(_))),
+        "an unconfirmed acquire is a backend error, got {started:?}"
+    );
+    assert!(
+        store.get("k").await.expect("get").is_none(),
+        "the unconfirmed acquire is released"
+    );
+}
