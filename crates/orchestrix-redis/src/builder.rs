@@ -11,6 +11,7 @@ use redis::{Client, ConnectionInfo, IntoConnectionInfo, RedisError};
 use crate::RedisStore;
 use crate::connection::Connection;
 use crate::durable::{DEFAULT_MAX_JOURNAL_BYTES, REDIS_MAX_VALUE};
+use crate::wakeups::{Opener, Wakeups};
 
 /// The key prefix used unless [`RedisStoreBuilder::key_prefix`] sets another.
 pub const DEFAULT_KEY_PREFIX: &str = "orchestrix:";
@@ -70,6 +71,7 @@ pub struct RedisStoreBuilder {
     max_result_size: usize,
     max_journal_bytes: usize,
     replicas: Option<crate::Replicas>,
+    safety_poll: Duration,
 }
 
 #[derive(Debug)]
@@ -105,6 +107,29 @@ impl RedisStoreBuilder {
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
             replicas: None,
+            safety_poll: crate::wakeups::DEFAULT_SAFETY_POLL,
+        }
+    }
+
+    /// How to open the subscription connection of the store's waiters.
+    fn opener(&self) -> Opener {
+        let (connection_timeout, response_timeout) =
+            (self.connection_timeout, self.response_timeout);
+        match &self.source {
+            Source::Client(client) => match client.as_ref() {
+                Ok(client) => Opener::Standalone {
+                    info: client.get_connection_info().clone(),
+                    connection_timeout,
+                    response_timeout,
+                },
+                Err(_) => Opener::None,
+            },
+            Source::Cluster(Ok(nodes)) => Opener::Cluster {
+                nodes: nodes.clone(),
+                connection_timeout,
+                response_timeout,
+            },
+            Source::Cluster(Err(_)) | Source::Manager(_) => Opener::None,
         }
     }
 
@@ -174,6 +199,18 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How long a run waiting for another caller's (`OnRunning::Wait`) sleeps at most
+    /// between two looks at the record when no notification comes (default
+    /// [`DEFAULT_SAFETY_POLL`](crate::DEFAULT_SAFETY_POLL), 1 s). Waiters are woken by the
+    /// owner's finish or release through Redis pub/sub; this bounds how late a lost
+    /// notification (or a record deleted, or expired, which publishes nothing) makes them.
+    /// A store built from a [`ConnectionManager`] cannot open its subscription connection
+    /// and polls every 50 ms instead.
+    pub fn safety_poll_interval(mut self, interval: Duration) -> Self {
+        self.safety_poll = interval;
+        self
+    }
+
     /// Connects now and returns the store.
     ///
     /// The connection reconnects by itself afterwards; an operation made while Redis is
@@ -183,6 +220,7 @@ impl RedisStoreBuilder {
     /// [`RedisStoreError::InvalidSettings`] for a malformed URL (or a `rediss://` URL
     /// without the `tls` feature); [`RedisStoreError::Connect`] when Redis does not answer.
     pub async fn connect(self) -> Result<RedisStore, RedisStoreError> {
+        let wakeups = Wakeups::new(self.opener(), self.safety_poll);
         let conn = match self.source {
             Source::Manager(manager) => Connection::Standalone(manager),
             Source::Client(client) => {
@@ -206,6 +244,7 @@ impl RedisStoreBuilder {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
             replicas: self.replicas,
+            wakeups,
         };
         Ok(store(conn, self.key_prefix, limits))
     }
@@ -218,6 +257,7 @@ impl RedisStoreBuilder {
     /// [`RedisStoreError::InvalidSettings`] as for [`connect`](Self::connect);
     /// [`RedisStoreError::NoRuntime`] outside a Tokio runtime.
     pub fn connect_lazy(self) -> Result<RedisStore, RedisStoreError> {
+        let wakeups = Wakeups::new(self.opener(), self.safety_poll);
         let conn = match self.source {
             Source::Manager(manager) => Connection::Standalone(manager),
             Source::Client(client) => {
@@ -245,6 +285,7 @@ impl RedisStoreBuilder {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
             replicas: self.replicas,
+            wakeups,
         };
         Ok(store(conn, self.key_prefix, limits))
     }
@@ -309,6 +350,7 @@ struct Limits {
     max_result_size: usize,
     max_journal_bytes: usize,
     replicas: Option<crate::Replicas>,
+    wakeups: Arc<Wakeups>,
 }
 
 fn store(conn: Connection, key_prefix: String, limits: Limits) -> RedisStore {
@@ -318,6 +360,7 @@ fn store(conn: Connection, key_prefix: String, limits: Limits) -> RedisStore {
         max_result_size: limits.max_result_size,
         max_journal_bytes: limits.max_journal_bytes,
         replicas: limits.replicas,
+        wakeups: limits.wakeups,
     }
 }
 

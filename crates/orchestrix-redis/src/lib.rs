@@ -97,6 +97,7 @@ mod connection;
 mod durable;
 mod record;
 mod scripts;
+mod wakeups;
 
 use std::fmt;
 use std::io::Write as _;
@@ -119,6 +120,7 @@ pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
 /// The `redis` crate this store is built on, so a [`redis::Client`] or
 /// [`redis::aio::ConnectionManager`] handed to [`RedisStoreBuilder`] has the matching version.
 pub use redis;
+pub use wakeups::{DEFAULT_SAFETY_POLL, SUBSCRIBER_NAME};
 
 use scripts::{Reply, SCRIPTS};
 
@@ -144,6 +146,8 @@ pub struct RedisStore {
     max_journal_bytes: usize,
     /// `WAIT` for this many replicas after acquires and finishes, if set.
     replicas: Option<Replicas>,
+    /// Waiters woken by pub/sub, shared by the store's clones.
+    wakeups: Arc<wakeups::Wakeups>,
 }
 
 /// [`RedisStoreBuilder::wait_for_replicas`]'s setting.
@@ -284,6 +288,25 @@ impl RedisStore {
             // The refused write was applied after all (its reply was what got lost).
             Reply::AlreadyFinishedWithResult => Ok(()),
             reply => Err(fenced_error(reply)),
+        }
+    }
+
+    /// For a waiter: `None` when `key`'s record is no longer running (or cannot be read),
+    /// else the time its lease has left (`GETRANGE` of the status byte and `PTTL`, one
+    /// round trip).
+    async fn lease_left(&self, key: &str) -> Option<Duration> {
+        let redis_key = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
+        let mut pipe = redis::pipe();
+        pipe.cmd("GETRANGE").arg(&redis_key).arg(1).arg(1);
+        pipe.cmd("PTTL").arg(&redis_key);
+        let mut conn = self.conn.clone();
+        let (status, pttl): (Vec<u8>, i64) = pipe.query_async(&mut conn).await.ok()?;
+        // 'r' a plain running record, 'R' a durable one (whose lease is inside the value,
+        // and whose key lives for its retention: the safety poll bounds that wait).
+        match (status.first(), u64::try_from(pttl)) {
+            (Some(b'r' | b'R'), Ok(ms)) => Some(Duration::from_millis(ms)),
+            (Some(b'r' | b'R'), Err(_)) => Some(Duration::MAX),
+            _ => None,
         }
     }
 
@@ -591,6 +614,16 @@ impl IdempotencyStore for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.delete_with_lease_entry(key).await
+    }
+
+    /// Woken by the finish or release of the record (sharded pub/sub, one subscription
+    /// connection per store), with a slow safety poll: see the crate's README.
+    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+        let channel = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
+        self.wakeups
+            .wait(channel, max, || self.lease_left(key))
+            .await;
+        Ok(())
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {

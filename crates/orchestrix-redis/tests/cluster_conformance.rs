@@ -183,3 +183,83 @@ async fn an_acquire_the_replicas_do_not_confirm_is_refused_and_released() {
         "the unconfirmed acquire is released"
     );
 }
+
+/// On a cluster the finish publishes on the key's shard (`SPUBLISH`), and the waiter of
+/// another store instance, subscribed there (`SSUBSCRIBE`), is woken by it: its safety poll
+/// is an hour, its `max` two minutes, and the test gives it ten seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owners_finish_wakes_a_waiter_on_the_cluster() {
+    let prefix = common::unique_prefix("cluster-wake");
+    let store = || async {
+        orchestrix_redis::RedisStore::cluster(common::cluster_nodes())
+            .key_prefix(&prefix)
+            .safety_poll_interval(Duration::from_secs(3600))
+            .connect()
+            .await
+            .expect("the cluster answers")
+    };
+    let (owner, waiter) = (store().await, store().await);
+    let mut keys = Vec::new();
+    // Keys on every shard.
+    for i in 0..12 {
+        let key = format!("k{i}");
+        let StartOutcome::Acquired(token) = owner.start(request(&key, None)).await.expect("start")
+        else {
+            panic!("a fresh key is acquired");
+        };
+        keys.push((key, token));
+    }
+    let mut waiting = Vec::new();
+    for (key, _) in &keys {
+        let (waiter, key) = (waiter.clone(), key.clone());
+        waiting.push(tokio::spawn(async move {
+            waiter.wait_for_change(&key, Duration::from_secs(120)).await
+        }));
+    }
+    // Every channel subscribed on its shard's primary before the owner finishes.
+    let cluster = orchestrix_redis::redis::cluster::ClusterClient::new(common::cluster_nodes())
+        .expect("nodes");
+    let mut conn = cluster
+        .get_async_connection()
+        .await
+        .expect("the cluster answers");
+    for (key, _) in &keys {
+        let channel = format!("{prefix}{key}");
+        let subscribed = async {
+            loop {
+                let (_, n): (String, u64) = orchestrix_redis::redis::cmd("PUBSUB")
+                    .arg("SHARDNUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("PUBSUB SHARDNUMSUB");
+                if n == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), subscribed)
+            .await
+            .expect("the waiter subscribes on the key's shard");
+    }
+    for (key, token) in &keys {
+        owner
+            .finish(
+                key,
+                *token,
+                orchestrix::store::FinalStatus::Completed,
+                b"ok",
+                None,
+            )
+            .await
+            .expect("finish");
+    }
+    for waiting in waiting {
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the finish's notification wakes the waiter")
+            .expect("the waiter task")
+            .expect("wait");
+    }
+}

@@ -26,4 +26,7 @@ if ttl then
 else
   redis.call('SET', key, finished)
 end
+-- Wakes the waiters of the key (wakeups.rs), on the key's shard; no subscriber, no cost
+-- beyond a lookup.
+redis.call('SPUBLISH', key, '')
 return 1
