@@ -13,7 +13,13 @@
 //!     .await?;
 //! // Hand it to flows as their store; one store (and one connection) serves them all.
 //! let store: Arc<dyn IdempotencyStore> = Arc::new(store);
-//! # let _ = store; Ok(()) }
+//!
+//! // A Redis Cluster: a few seed nodes, the same options.
+//! let cluster = RedisStore::cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+//!     .key_prefix("billing:")
+//!     .connect()
+//!     .await?;
+//! # let _ = (store, cluster); Ok(()) }
 //! ```
 //!
 //! # Why it is built this way
@@ -39,10 +45,18 @@
 //! * **Fencing in the server.** `complete`, `fail`, `renew` and `release` are applied only
 //!   when the running record's token is the caller's; otherwise nothing is written and the
 //!   caller gets [`StoreError::StaleToken`].
-//! * **Cluster-safe keys.** A record is one string under one key (`prefix` + key), in a
-//!   compact, versioned encoding (version, status and token at fixed offsets, then the
+//! * **One server or a Redis Cluster.** [`RedisStore::cluster`] connects to a cluster
+//!   through its seed nodes (the `redis` crate's `cluster-async` client, which follows
+//!   `MOVED`/`ASK` and failovers). A record is one string under one key (`prefix` + key),
+//!   in a compact, versioned encoding (version, status and token at fixed offsets, then the
 //!   fingerprint and the result), and every command or script touches only that key, so it
-//!   always lives in a single hash slot.
+//!   always lives in a single hash slot. Replication is asynchronous: a failover can lose
+//!   the last acquires and finishes; [`wait_for_replicas`](RedisStoreBuilder::wait_for_replicas)
+//!   narrows that window (the README states what each deployment can lose).
+//! * **Waiters are woken, not polling.** The finish and release scripts `SPUBLISH` on the
+//!   key's channel; a store's waiters share one subscription connection, with a slow safety
+//!   poll ([`safety_poll_interval`](RedisStoreBuilder::safety_poll_interval)) so that a lost
+//!   notification never loses a waiter.
 //! * **Garbage is an error, never free.** A value written under the key by something else —
 //!   another Redis type, a string that is not a well-formed record — is
 //!   [`StoreError::Decode`]; a record of another schema version is
