@@ -1,0 +1,491 @@
+//! `cluster`: the Redis store on a Redis Cluster beside one Redis, in the same run.
+//!
+//! * Fresh runs/s and replays/s of the 3-step no-op flow at concurrency 50, each as a
+//!   fraction of `PING`s/s through the same kind of connection (a `ConnectionManager` for
+//!   one Redis; the cluster connection for the cluster, each `PING` routed to one primary,
+//!   as each store operation is); on the cluster also with `wait_for_replicas(1, 1 s)`.
+//! * Redis's own time per fresh run (`INFO commandstats` after `CONFIG RESETSTAT`, summed
+//!   over the primaries), per command.
+//! * Wake-up latency of a waiter (`OnRunning::Wait`): from the owner's `finish` call to
+//!   the waiter seeing the finished record, p50 and p99, polling (the core's default
+//!   `wait_for_change`) vs the store's pub/sub notification, beside one round trip.
+//!
+//! One Redis is a private `redis-server` of this process (its `commandstats` are the
+//! benchmark's alone); the cluster is `REDIS_CLUSTER_NODES` (default ports 7101–7106, as
+//! `scripts/services.sh` starts it), skipped with a note when it does not answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use orchestrix::store::{
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome,
+    StartRequest, StoreError,
+};
+use orchestrix_redis::RedisStore;
+use orchestrix_redis::redis::{self, cluster_routing as routing};
+
+use crate::args::Args;
+use crate::redis_server::PrivateRedis;
+use crate::section::{Section, Table};
+use crate::throughput::{Rate, fresh, measure, noop_flow, replay};
+
+const CONCURRENCY: u64 = 50;
+const WAKE_SAMPLES: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct ClusterBenchConfig {
+    /// Length of each timed phase.
+    pub phase: Duration,
+}
+
+impl ClusterBenchConfig {
+    pub fn from_args(args: &Args) -> anyhow::Result<Self> {
+        Ok(Self {
+            phase: args.seconds("seconds", Duration::from_secs(2))?,
+        })
+    }
+}
+
+fn cluster_nodes() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_NODES")
+        .unwrap_or_else(|_| {
+            (7101..=7106)
+                .map(|port| format!("redis://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One deployment under test.
+enum Mode {
+    One { url: String },
+    Cluster { nodes: Vec<String> },
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::One { .. } => "one Redis",
+            Self::Cluster { .. } => "cluster (3 primaries + 3 replicas)",
+        }
+    }
+
+    fn builder(&self) -> orchestrix_redis::RedisStoreBuilder {
+        match self {
+            Self::One { url } => RedisStore::builder(url.as_str()),
+            Self::Cluster { nodes } => RedisStore::cluster(nodes.clone()),
+        }
+    }
+
+    /// The nodes whose `commandstats` count: the server, or every node (replicas are
+    /// told apart by `INFO replication` and left out).
+    fn node_urls(&self) -> Vec<String> {
+        match self {
+            Self::One { url } => vec![url.clone()],
+            Self::Cluster { nodes } => nodes.clone(),
+        }
+    }
+
+    /// A `PING` through the same kind of connection the store uses, to one server.
+    async fn pinger(&self) -> anyhow::Result<Pinger> {
+        Ok(match self {
+            Self::One { url } => {
+                Pinger::One(redis::Client::open(url.as_str())?.get_connection_manager().await?)
+            }
+            Self::Cluster { nodes } => Pinger::Cluster(
+                redis::cluster::ClusterClient::new(nodes.clone())?
+                    .get_async_connection()
+                    .await?,
+            ),
+        })
+    }
+}
+
+#[derive(Clone)]
+enum Pinger {
+    One(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Pinger {
+    async fn ping(&self) -> anyhow::Result<()> {
+        let cmd = redis::cmd("PING");
+        match self.clone() {
+            Self::One(mut conn) => cmd.exec_async(&mut conn).await?,
+            Self::Cluster(mut conn) => {
+                // To the primary of a random slot: one server, as a store operation.
+                let route = routing::Route::new(fastrand::u16(..16384), routing::SlotAddr::Master);
+                let routing = routing::RoutingInfo::SingleNode(
+                    routing::SingleNodeRoutingInfo::SpecificNode(route),
+                );
+                conn.route_command(cmd, routing).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
+    let private = PrivateRedis::start().await?;
+    let mut modes = vec![Mode::One { url: private.url() }];
+    let nodes = cluster_nodes();
+    let mut notes = Vec::new();
+    match RedisStore::cluster(nodes.clone()).connect().await {
+        Ok(_) => modes.push(Mode::Cluster { nodes }),
+        Err(e) => notes.push(format!(
+            "cluster skipped: no Redis Cluster answers at REDIS_CLUSTER_NODES ({e}); \
+             `source scripts/services.sh; ensure_redis_cluster` starts one"
+        )),
+    }
+
+    let mut throughput = Section::new("Redis Cluster vs one Redis: throughput at concurrency 50");
+    throughput.about(
+        "The 3-step no-op flow at concurrency 50: fresh runs/s (each a new key: `start`, \
+         then the fenced `complete` script) and replays/s (keys already completed: one \
+         `SET NX GET`), each beside `PING`s/s through the same kind of connection in the \
+         same run (one Redis: a `ConnectionManager`; cluster: the cluster connection, each \
+         `PING` routed to the primary of a random slot). `+ WAIT 1` is the same store with \
+         `wait_for_replicas(1, 1 s)`: a `WAIT` on the key's primary after each acquire and \
+         finish. One Redis is a private `redis-server` without replicas (no `WAIT` row); \
+         the cluster runs on the same two cores as the harness, its six servers included.",
+    );
+    let mut rates = Table::new([
+        "deployment",
+        "PING/s",
+        "fresh runs/s",
+        "fresh ÷ PING",
+        "replays/s",
+        "replay ÷ PING",
+        "errors",
+    ]);
+    let mut cpu = Section::new("Redis time per fresh run (`INFO commandstats`)");
+    cpu.about(
+        "Redis's own time per fresh run at concurrency 50: `CONFIG RESETSTAT` on every \
+         primary, a timed phase of fresh runs, then `INFO commandstats` summed over the \
+         primaries (the usec Redis spent in each command, scripts included; commands a \
+         script runs inside are shown indented, their time is part of the script's). \
+         Per command: calls per fresh run, µs per call, µs per fresh run.",
+    );
+    let mut wake = Section::new("Wake-up latency: owner finishes → waiter returns");
+    wake.about(
+        "A waiter (another store instance, as another process would have) sees the key \
+         running and waits as `OnRunning::Wait` does: `wait_for_change`, then a read of \
+         the record, until it is finished. The owner finishes 20–70 ms later; the latency \
+         runs from the owner's `finish` call to the waiter seeing the finished record \
+         (the owner's round trip included). Polling is the core's default \
+         `wait_for_change`; notification is the Redis store's sharded pub/sub. \
+         Sequential samples; one round trip is a `PING` p50 on the same kind of connection.",
+    );
+    let mut wake_table = Table::new([
+        "deployment",
+        "waiting by",
+        "samples",
+        "p50",
+        "p99",
+        "PING p50",
+        "p50 ÷ PING",
+    ]);
+
+    for mode in &modes {
+        let prefix = format!("orchestrix-bench:cluster:{:08x}:", fastrand::u32(..));
+        let store = mode.builder().key_prefix(&prefix).connect().await?;
+        let pinger = mode.pinger().await?;
+        let flow = noop_flow(Arc::new(store.clone()))?;
+        // Warm-up: connections, scripts.
+        measure(4, Duration::from_millis(300), 0, fresh(&flow, "warm".to_owned())).await;
+        let ping_rate = {
+            let pinger = pinger.clone();
+            measure(CONCURRENCY, config.phase, 0, move |_| {
+                let pinger = pinger.clone();
+                async move { pinger.ping().await.map(|()| true) }
+            })
+            .await
+        };
+        reset_stats(mode).await?;
+        let fresh_rate = measure(CONCURRENCY, config.phase, 0, fresh(&flow, "c50".to_owned())).await;
+        let stats = command_stats(mode).await?;
+        let replay_rate = measure(
+            CONCURRENCY,
+            config.phase,
+            0,
+            replay(&flow, "c50".to_owned(), fresh_rate.attempted),
+        )
+        .await;
+        rates.row(rate_row(mode.name(), &ping_rate, &fresh_rate, Some(&replay_rate)));
+        if let Mode::Cluster { .. } = mode {
+            let waiting = mode
+                .builder()
+                .key_prefix(&prefix)
+                .wait_for_replicas(1, Duration::from_secs(1))
+                .connect()
+                .await?;
+            let flow = noop_flow(Arc::new(waiting))?;
+            let waited = measure(CONCURRENCY, config.phase, 0, fresh(&flow, "wait".to_owned())).await;
+            rates.row(rate_row(
+                &format!("{} + WAIT 1", mode.name()),
+                &ping_rate,
+                &waited,
+                None,
+            ));
+        }
+        cpu.tables.push(cpu_table(mode.name(), &stats, fresh_rate.ops));
+
+        let rtt = ping_p50(&pinger).await?;
+        let variants: Vec<(&str, Arc<dyn IdempotencyStore>)> = match mode {
+            Mode::One { .. } => vec![
+                (
+                    "polling (default)",
+                    Arc::new(Polling(mode.builder().key_prefix(&prefix).connect().await?)),
+                ),
+                (
+                    "notification",
+                    Arc::new(mode.builder().key_prefix(&prefix).connect().await?),
+                ),
+            ],
+            Mode::Cluster { .. } => vec![(
+                "notification",
+                Arc::new(mode.builder().key_prefix(&prefix).connect().await?),
+            )],
+        };
+        for (how, waiter) in variants {
+            let mut latencies = wake_latencies(&store, waiter.as_ref(), how).await?;
+            latencies.sort_unstable();
+            let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+            let (p50, p99) = (p(0.5), p(0.99));
+            wake_table.row([
+                mode.name().to_owned(),
+                how.to_owned(),
+                latencies.len().to_string(),
+                format!("{:.2} ms", ms(p50)),
+                format!("{:.2} ms", ms(p99)),
+                format!("{:.3} ms", ms(rtt)),
+                format!("{:.1}", ms(p50) / ms(rtt)),
+            ]);
+        }
+    }
+    throughput.tables.push(rates);
+    for note in notes {
+        throughput.note(note);
+    }
+    throughput.note(
+        "Shared 2-core VM: the harness, the six cluster servers and one Redis share two \
+         cores, so a cluster cannot show its scaling here; read the ratios, measured in \
+         the same run.",
+    );
+    wake.tables.push(wake_table);
+    drop(private);
+    Ok(vec![throughput, cpu, wake])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rate_row(name: &str, ping: &Rate, fresh: &Rate, replays: Option<&Rate>) -> Vec<String> {
+    let ratio = |r: &Rate| format!("{:.2}", r.per_sec() / ping.per_sec().max(1.0));
+    vec![
+        name.to_owned(),
+        format!("{:.0}", ping.per_sec()),
+        format!("{:.0}", fresh.per_sec()),
+        ratio(fresh),
+        replays.map_or("-".to_owned(), |r| format!("{:.0}", r.per_sec())),
+        replays.map_or("-".to_owned(), ratio),
+        (fresh.errors + fresh.wrong + replays.map_or(0, |r| r.errors + r.wrong)).to_string(),
+    ]
+}
+
+/// A plain connection to each node of `mode`.
+async fn node_connections(mode: &Mode) -> anyhow::Result<Vec<redis::aio::MultiplexedConnection>> {
+    let mut conns = Vec::new();
+    for url in mode.node_urls() {
+        let conn = redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
+async fn reset_stats(mode: &Mode) -> anyhow::Result<()> {
+    for mut conn in node_connections(mode).await? {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .exec_async(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `(command, calls, usec)` summed over the primaries.
+async fn command_stats(mode: &Mode) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mut sums: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for mut conn in node_connections(mode).await? {
+        let replication: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await?;
+        if replication.contains("role:slave") {
+            continue;
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await?;
+        for line in info.lines() {
+            let Some((name, stats)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let stat = |field: &str| {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(field)?.strip_prefix('='))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let sum = sums.entry(name.to_owned()).or_default();
+            sum.0 += stat("calls");
+            sum.1 += stat("usec");
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config" | "ping" | "cluster"))
+        .map(|(name, (calls, usec))| (name, calls, usec))
+        .collect())
+}
+
+/// Commands that only run inside the store's scripts.
+fn inside_scripts(name: &str) -> bool {
+    !name.starts_with("eval") && !matches!(name, "set" | "get" | "del" | "wait")
+}
+
+fn cpu_table(name: &str, stats: &[(String, u64, u64)], runs: u64) -> Table {
+    let mut table = Table::new([
+        format!("{name}: command"),
+        "calls / fresh run".to_owned(),
+        "µs / call".to_owned(),
+        "µs / fresh run".to_owned(),
+    ]);
+    let runs = runs.max(1) as f64;
+    let mut total = 0.0;
+    for (command, calls, usec) in stats.iter().filter(|(_, calls, _)| *calls > 0) {
+        let inside = inside_scripts(command);
+        if !inside {
+            total += *usec as f64 / runs;
+        }
+        table.row([
+            if inside {
+                format!("  ↳ {command} (inside scripts)")
+            } else {
+                command.clone()
+            },
+            format!("{:.2}", *calls as f64 / runs),
+            format!("{:.2}", *usec as f64 / (*calls).max(1) as f64),
+            format!("{:.2}", *usec as f64 / runs),
+        ]);
+    }
+    table.row([
+        "**total (top-level commands)**".to_owned(),
+        String::new(),
+        String::new(),
+        format!("**{total:.2}**"),
+    ]);
+    table
+}
+
+async fn ping_p50(pinger: &Pinger) -> anyhow::Result<Duration> {
+    let mut samples = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let began = Instant::now();
+        pinger.ping().await?;
+        samples.push(began.elapsed());
+    }
+    samples.sort_unstable();
+    Ok(samples[samples.len() / 2])
+}
+
+/// Sequential wake-ups: the owner acquires, the waiter waits, the owner finishes.
+async fn wake_latencies(
+    owner: &RedisStore,
+    waiter: &dyn IdempotencyStore,
+    tag: &str,
+) -> anyhow::Result<Vec<Duration>> {
+    let run = fastrand::u32(..);
+    let mut latencies = Vec::with_capacity(WAKE_SAMPLES);
+    for i in 0..WAKE_SAMPLES {
+        let key = format!("wake-{tag}-{run:08x}-{i}");
+        let StartOutcome::Acquired(token) = owner
+            .start(StartRequest {
+                key: &key,
+                fingerprint: None,
+                lease: Duration::from_secs(30),
+                rerun_failed: false,
+            })
+            .await?
+        else {
+            anyhow::bail!("a fresh key was not acquired");
+        };
+        let waiting = async {
+            loop {
+                let record = waiter.get(&key).await?;
+                if record.is_none_or(|r| r.status != RecordStatus::Running) {
+                    return Ok::<Instant, StoreError>(Instant::now());
+                }
+                waiter.wait_for_change(&key, Duration::from_secs(5)).await?;
+            }
+        };
+        let finishing = async {
+            tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(..50))).await;
+            let began = Instant::now();
+            owner
+                .finish(&key, token, FinalStatus::Completed, b"done", Some(Duration::from_secs(60)))
+                .await?;
+            Ok::<Instant, StoreError>(began)
+        };
+        let (seen, began) = tokio::try_join!(waiting, finishing)?;
+        latencies.push(seen.saturating_duration_since(began));
+    }
+    Ok(latencies)
+}
+
+/// The Redis store with the core's default `wait_for_change` (polling).
+#[derive(Debug)]
+struct Polling(RedisStore);
+
+#[async_trait]
+impl IdempotencyStore for Polling {
+    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
+        self.0.start(req).await
+    }
+    async fn finish(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.0.finish(key, token, status, result, ttl).await
+    }
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), StoreError> {
+        self.0.renew(key, token, lease).await
+    }
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
+        self.0.release(key, token).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.0.delete(key).await
+    }
+}
