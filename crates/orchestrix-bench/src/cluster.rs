@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome,
-    StartRequest, StoreError,
+    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
+    StoreError,
 };
 use orchestrix_redis::RedisStore;
 use orchestrix_redis::redis::{self, cluster_routing as routing};
@@ -94,9 +94,11 @@ impl Mode {
     /// A `PING` through the same kind of connection the store uses, to one server.
     async fn pinger(&self) -> anyhow::Result<Pinger> {
         Ok(match self {
-            Self::One { url } => {
-                Pinger::One(redis::Client::open(url.as_str())?.get_connection_manager().await?)
-            }
+            Self::One { url } => Pinger::One(
+                redis::Client::open(url.as_str())?
+                    .get_connection_manager()
+                    .await?,
+            ),
             Self::Cluster { nodes } => Pinger::Cluster(
                 redis::cluster::ClusterClient::new(nodes.clone())?
                     .get_async_connection()
@@ -166,18 +168,21 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
     let mut cpu = Section::new("Redis time per fresh run (`INFO commandstats`)");
     cpu.about(
         "Redis's own time per fresh run at concurrency 50: `CONFIG RESETSTAT` on every \
-         primary, a timed phase of fresh runs, then `INFO commandstats` summed over the \
-         primaries (the usec Redis spent in each command, scripts included; commands a \
-         script runs inside are shown indented, their time is part of the script's). \
-         Per command: calls per fresh run, µs per call, µs per fresh run.",
+         primary, a timed phase of `start`s alone (fresh keys), then again before a phase \
+         of fresh runs; `INFO commandstats` summed over the primaries gives the usec Redis \
+         spent in each command (a script's includes the commands it runs inside, shown \
+         under it in parentheses). `INFO cpu` adds the server's whole CPU time (network \
+         I/O included) per operation.",
     );
     let mut wake = Section::new("Wake-up latency: owner finishes → waiter returns");
     wake.about(
         "A waiter (another store instance, as another process would have) sees the key \
          running and waits as `OnRunning::Wait` does: `wait_for_change`, then a read of \
          the record, until it is finished. The owner finishes 20–70 ms later; the latency \
-         runs from the owner's `finish` call to the waiter seeing the finished record \
-         (the owner's round trip included). Polling is the core's default \
+         runs from the owner's `finish` call (its round trip included), and from the \
+         owner receiving the finish's reply, to the waiter seeing the finished record (a \
+         notified waiter still reads the record: one round trip, as the engine's `start` \
+         after a wake-up). Polling is the core's default \
          `wait_for_change`; notification is the Redis store's sharded pub/sub. \
          Sequential samples; one round trip is a `PING` p50 on the same kind of connection.",
     );
@@ -185,10 +190,10 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
         "deployment",
         "waiting by",
         "samples",
-        "p50",
-        "p99",
+        "from the finish call: p50 / p99",
+        "from the finish's reply: p50 / p99",
         "PING p50",
-        "p50 ÷ PING",
+        "p50 ÷ PING (call / reply)",
     ]);
 
     for mode in &modes {
@@ -197,7 +202,13 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
         let pinger = mode.pinger().await?;
         let flow = noop_flow(Arc::new(store.clone()))?;
         // Warm-up: connections, scripts.
-        measure(4, Duration::from_millis(300), 0, fresh(&flow, "warm".to_owned())).await;
+        measure(
+            4,
+            Duration::from_millis(300),
+            0,
+            fresh(&flow, "warm".to_owned()),
+        )
+        .await;
         let ping_rate = {
             let pinger = pinger.clone();
             measure(CONCURRENCY, config.phase, 0, move |_| {
@@ -206,9 +217,36 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
             })
             .await
         };
+        // Redis's time per operation: `start` alone (native), then whole fresh runs.
         reset_stats(mode).await?;
-        let fresh_rate = measure(CONCURRENCY, config.phase, 0, fresh(&flow, "c50".to_owned())).await;
+        let cpu_before = cpu_usec(mode).await?;
+        let starts = {
+            let store = store.clone();
+            measure(CONCURRENCY, config.phase, 0, move |n| {
+                let store = store.clone();
+                async move {
+                    let key = format!("start-only-{n}");
+                    let outcome = store
+                        .start(StartRequest {
+                            key: &key,
+                            fingerprint: None,
+                            lease: Duration::from_secs(60),
+                            rerun_failed: false,
+                        })
+                        .await?;
+                    Ok(matches!(outcome, StartOutcome::Acquired(_)))
+                }
+            })
+            .await
+        };
+        let start_stats = command_stats(mode).await?;
+        let start_cpu = cpu_usec(mode).await?.saturating_sub(cpu_before);
+        reset_stats(mode).await?;
+        let cpu_before = cpu_usec(mode).await?;
+        let fresh_rate =
+            measure(CONCURRENCY, config.phase, 0, fresh(&flow, "c50".to_owned())).await;
         let stats = command_stats(mode).await?;
+        let fresh_cpu = cpu_usec(mode).await?.saturating_sub(cpu_before);
         let replay_rate = measure(
             CONCURRENCY,
             config.phase,
@@ -216,7 +254,12 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
             replay(&flow, "c50".to_owned(), fresh_rate.attempted),
         )
         .await;
-        rates.row(rate_row(mode.name(), &ping_rate, &fresh_rate, Some(&replay_rate)));
+        rates.row(rate_row(
+            mode.name(),
+            &ping_rate,
+            &fresh_rate,
+            Some(&replay_rate),
+        ));
         if let Mode::Cluster { .. } = mode {
             let waiting = mode
                 .builder()
@@ -225,7 +268,13 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
                 .connect()
                 .await?;
             let flow = noop_flow(Arc::new(waiting))?;
-            let waited = measure(CONCURRENCY, config.phase, 0, fresh(&flow, "wait".to_owned())).await;
+            let waited = measure(
+                CONCURRENCY,
+                config.phase,
+                0,
+                fresh(&flow, "wait".to_owned()),
+            )
+            .await;
             rates.row(rate_row(
                 &format!("{} + WAIT 1", mode.name()),
                 &ping_rate,
@@ -233,7 +282,11 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
                 None,
             ));
         }
-        cpu.tables.push(cpu_table(mode.name(), &stats, fresh_rate.ops));
+        cpu.tables.push(cpu_table(
+            mode.name(),
+            (&start_stats, starts.ops, start_cpu),
+            (&stats, fresh_rate.ops, fresh_cpu),
+        ));
 
         let rtt = ping_p50(&pinger).await?;
         let variants: Vec<(&str, Arc<dyn IdempotencyStore>)> = match mode {
@@ -253,18 +306,26 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
             )],
         };
         for (how, waiter) in variants {
-            let mut latencies = wake_latencies(&store, waiter.as_ref(), how).await?;
-            latencies.sort_unstable();
-            let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-            let (p50, p99) = (p(0.5), p(0.99));
+            let latencies = wake_latencies(&store, waiter.as_ref(), how).await?;
+            let quantiles = |mut samples: Vec<Duration>| {
+                samples.sort_unstable();
+                let p = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+                (p(0.5), p(0.99))
+            };
+            let (call_p50, call_p99) = quantiles(latencies.iter().map(|l| l.0).collect());
+            let (ret_p50, ret_p99) = quantiles(latencies.iter().map(|l| l.1).collect());
             wake_table.row([
                 mode.name().to_owned(),
                 how.to_owned(),
                 latencies.len().to_string(),
-                format!("{:.2} ms", ms(p50)),
-                format!("{:.2} ms", ms(p99)),
+                format!("{:.2} / {:.2} ms", ms(call_p50), ms(call_p99)),
+                format!("{:.2} / {:.2} ms", ms(ret_p50), ms(ret_p99)),
                 format!("{:.3} ms", ms(rtt)),
-                format!("{:.1}", ms(p50) / ms(rtt)),
+                format!(
+                    "{:.1} / {:.1}",
+                    ms(call_p50) / ms(rtt),
+                    ms(ret_p50) / ms(rtt)
+                ),
             ]);
         }
     }
@@ -363,41 +424,98 @@ async fn command_stats(mode: &Mode) -> anyhow::Result<Vec<(String, u64, u64)>> {
         .collect())
 }
 
-/// Commands that only run inside the store's scripts.
-fn inside_scripts(name: &str) -> bool {
-    !name.starts_with("eval") && !matches!(name, "set" | "get" | "del" | "wait")
+/// The server's CPU time so far, µs (`INFO cpu`: user + system, every thread), summed
+/// over the primaries.
+async fn cpu_usec(mode: &Mode) -> anyhow::Result<u64> {
+    let mut total = 0.0;
+    for mut conn in node_connections(mode).await? {
+        let info: String = redis::cmd("INFO")
+            .arg("default")
+            .query_async(&mut conn)
+            .await?;
+        if info.contains("role:slave") {
+            continue;
+        }
+        for field in ["used_cpu_user:", "used_cpu_sys:"] {
+            total += info
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    Ok((total * 1e6) as u64)
 }
 
-fn cpu_table(name: &str, stats: &[(String, u64, u64)], runs: u64) -> Table {
+/// `(calls, usec)` of `command` in `stats`.
+fn stat(stats: &[(String, u64, u64)], command: &str) -> (u64, u64) {
+    stats
+        .iter()
+        .find(|(name, _, _)| name == command)
+        .map_or((0, 0), |(_, calls, usec)| (*calls, *usec))
+}
+
+/// Per operation: `start` (measured alone: its native `SET`), `complete` (the `EVALSHA`
+/// of whole fresh runs, the commands it runs inside shown under it), their sum, and the
+/// server's whole CPU time per operation (network I/O included).
+fn cpu_table(
+    name: &str,
+    (start_stats, starts, start_cpu): (&[(String, u64, u64)], u64, u64),
+    (stats, runs, fresh_cpu): (&[(String, u64, u64)], u64, u64),
+) -> Table {
     let mut table = Table::new([
-        format!("{name}: command"),
-        "calls / fresh run".to_owned(),
+        format!("{name}: operation"),
+        "commands".to_owned(),
+        "calls / op".to_owned(),
         "µs / call".to_owned(),
-        "µs / fresh run".to_owned(),
+        "µs / op".to_owned(),
     ]);
-    let runs = runs.max(1) as f64;
-    let mut total = 0.0;
-    for (command, calls, usec) in stats.iter().filter(|(_, calls, _)| *calls > 0) {
-        let inside = inside_scripts(command);
-        if !inside {
-            total += *usec as f64 / runs;
-        }
+    let (starts, runs) = (starts.max(1) as f64, runs.max(1) as f64);
+    let (set_calls, set_usec) = stat(start_stats, "set");
+    let start_us = set_usec as f64 / starts;
+    table.row([
+        "start (acquire)".to_owned(),
+        "`SET NX PX GET`".to_owned(),
+        format!("{:.2}", set_calls as f64 / starts),
+        format!("{:.2}", set_usec as f64 / set_calls.max(1) as f64),
+        format!("{start_us:.2}"),
+    ]);
+    let (eval_calls, eval_usec) = stat(stats, "evalsha");
+    let complete_us = eval_usec as f64 / runs;
+    table.row([
+        "complete (fenced)".to_owned(),
+        "`EVALSHA`".to_owned(),
+        format!("{:.2}", eval_calls as f64 / runs),
+        format!("{:.2}", eval_usec as f64 / eval_calls.max(1) as f64),
+        format!("{complete_us:.2}"),
+    ]);
+    for inner in ["get", "spublish"] {
+        let (calls, usec) = stat(stats, inner);
         table.row([
-            if inside {
-                format!("  ↳ {command} (inside scripts)")
-            } else {
-                command.clone()
-            },
-            format!("{:.2}", *calls as f64 / runs),
-            format!("{:.2}", *usec as f64 / (*calls).max(1) as f64),
-            format!("{:.2}", *usec as f64 / runs),
+            "  ↳ inside the script".to_owned(),
+            format!("`{}`", inner.to_uppercase()),
+            format!("{:.2}", calls as f64 / runs),
+            format!("{:.2}", usec as f64 / calls.max(1) as f64),
+            format!("({:.2})", usec as f64 / runs),
         ]);
     }
     table.row([
-        "**total (top-level commands)**".to_owned(),
+        "**fresh run** (start + complete)".to_owned(),
         String::new(),
         String::new(),
-        format!("**{total:.2}**"),
+        String::new(),
+        format!("**{:.2}**", start_us + complete_us),
+    ]);
+    table.row([
+        "server CPU per start / per fresh run (`INFO cpu`, I/O included)".to_owned(),
+        String::new(),
+        String::new(),
+        String::new(),
+        format!(
+            "{:.1} / {:.1}",
+            start_cpu as f64 / starts,
+            fresh_cpu as f64 / runs
+        ),
     ]);
     table
 }
@@ -418,7 +536,7 @@ async fn wake_latencies(
     owner: &RedisStore,
     waiter: &dyn IdempotencyStore,
     tag: &str,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
     let run = fastrand::u32(..);
     let mut latencies = Vec::with_capacity(WAKE_SAMPLES);
     for i in 0..WAKE_SAMPLES {
@@ -447,12 +565,21 @@ async fn wake_latencies(
             tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(..50))).await;
             let began = Instant::now();
             owner
-                .finish(&key, token, FinalStatus::Completed, b"done", Some(Duration::from_secs(60)))
+                .finish(
+                    &key,
+                    token,
+                    FinalStatus::Completed,
+                    b"done",
+                    Some(Duration::from_secs(60)),
+                )
                 .await?;
-            Ok::<Instant, StoreError>(began)
+            Ok::<(Instant, Instant), StoreError>((began, Instant::now()))
         };
-        let (seen, began) = tokio::try_join!(waiting, finishing)?;
-        latencies.push(seen.saturating_duration_since(began));
+        let (seen, (began, returned)) = tokio::try_join!(waiting, finishing)?;
+        latencies.push((
+            seen.saturating_duration_since(began),
+            seen.saturating_duration_since(returned),
+        ));
     }
     Ok(latencies)
 }
@@ -479,7 +606,12 @@ impl IdempotencyStore for Polling {
     ) -> Result<(), StoreError> {
         self.0.finish(key, token, status, result, ttl).await
     }
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), StoreError> {
+    async fn renew(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
         self.0.renew(key, token, lease).await
     }
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {

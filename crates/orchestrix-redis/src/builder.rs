@@ -118,7 +118,7 @@ impl RedisStoreBuilder {
         match &self.source {
             Source::Client(client) => match client.as_ref() {
                 Ok(client) => Opener::Standalone {
-                    info: client.get_connection_info().clone(),
+                    info: Box::new(client.get_connection_info().clone()),
                     connection_timeout,
                     response_timeout,
                 },

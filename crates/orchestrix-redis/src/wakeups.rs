@@ -44,7 +44,7 @@ const POLL: Duration = orchestrix::store::DEFAULT_POLL_INTERVAL;
 pub(crate) enum Opener {
     /// One server: a multiplexed RESP3 connection of its own.
     Standalone {
-        info: ConnectionInfo,
+        info: Box<ConnectionInfo>,
         connection_timeout: Duration,
         response_timeout: Duration,
     },
@@ -321,7 +321,8 @@ impl Wakeups {
                     .redis_settings()
                     .clone()
                     .set_protocol(redis::ProtocolVersion::RESP3);
-                let client = Client::open(info.clone().set_redis_settings(settings)).ok()?;
+                let client =
+                    Client::open(info.as_ref().clone().set_redis_settings(settings)).ok()?;
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(*connection_timeout))
                     .set_response_timeout(Some(*response_timeout))
