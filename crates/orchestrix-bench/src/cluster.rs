@@ -282,6 +282,7 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
                 None,
             ));
         }
+        delete_prefix(mode, &prefix).await?;
         cpu.tables.push(cpu_table(
             mode.name(),
             (&start_stats, starts.ops, start_cpu),
@@ -358,6 +359,38 @@ fn rate_row(name: &str, ping: &Rate, fresh: &Rate, replays: Option<&Rate>) -> Ve
         replays.map_or("-".to_owned(), ratio),
         (fresh.errors + fresh.wrong + replays.map_or(0, |r| r.errors + r.wrong)).to_string(),
     ]
+}
+
+/// Deletes the keys the benchmark wrote (tens of thousands, kept for an hour otherwise),
+/// node by node, one key per `UNLINK` (a cluster refuses one across slots).
+async fn delete_prefix(mode: &Mode, prefix: &str) -> anyhow::Result<()> {
+    for mut conn in node_connections(mode).await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let scanned: Result<(u64, Vec<Vec<u8>>), _> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await;
+            // A replica answers SCAN but refuses writes: its primary deletes the keys.
+            let Ok((next, keys)) = scanned else { break };
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("UNLINK").arg(key).ignore();
+                }
+                let _: Result<(), _> = pipe.query_async(&mut conn).await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(())
 }
 
 /// A plain connection to each node of `mode`.

@@ -281,8 +281,11 @@ impl Wakeups {
         let Some(conn) = subscriber.as_mut() else {
             return false;
         };
-        if conn.command("SSUBSCRIBE", channel).await.is_err() {
-            self.registry.broken.store(true, Ordering::SeqCst);
+        if let Err(err) = conn.command("SSUBSCRIBE", channel).await {
+            // A refusal (ACLs) leaves the connection as it is; a lost one is reopened.
+            if err.is_connection_dropped() || err.is_io_error() || err.is_timeout() {
+                self.registry.broken.store(true, Ordering::SeqCst);
+            }
             return false;
         }
         self.mark_subscribed(&[channel.to_vec()]);

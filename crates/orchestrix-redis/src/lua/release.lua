@@ -1,4 +1,5 @@
 -- release (after fence.lua): the owner gives the key back.
 redis.call('DEL', key)
-redis.call('SPUBLISH', key, '')
+-- Wakes the key's waiters (see finish.lua).
+redis.pcall('SPUBLISH', key, '')
 return 1
