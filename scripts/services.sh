@@ -82,8 +82,108 @@ run_simple("127.0.0.1", int(sys.argv[1]), DomainDispatcherApplication(create_bac
   log "moto did not come up (see /tmp/orchestrix-moto.log)"; return 1
 }
 
+# A Redis Cluster of 3 primaries and 3 replicas on loopback ports 7101-7106 (override with
+# REDIS_CLUSTER_PORTS), for the cluster tests only. Each node runs from its own config file,
+# <REDIS_CLUSTER_DIR>/<port>/redis.conf, so a test that kills a node restarts it with
+# `redis-server <that file>` and it rejoins the cluster (as a replica, once its replica was
+# promoted). A cluster that already answers `cluster_state:ok` on every node is reused; a
+# node that is down is restarted from its file; a cluster that cannot be mended so is
+# rebuilt from scratch. Exports REDIS_CLUSTER_NODES (comma-separated redis:// URLs) and
+# REDIS_CLUSTER_DIR. Nodes this function started are shut down by stop_started_services.
+# A short cluster-node-timeout makes a failover take about a second, not fifteen.
+: "${REDIS_CLUSTER_PORTS:=7101 7102 7103 7104 7105 7106}"
+: "${REDIS_CLUSTER_DIR:=${TMPDIR:-/tmp}/orchestrix-redis-cluster}"
+STARTED_CLUSTER_PORTS=()
+
+redis_cluster_node_ok() {
+  redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'
+}
+
+redis_cluster_ok() {
+  local port
+  for port in $REDIS_CLUSTER_PORTS; do
+    redis_cluster_node_ok "$port" || return 1
+  done
+  # Every node must also agree on three primaries with a replica each.
+  local first="${REDIS_CLUSTER_PORTS%% *}"
+  [ "$(redis-cli -h 127.0.0.1 -p "$first" cluster nodes 2>/dev/null | grep -v fail | grep -c master)" = 3 ] &&
+    [ "$(redis-cli -h 127.0.0.1 -p "$first" cluster nodes 2>/dev/null | grep -v fail | grep -c slave)" = 3 ]
+}
+
+start_redis_cluster_node() {
+  local port="$1" dir="$REDIS_CLUSTER_DIR/$1"
+  mkdir -p "$dir"
+  cat >"$dir/redis.conf" <<CONF
+port $port
+bind 127.0.0.1
+daemonize yes
+dir $dir
+logfile $dir/redis.log
+pidfile $dir/redis.pid
+save ""
+appendonly no
+cluster-enabled yes
+cluster-config-file $dir/nodes.conf
+cluster-node-timeout 1000
+cluster-replica-validity-factor 0
+CONF
+  redis-server "$dir/redis.conf"
+  STARTED_CLUSTER_PORTS+=("$port")
+}
+
+wait_redis_cluster_ok() {
+  for _ in $(seq "${1:-100}"); do
+    redis_cluster_ok && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+ensure_redis_cluster() {
+  export REDIS_CLUSTER_DIR
+  REDIS_CLUSTER_NODES="$(for port in $REDIS_CLUSTER_PORTS; do printf 'redis://127.0.0.1:%s,' "$port"; done)"
+  export REDIS_CLUSTER_NODES="${REDIS_CLUSTER_NODES%,}"
+  redis_cluster_ok && return 0
+  command -v redis-server >/dev/null 2>&1 || ensure_redis
+  local port
+  # Mend: restart the nodes that are down from their files; they rejoin by themselves.
+  if [ -d "$REDIS_CLUSTER_DIR" ]; then
+    for port in $REDIS_CLUSTER_PORTS; do
+      if ! redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 && [ -f "$REDIS_CLUSTER_DIR/$port/nodes.conf" ]; then
+        log "restarting redis cluster node 127.0.0.1:$port"
+        redis-server "$REDIS_CLUSTER_DIR/$port/redis.conf"
+        STARTED_CLUSTER_PORTS+=("$port")
+      fi
+    done
+    wait_redis_cluster_ok 100 && return 0
+  fi
+  # Rebuild from scratch.
+  log "creating a redis cluster (3 primaries, 3 replicas) on 127.0.0.1 ports $REDIS_CLUSTER_PORTS"
+  for port in $REDIS_CLUSTER_PORTS; do
+    redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  done
+  rm -rf "$REDIS_CLUSTER_DIR"
+  for port in $REDIS_CLUSTER_PORTS; do
+    start_redis_cluster_node "$port"
+  done
+  for port in $REDIS_CLUSTER_PORTS; do
+    for _ in $(seq 50); do
+      redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+  # shellcheck disable=SC2046
+  redis-cli --cluster create $(for port in $REDIS_CLUSTER_PORTS; do printf '127.0.0.1:%s ' "$port"; done) \
+    --cluster-replicas 1 --cluster-yes >"$REDIS_CLUSTER_DIR/create.log" 2>&1 ||
+    { log "redis-cli --cluster create failed (see $REDIS_CLUSTER_DIR/create.log)"; return 1; }
+  wait_redis_cluster_ok 300 || { log "the redis cluster did not reach cluster_state:ok"; return 1; }
+}
+
 stop_started_services() {
   for pid in "${STARTED_PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true
+  done
+  for port in "${STARTED_CLUSTER_PORTS[@]}"; do
+    redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
   done
 }

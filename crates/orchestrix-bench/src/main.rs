@@ -36,6 +36,9 @@
 //!   keyed runs of a 5-step flow.
 //! * `throughput` — fresh runs/s and replays/s beside the raw round-trip rate of the same
 //!   client, and round trips per operation.
+//! * `cluster` — the Redis store on a Redis Cluster beside one Redis: runs/s as a
+//!   fraction of `PING`, the cost of `WAIT`, Redis's time per fresh run, and the wake-up
+//!   latency of waiters, polling vs pub/sub.
 //! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
 //!
 //! Child processes are this binary again, with the hidden `child` subcommand.
@@ -45,6 +48,7 @@ mod args;
 mod arrivals;
 mod big_results;
 mod child;
+mod cluster;
 mod counter;
 mod crash;
 mod durable_bench;
@@ -86,6 +90,7 @@ scenarios:
   big-results [--limit bulk|memory|all] [--keys 10] [--callers 4] [--lease-ms 1000]
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
   durable     --store S [--seconds 2]
+  cluster     [--seconds 2]   (REDIS_CLUSTER_NODES, e.g. from scripts/services.sh)
   report      [--output PATH] [--seconds 2]
 
 S: memory | redis | postgres | sqlite | dynamodb | all
@@ -176,6 +181,7 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             )
             .await?
         }
+        "cluster" => cluster::main(&cluster::ClusterBenchConfig::from_args(&args)?).await?,
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             return Ok(ExitCode::SUCCESS);

@@ -165,6 +165,9 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         .await,
     );
 
+    let cluster = crate::cluster::ClusterBenchConfig { phase };
+    sections.extend(bounded("cluster", crate::cluster::main(&cluster)).await);
+
     let mut document = render(&sections, &services, started.elapsed());
     // The core crate's `cargo bench` figures are written by hand at the end: keep them.
     if let Ok(old) = std::fs::read_to_string(&output)

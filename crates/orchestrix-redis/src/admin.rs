@@ -24,8 +24,12 @@
 //! is a typed error or an undecodable row, and another Redis type under a key is
 //! undecodable too. Leases and expiries are measured on Redis's clock (`TIME`, `PTTL`).
 //!
-//! Cluster: `SCAN` walks one node. A store on a Redis Cluster must scan each primary in
-//! turn; the cluster client is not wired in yet (see the crate's README).
+//! Cluster: `SCAN` walks one node, so on a Redis Cluster a listing scans each primary in
+//! turn, in the order of the slots they serve (read with `CLUSTER SLOTS` on each page).
+//! Its cursor is then `<slot>:<SCAN cursor>`: a primary is named by the first slot it
+//! serves, so the listing follows the slot's new primary after a failover (whose data, and
+//! so `SCAN`'s guarantees, are the same); keys whose slots migrate while a listing runs may
+//! be missed or listed twice. The reads of the keys found go each to its key's node.
 
 use std::time::Duration;
 
@@ -278,23 +282,27 @@ impl RedisStore {
         [self.key_prefix.as_bytes(), key.as_bytes()].concat()
     }
 
-    /// One `SCAN` from `cursor`: the next cursor and the record keys it returned (the
-    /// store's prefix taken off; its own keys left out).
+    /// One `SCAN` from `at`: the next cursor on the same node and the record keys it
+    /// returned (the store's prefix taken off; its own keys left out).
     async fn scan(
         &self,
-        cursor: u64,
+        at: ScanAt,
         pattern: &[u8],
         count: usize,
     ) -> Result<(u64, Vec<String>), StoreError> {
-        let mut conn = self.conn.clone();
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(at.cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await
+            .arg(count);
+        let mut conn = self.conn.clone();
+        let reply = match at.shard {
+            Some(slot) => conn.query_on_slot(&cmd, slot).await,
+            None => cmd.query_async(&mut conn).await,
+        };
+        let (next, keys): (u64, Vec<Vec<u8>>) = reply
+            .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
             .map_err(StoreError::backend)?;
         let prefix = self.key_prefix.as_bytes();
         let keys = keys
@@ -390,6 +398,41 @@ impl RedisStore {
             .collect())
     }
 
+    /// On a cluster, the first slot of each primary, in order; on one server, nothing.
+    async fn shards(&self) -> Result<Vec<u16>, StoreError> {
+        if !self.conn.is_cluster() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        // Each entry: [first slot, last slot, [ip, port, node id, ...], replicas...].
+        let ranges: Vec<Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .map_err(StoreError::backend)?;
+        let mut firsts = std::collections::BTreeMap::<Vec<u8>, u16>::new();
+        for range in ranges {
+            let Value::Array(range) = range else { continue };
+            let (Some(first), Some(Value::Array(primary))) = (range.first(), range.get(2)) else {
+                continue;
+            };
+            let Ok(first) = redis::from_redis_value_ref::<u16>(first) else {
+                continue;
+            };
+            // The node id names the primary; before 4.0 Redis sent only address and port.
+            let id = primary
+                .get(2)
+                .or(primary.get(1))
+                .and_then(|v| redis::from_redis_value_ref::<Vec<u8>>(v).ok())
+                .unwrap_or_default();
+            let slot = firsts.entry(id).or_insert(first);
+            *slot = (*slot).min(first);
+        }
+        let mut shards: Vec<u16> = firsts.into_values().collect();
+        shards.sort_unstable();
+        Ok(shards)
+    }
+
     /// A pipeline whose commands may each fail on their own (another type under a key).
     async fn query_pipe(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
         let mut pipe = pipe.clone();
@@ -429,18 +472,33 @@ impl RecordAdmin for RedisStore {
 
     async fn list(&self, req: ListRequest<'_>) -> Result<Page, StoreError> {
         let page_size = req.page_size();
-        let mut cursor: u64 = match req.cursor {
-            None => 0,
-            Some(cursor) => cursor.parse().map_err(|_| {
-                StoreError::backend_msg(format!("{cursor:?} is not a Redis SCAN cursor"))
-            })?,
+        let shards = self.shards().await?;
+        let not_ours = |cursor: &str| {
+            StoreError::backend_msg(format!("{cursor:?} is not a Redis SCAN cursor"))
+        };
+        let mut at = match req.cursor {
+            None => ScanAt {
+                shard: shards.first().copied(),
+                cursor: 0,
+            },
+            Some(cursor) => {
+                ScanAt::parse(cursor, !shards.is_empty()).ok_or_else(|| not_ours(cursor))?
+            }
         };
         let pattern = match_pattern(&self.redis_key(req.prefix));
         let mut records = Vec::new();
+        let mut done = false;
         for _ in 0..SCANS_PER_PAGE {
             let lacking = page_size.saturating_sub(records.len()).max(1);
-            let (next, keys) = self.scan(cursor, &pattern, lacking).await?;
-            cursor = next;
+            let (next, keys) = self.scan(at, &pattern, lacking).await?;
+            at.cursor = next;
+            if next == 0 {
+                // This node is walked through: on to the next primary, if any.
+                match at.shard.and_then(|slot| shards.iter().find(|&&s| s > slot)) {
+                    Some(&slot) => at.shard = Some(slot),
+                    None => done = true,
+                }
+            }
             if !keys.is_empty() {
                 let (now, probes) = self.probe(keys).await?;
                 let more = self.read_more(&probes).await?;
@@ -463,16 +521,51 @@ impl RecordAdmin for RedisStore {
                     }
                 }
             }
-            if cursor == 0 || records.len() >= page_size {
+            if done || records.len() >= page_size {
                 break;
             }
         }
-        let next = (cursor != 0).then(|| cursor.to_string());
+        let next = (!done).then(|| at.to_string());
         Ok(Page { records, next })
     }
 
     async fn release(&self, key: &str) -> Result<Released, StoreError> {
         self.release_as_admin(key).await
+    }
+}
+
+/// Where a listing goes on: `SCAN`'s cursor, and on a cluster the primary it walks, named
+/// by the first slot it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScanAt {
+    shard: Option<u16>,
+    cursor: u64,
+}
+
+impl ScanAt {
+    /// A cursor this store gave: `<cursor>` on one server, `<slot>:<cursor>` on a cluster.
+    fn parse(text: &str, cluster: bool) -> Option<Self> {
+        if cluster {
+            let (slot, cursor) = text.split_once(':')?;
+            Some(Self {
+                shard: Some(slot.parse().ok()?),
+                cursor: cursor.parse().ok()?,
+            })
+        } else {
+            Some(Self {
+                shard: None,
+                cursor: text.parse().ok()?,
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for ScanAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.shard {
+            Some(slot) => write!(f, "{slot}:{}", self.cursor),
+            None => write!(f, "{}", self.cursor),
+        }
     }
 }
 
@@ -487,5 +580,15 @@ mod tests {
             b"orx:a\\*b\\?\\[c\\]\\\\*".to_vec()
         );
         assert_eq!(match_pattern(b""), b"*".to_vec());
+    }
+
+    #[test]
+    fn scan_cursors_round_trip_and_name_the_node_on_a_cluster() {
+        for (text, cluster) in [("0", false), ("1234", false), ("5461:77", true)] {
+            let at = ScanAt::parse(text, cluster).expect("a cursor the store gave");
+            assert_eq!(at.to_string(), text);
+        }
+        assert_eq!(ScanAt::parse("5461:77", false), None);
+        assert_eq!(ScanAt::parse("77", true), None);
     }
 }

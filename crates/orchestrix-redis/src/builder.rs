@@ -4,10 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, RedisError};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, ConnectionInfo, IntoConnectionInfo, RedisError};
 
 use crate::RedisStore;
+use crate::connection::Connection;
 use crate::durable::{DEFAULT_MAX_JOURNAL_BYTES, REDIS_MAX_VALUE};
+use crate::wakeups::{Opener, Wakeups};
 
 /// The key prefix used unless [`RedisStoreBuilder::key_prefix`] sets another.
 pub const DEFAULT_KEY_PREFIX: &str = "orchestrix:";
@@ -41,8 +45,9 @@ pub enum RedisStoreError {
     NoRuntime,
 }
 
-/// Builds a [`RedisStore`]; start from [`RedisStore::builder`] (a URL) or convert a
-/// [`redis::Client`] or a [`ConnectionManager`] with `RedisStoreBuilder::from`.
+/// Builds a [`RedisStore`]; start from [`RedisStore::builder`] (a URL),
+/// [`RedisStore::cluster`] (a Redis Cluster's seed nodes), or convert a [`redis::Client`] or
+/// a [`ConnectionManager`] with `RedisStoreBuilder::from`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), orchestrix_redis::RedisStoreError> {
@@ -65,6 +70,8 @@ pub struct RedisStoreBuilder {
     response_timeout: Duration,
     max_result_size: usize,
     max_journal_bytes: usize,
+    replicas: Option<crate::Replicas>,
+    safety_poll: Duration,
 }
 
 #[derive(Debug)]
@@ -74,11 +81,21 @@ enum Source {
     /// a few hundred bytes, and a builder is moved at every call of the chain.
     Client(Box<Result<Client, RedisError>>),
     Manager(ConnectionManager),
+    /// A Redis Cluster's seed nodes (any of them will do; the client learns the rest).
+    Cluster(Result<Vec<ConnectionInfo>, RedisError>),
 }
 
 impl RedisStoreBuilder {
     pub(crate) fn new(info: impl IntoConnectionInfo) -> Self {
         Self::with_source(Source::Client(Box::new(Client::open(info))))
+    }
+
+    pub(crate) fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> Self {
+        let nodes = nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect();
+        Self::with_source(Source::Cluster(nodes))
     }
 
     fn with_source(source: Source) -> Self {
@@ -89,6 +106,30 @@ impl RedisStoreBuilder {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
+            replicas: None,
+            safety_poll: crate::wakeups::DEFAULT_SAFETY_POLL,
+        }
+    }
+
+    /// How to open the subscription connection of the store's waiters.
+    fn opener(&self) -> Opener {
+        let (connection_timeout, response_timeout) =
+            (self.connection_timeout, self.response_timeout);
+        match &self.source {
+            Source::Client(client) => match client.as_ref() {
+                Ok(client) => Opener::Standalone {
+                    info: Box::new(client.get_connection_info().clone()),
+                    connection_timeout,
+                    response_timeout,
+                },
+                Err(_) => Opener::None,
+            },
+            Source::Cluster(Ok(nodes)) => Opener::Cluster {
+                nodes: nodes.clone(),
+                connection_timeout,
+                response_timeout,
+            },
+            Source::Cluster(Err(_)) | Source::Manager(_) => Opener::None,
         }
     }
 
@@ -137,6 +178,39 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Opt-in: after each acquire (`start` that takes the key) and each finish of a plain
+    /// run, `WAIT` until `replicas` replicas of the key's primary hold the write, for at
+    /// most `timeout` (keep it under the [response timeout](Self::response_timeout)).
+    ///
+    /// Redis replicates asynchronously: a write its primary acknowledged may not have
+    /// reached a replica when the primary dies, and the replica promoted in its place has
+    /// never seen it, so a second caller can acquire the key and run it again. With this
+    /// option an acquire that is not confirmed by `replicas` replicas in time is released
+    /// and answered as [`StoreError::Backend`](orchestrix::store::StoreError::Backend)
+    /// (nothing runs), and a finish not confirmed in time is answered as a backend error
+    /// too (the record is finished on the primary, but may be lost with it). `WAIT` narrows
+    /// the window, it does not close it: a failover may still promote the one replica that
+    /// did not receive the write, and a write acknowledged by replicas is still lost if
+    /// every one of them fails too. Each acquire and finish costs one more round trip and
+    /// the replication delay (measured in `BENCHMARKS.md`). Durable runs' journal writes
+    /// are not waited for.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some(crate::Replicas { replicas, timeout });
+        self
+    }
+
+    /// How long a run waiting for another caller's (`OnRunning::Wait`) sleeps at most
+    /// between two looks at the record when no notification comes (default
+    /// [`DEFAULT_SAFETY_POLL`](crate::DEFAULT_SAFETY_POLL), 1 s). Waiters are woken by the
+    /// owner's finish or release through Redis pub/sub; this bounds how late a lost
+    /// notification (or a record deleted, or expired, which publishes nothing) makes them.
+    /// A store built from a [`ConnectionManager`] cannot open its subscription connection
+    /// and polls every 50 ms instead.
+    pub fn safety_poll_interval(mut self, interval: Duration) -> Self {
+        self.safety_poll = interval;
+        self
+    }
+
     /// Connects now and returns the store.
     ///
     /// The connection reconnects by itself afterwards; an operation made while Redis is
@@ -146,21 +220,33 @@ impl RedisStoreBuilder {
     /// [`RedisStoreError::InvalidSettings`] for a malformed URL (or a `rediss://` URL
     /// without the `tls` feature); [`RedisStoreError::Connect`] when Redis does not answer.
     pub async fn connect(self) -> Result<RedisStore, RedisStoreError> {
-        let manager = match self.source {
-            Source::Manager(manager) => manager,
+        let wakeups = Wakeups::new(self.opener(), self.safety_poll);
+        let conn = match self.source {
+            Source::Manager(manager) => Connection::Standalone(manager),
             Source::Client(client) => {
                 let client = (*client).map_err(RedisStoreError::InvalidSettings)?;
                 let config = manager_config(self.connection_timeout, self.response_timeout);
-                ConnectionManager::new_with_config(client, config)
+                let manager = ConnectionManager::new_with_config(client, config)
                     .await
-                    .map_err(RedisStoreError::Connect)?
+                    .map_err(RedisStoreError::Connect)?;
+                Connection::Standalone(manager)
+            }
+            Source::Cluster(nodes) => {
+                let client = cluster_client(nodes, self.connection_timeout, self.response_timeout)?;
+                let cluster: ClusterConnection = client
+                    .get_async_connection()
+                    .await
+                    .map_err(RedisStoreError::Connect)?;
+                Connection::Cluster(cluster)
             }
         };
         let limits = Limits {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
+            replicas: self.replicas,
+            wakeups,
         };
-        Ok(store(manager, self.key_prefix, limits))
+        Ok(store(conn, self.key_prefix, limits))
     }
 
     /// Returns the store at once and connects on its first operation, for services that
@@ -171,23 +257,37 @@ impl RedisStoreBuilder {
     /// [`RedisStoreError::InvalidSettings`] as for [`connect`](Self::connect);
     /// [`RedisStoreError::NoRuntime`] outside a Tokio runtime.
     pub fn connect_lazy(self) -> Result<RedisStore, RedisStoreError> {
-        let manager = match self.source {
-            Source::Manager(manager) => manager,
+        let wakeups = Wakeups::new(self.opener(), self.safety_poll);
+        let conn = match self.source {
+            Source::Manager(manager) => Connection::Standalone(manager),
             Source::Client(client) => {
                 let client = (*client).map_err(RedisStoreError::InvalidSettings)?;
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(RedisStoreError::NoRuntime);
                 }
                 let config = manager_config(self.connection_timeout, self.response_timeout);
-                ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(RedisStoreError::InvalidSettings)?
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(RedisStoreError::InvalidSettings)?;
+                Connection::Standalone(manager)
+            }
+            Source::Cluster(nodes) => {
+                let client = cluster_client(nodes, self.connection_timeout, self.response_timeout)?;
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(RedisStoreError::NoRuntime);
+                }
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(self.connection_timeout)
+                    .set_response_timeout(self.response_timeout);
+                Connection::Cluster(client.get_pending_async_connection_with_config(config))
             }
         };
         let limits = Limits {
             max_result_size: self.max_result_size,
             max_journal_bytes: self.max_journal_bytes,
+            replicas: self.replicas,
+            wakeups,
         };
-        Ok(store(manager, self.key_prefix, limits))
+        Ok(store(conn, self.key_prefix, limits))
     }
 }
 
@@ -206,6 +306,37 @@ impl From<ConnectionManager> for RedisStoreBuilder {
     }
 }
 
+/// A cluster client over `nodes`, with the store's timeouts.
+///
+/// A command that meets a node down (a primary killed, not yet replaced by its replica)
+/// is retried with the slot map refreshed, a few times, quickly, and the whole of one
+/// command — retries, reconnections and redirections included — never takes longer than
+/// one connection timeout plus two response timeouts: a store call fails in bounded time
+/// rather than waiting out a failover.
+fn cluster_client(
+    nodes: Result<Vec<ConnectionInfo>, RedisError>,
+    connection: Duration,
+    response: Duration,
+) -> Result<redis::cluster::ClusterClient, RedisStoreError> {
+    let nodes = nodes.map_err(RedisStoreError::InvalidSettings)?;
+    ClusterClientBuilder::new(nodes)
+        .connection_timeout(connection)
+        .response_timeout(response)
+        .overall_response_timeout(Some(connection + response * 2))
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+        .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+        .build()
+        .map_err(RedisStoreError::InvalidSettings)
+}
+
+/// Retries of one command on a cluster (redirections are not retries), and the bounds of
+/// the wait before each, in ms: a failover's new primary is found within a few hundred ms
+/// of the cluster electing it.
+const CLUSTER_RETRIES: u32 = 8;
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 20;
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 500;
+
 fn manager_config(connection: Duration, response: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(connection))
@@ -218,14 +349,18 @@ fn manager_config(connection: Duration, response: Duration) -> ConnectionManager
 struct Limits {
     max_result_size: usize,
     max_journal_bytes: usize,
+    replicas: Option<crate::Replicas>,
+    wakeups: Arc<Wakeups>,
 }
 
-fn store(conn: ConnectionManager, key_prefix: String, limits: Limits) -> RedisStore {
+fn store(conn: Connection, key_prefix: String, limits: Limits) -> RedisStore {
     RedisStore {
         conn,
         key_prefix: Arc::from(key_prefix),
         max_result_size: limits.max_result_size,
         max_journal_bytes: limits.max_journal_bytes,
+        replicas: limits.replicas,
+        wakeups: limits.wakeups,
     }
 }
 

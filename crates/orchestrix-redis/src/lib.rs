@@ -13,7 +13,13 @@
 //!     .await?;
 //! // Hand it to flows as their store; one store (and one connection) serves them all.
 //! let store: Arc<dyn IdempotencyStore> = Arc::new(store);
-//! # let _ = store; Ok(()) }
+//!
+//! // A Redis Cluster: a few seed nodes, the same options.
+//! let cluster = RedisStore::cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+//!     .key_prefix("billing:")
+//!     .connect()
+//!     .await?;
+//! # let _ = (store, cluster); Ok(()) }
 //! ```
 //!
 //! # Why it is built this way
@@ -39,10 +45,18 @@
 //! * **Fencing in the server.** `complete`, `fail`, `renew` and `release` are applied only
 //!   when the running record's token is the caller's; otherwise nothing is written and the
 //!   caller gets [`StoreError::StaleToken`].
-//! * **Cluster-safe keys.** A record is one string under one key (`prefix` + key), in a
-//!   compact, versioned encoding (version, status and token at fixed offsets, then the
+//! * **One server or a Redis Cluster.** [`RedisStore::cluster`] connects to a cluster
+//!   through its seed nodes (the `redis` crate's `cluster-async` client, which follows
+//!   `MOVED`/`ASK` and failovers). A record is one string under one key (`prefix` + key),
+//!   in a compact, versioned encoding (version, status and token at fixed offsets, then the
 //!   fingerprint and the result), and every command or script touches only that key, so it
-//!   always lives in a single hash slot.
+//!   always lives in a single hash slot. Replication is asynchronous: a failover can lose
+//!   the last acquires and finishes; [`wait_for_replicas`](RedisStoreBuilder::wait_for_replicas)
+//!   narrows that window (the README states what each deployment can lose).
+//! * **Waiters are woken, not polling.** The finish and release scripts `SPUBLISH` on the
+//!   key's channel; a store's waiters share one subscription connection, with a slow safety
+//!   poll ([`safety_poll_interval`](RedisStoreBuilder::safety_poll_interval)) so that a lost
+//!   notification never loses a waiter.
 //! * **Garbage is an error, never free.** A value written under the key by something else —
 //!   another Redis type, a string that is not a well-formed record — is
 //!   [`StoreError::Decode`]; a record of another schema version is
@@ -93,9 +107,11 @@
 
 mod admin;
 mod builder;
+mod connection;
 mod durable;
 mod record;
 mod scripts;
+mod wakeups;
 
 use std::fmt;
 use std::io::Write as _;
@@ -107,7 +123,6 @@ use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
     StartOutcome, StartRequest, StoreError,
 };
-use redis::aio::ConnectionManager;
 use redis::{
     Cmd, ErrorKind, IntoConnectionInfo, RedisError, RedisWrite, Script, ServerErrorKind, Value,
 };
@@ -119,6 +134,7 @@ pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
 /// The `redis` crate this store is built on, so a [`redis::Client`] or
 /// [`redis::aio::ConnectionManager`] handed to [`RedisStoreBuilder`] has the matching version.
 pub use redis;
+pub use wakeups::{DEFAULT_SAFETY_POLL, SUBSCRIBER_NAME};
 
 use scripts::{Reply, SCRIPTS};
 
@@ -137,11 +153,31 @@ const U64_DIGITS: usize = 20;
 /// [crate documentation](crate) for the guarantees.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: connection::Connection,
     key_prefix: Arc<str>,
     max_result_size: usize,
     /// The largest a durable record may grow to.
     max_journal_bytes: usize,
+    /// `WAIT` for this many replicas after acquires and finishes, if set.
+    replicas: Option<Replicas>,
+    /// Waiters woken by pub/sub, shared by the store's clones.
+    wakeups: Arc<wakeups::Wakeups>,
+}
+
+/// [`RedisStoreBuilder::wait_for_replicas`]'s setting.
+#[derive(Debug, Clone, Copy)]
+struct Replicas {
+    replicas: u32,
+    timeout: Duration,
+}
+
+/// A write the primary applied that fewer replicas than asked confirmed in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the write reached {acked} of the {asked} replicas asked for within {timeout:?}")]
+struct NotReplicated {
+    acked: u64,
+    asked: u32,
+    timeout: Duration,
 }
 
 impl RedisStore {
@@ -150,6 +186,24 @@ impl RedisStore {
     /// [`IntoConnectionInfo`].
     pub fn builder(url: impl IntoConnectionInfo) -> RedisStoreBuilder {
         RedisStoreBuilder::new(url)
+    }
+
+    /// A builder for a store on a Redis Cluster, reached through `nodes` (a few of its
+    /// nodes' URLs, `redis://host:port`; the client learns the rest of the cluster from
+    /// them). The builder's options are the same as for one server.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), orchestrix_redis::RedisStoreError> {
+    /// use orchestrix_redis::RedisStore;
+    ///
+    /// let store = RedisStore::cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+    ///     .key_prefix("billing:")
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> RedisStoreBuilder {
+        RedisStoreBuilder::cluster(nodes)
     }
 
     /// The prefix every key is stored under.
@@ -247,6 +301,111 @@ impl RedisStore {
             Reply::Ok | Reply::AlreadyFinished => Err(cause),
             // The refused write was applied after all (its reply was what got lost).
             Reply::AlreadyFinishedWithResult => Ok(()),
+            reply => Err(fenced_error(reply)),
+        }
+    }
+
+    /// For a waiter: `None` when `key`'s record is no longer running (or cannot be read),
+    /// else the time its lease has left (`GETRANGE` of the status byte and `PTTL`, one
+    /// round trip).
+    async fn lease_left(&self, key: &str) -> Option<Duration> {
+        let redis_key = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
+        let mut pipe = redis::pipe();
+        pipe.cmd("GETRANGE").arg(&redis_key).arg(1).arg(1);
+        pipe.cmd("PTTL").arg(&redis_key);
+        let mut conn = self.conn.clone();
+        let (status, pttl): (Vec<u8>, i64) = pipe.query_async(&mut conn).await.ok()?;
+        // 'r' a plain running record, 'R' a durable one (whose lease is inside the value,
+        // and whose key lives for its retention: the safety poll bounds that wait).
+        match (status.first(), u64::try_from(pttl)) {
+            (Some(b'r' | b'R'), Ok(ms)) => Some(Duration::from_millis(ms)),
+            (Some(b'r' | b'R'), Err(_)) => Some(Duration::MAX),
+            _ => None,
+        }
+    }
+
+    /// With [`wait_for_replicas`](RedisStoreBuilder::wait_for_replicas): `WAIT` for the
+    /// replicas of `key`'s primary to hold what was just written to it.
+    async fn await_replicas(&self, key: &str) -> Result<(), StoreError> {
+        let Some(Replicas { replicas, timeout }) = self.replicas else {
+            return Ok(());
+        };
+        let redis_key = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
+        let mut conn = self.conn.clone();
+        let acked = conn
+            .wait_for_replicas(&redis_key, replicas, millis(timeout))
+            .await
+            .map_err(StoreError::backend)?;
+        if acked < u64::from(replicas) {
+            return Err(StoreError::backend(NotReplicated {
+                acked,
+                asked: replicas,
+                timeout,
+            }));
+        }
+        Ok(())
+    }
+
+    /// [`finish`](IdempotencyStore::finish) without the replicas' confirmation: one fenced
+    /// script that finishes the record with its result, one per final status, so the
+    /// status is a literal in the script rather than an argument. A result over the store's
+    /// limit, or one Redis refuses, is replaced by a finish without it.
+    async fn finish_record(
+        &self,
+        key: &str,
+        token: FencingToken,
+        status: FinalStatus,
+        result: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        if let Some(finished) = self.finish_durable(key, token, status, result, ttl).await {
+            return finished;
+        }
+        let scripts = match status {
+            FinalStatus::Completed => &SCRIPTS.complete,
+            FinalStatus::Failed => &SCRIPTS.fail,
+        };
+        let size = result.len();
+        if size > self.max_result_size {
+            let too_large = StoreError::TooLarge {
+                size,
+                limit: self.max_result_size,
+            };
+            let script = &scripts.without_result;
+            return self
+                .finish_without_result(script, key, token, ttl, too_large)
+                .await;
+        }
+        let script = &scripts.with_result;
+        let fence = record::running_prefix(token);
+        // The finished record's tail: the result behind its flag.
+        let tail = 1 + size;
+        let mut cmd = self.evalsha(script, key, 3, fence.len() + tail + U64_DIGITS)?;
+        cmd.arg(&fence[..]);
+        push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
+        if let Some(ttl) = ttl {
+            cmd.arg(millis(ttl));
+        }
+        let reply = match self.query(script, &cmd).await {
+            Ok(value) => Reply::parse(value)?,
+            Err(err) if refused_result(&err, tail) => {
+                let refused = StoreError::ResultRefused {
+                    size,
+                    source: Box::new(err),
+                };
+                let script = &scripts.without_result;
+                return self
+                    .finish_without_result(script, key, token, ttl, refused)
+                    .await;
+            }
+            Err(err) => return Err(StoreError::backend(err)),
+        };
+        match reply {
+            Reply::Ok | Reply::AlreadyFinished => Ok(()),
+            Reply::AlreadyFinishedWithoutResult => Err(StoreError::ResultRefused {
+                size,
+                source: Box::new(FinishedEarlierWithoutResult),
+            }),
             reply => Err(fenced_error(reply)),
         }
     }
@@ -422,14 +581,20 @@ impl IdempotencyStore for RedisStore {
                 .map_err(native_error)?
         };
         match existing {
-            None => Ok(StartOutcome::Acquired(token)),
+            None => {
+                if let Err(err) = self.await_replicas(req.key).await {
+                    // Not confirmed: give the key back rather than run on a record a
+                    // failover could lose (best effort; the lease lapses otherwise).
+                    let _ = self.fenced(&SCRIPTS.release, req.key, token, None).await;
+                    return Err(err);
+                }
+                Ok(StartOutcome::Acquired(token))
+            }
             Some(value) => record::decode(req.key, &value).map(StartOutcome::Existing),
         }
     }
 
-    // One fenced script that finishes the record with its result: one per final status,
-    // so the status is a literal in the script rather than an argument. A result over the
-    // store's limit, or one Redis refuses, is replaced by a finish without it.
+    // The record's finish, then (if asked for) the replicas' confirmation of it.
     async fn finish(
         &self,
         key: &str,
@@ -438,56 +603,8 @@ impl IdempotencyStore for RedisStore {
         result: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
-        if let Some(finished) = self.finish_durable(key, token, status, result, ttl).await {
-            return finished;
-        }
-        let scripts = match status {
-            FinalStatus::Completed => &SCRIPTS.complete,
-            FinalStatus::Failed => &SCRIPTS.fail,
-        };
-        let size = result.len();
-        if size > self.max_result_size {
-            let too_large = StoreError::TooLarge {
-                size,
-                limit: self.max_result_size,
-            };
-            let script = &scripts.without_result;
-            return self
-                .finish_without_result(script, key, token, ttl, too_large)
-                .await;
-        }
-        let script = &scripts.with_result;
-        let fence = record::running_prefix(token);
-        // The finished record's tail: the result behind its flag.
-        let tail = 1 + size;
-        let mut cmd = self.evalsha(script, key, 3, fence.len() + tail + U64_DIGITS)?;
-        cmd.arg(&fence[..]);
-        push_joined(&mut cmd, &[&[record::HAS_RESULT], result])?;
-        if let Some(ttl) = ttl {
-            cmd.arg(millis(ttl));
-        }
-        let reply = match self.query(script, &cmd).await {
-            Ok(value) => Reply::parse(value)?,
-            Err(err) if refused_result(&err, tail) => {
-                let refused = StoreError::ResultRefused {
-                    size,
-                    source: Box::new(err),
-                };
-                let script = &scripts.without_result;
-                return self
-                    .finish_without_result(script, key, token, ttl, refused)
-                    .await;
-            }
-            Err(err) => return Err(StoreError::backend(err)),
-        };
-        match reply {
-            Reply::Ok | Reply::AlreadyFinished => Ok(()),
-            Reply::AlreadyFinishedWithoutResult => Err(StoreError::ResultRefused {
-                size,
-                source: Box::new(FinishedEarlierWithoutResult),
-            }),
-            reply => Err(fenced_error(reply)),
-        }
+        self.finish_record(key, token, status, result, ttl).await?;
+        self.await_replicas(key).await
     }
 
     async fn renew(
@@ -511,6 +628,16 @@ impl IdempotencyStore for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.delete_with_lease_entry(key).await
+    }
+
+    /// Woken by the finish or release of the record (sharded pub/sub, one subscription
+    /// connection per store), with a slow safety poll: see the crate's README.
+    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+        let channel = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
+        self.wakeups
+            .wait(channel, max, || self.lease_left(key))
+            .await;
+        Ok(())
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {

@@ -96,7 +96,7 @@ impl RedisStore {
         // operation, which has been applied.
         pipe.ignore_errors();
         let mut conn = self.conn.clone();
-        let send = async |conn: &mut redis::aio::ConnectionManager| {
+        let send = async |conn: &mut crate::connection::Connection| {
             let replies: Vec<Value> = pipe.query_async(conn).await?;
             replies
                 .into_iter()

@@ -26,4 +26,8 @@ if ttl then
 else
   redis.call('SET', key, finished)
 end
+-- Wakes the waiters of the key (wakeups.rs), on the key's shard; no subscriber, no cost
+-- beyond a lookup. pcall: a user the ACLs do not let publish there still finishes (its
+-- waiters fall back to polling); an error here would come after the write.
+redis.pcall('SPUBLISH', key, '')
 return 1

@@ -108,3 +108,32 @@ impl Drop for PrivateRedis {
         let _ = self.child.wait();
     }
 }
+
+/// `REDIS_CLUSTER_NODES` (comma-separated URLs), or the cluster `scripts/services.sh`
+/// starts on loopback ports 7101-7106.
+pub fn cluster_nodes() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_NODES")
+        .unwrap_or_else(|_| {
+            (7101..=7106)
+                .map(|port| format!("redis://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A store on the test cluster under `prefix`.
+pub async fn cluster_store_with_prefix(prefix: &str) -> RedisStore {
+    RedisStore::cluster(cluster_nodes())
+        .key_prefix(prefix)
+        .connect()
+        .await
+        .expect("the Redis Cluster must answer at REDIS_CLUSTER_NODES (scripts/test starts one)")
+}
+
+/// A store on the test cluster under a fresh prefix.
+pub async fn cluster_store(test: &str) -> RedisStore {
+    cluster_store_with_prefix(&unique_prefix(test)).await
+}
