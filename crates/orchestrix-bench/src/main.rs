@@ -36,6 +36,9 @@
 //!   keyed runs of a 5-step flow.
 //! * `throughput` — fresh runs/s and replays/s beside the raw round-trip rate of the same
 //!   client, and round trips per operation.
+//! * `wake` — how soon a waiting duplicate (`OnRunning::Wait`) returns once the owner
+//!   finished, by notification and by polling, beside one round trip of the store.
+//! * `cache` — Redis replays/s of hot keys, straight and through `CachedStore`.
 //! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
 //!
 //! Child processes are this binary again, with the hidden `child` subcommand.
@@ -44,6 +47,7 @@
 mod args;
 mod arrivals;
 mod big_results;
+mod cache_bench;
 mod child;
 mod counter;
 mod crash;
@@ -59,6 +63,7 @@ mod stores;
 mod storm;
 mod takeover;
 mod throughput;
+mod wake;
 mod wire;
 
 use std::process::ExitCode;
@@ -86,6 +91,8 @@ scenarios:
   big-results [--limit bulk|memory|all] [--keys 10] [--callers 4] [--lease-ms 1000]
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
   durable     --store S [--seconds 2]
+  wake        --store S [--samples 60]
+  cache       [--seconds 2]
   report      [--output PATH] [--seconds 2]
 
 S: memory | redis | postgres | sqlite | dynamodb | all
@@ -176,6 +183,10 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             )
             .await?
         }
+        "wake" => {
+            vec![wake::main(&stores_arg(&args)?, &wake::WakeConfig::from_args(&args)?).await?]
+        }
+        "cache" => vec![cache_bench::main(&cache_bench::CacheConfig::from_args(&args)?).await?],
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             return Ok(ExitCode::SUCCESS);

@@ -139,7 +139,7 @@ where
 }
 
 /// The benchmark flow: three no-op steps, as in the original's benchmark.
-fn noop_flow(store: Arc<dyn IdempotencyStore>) -> anyhow::Result<Flow<u64>> {
+pub(crate) fn noop_flow(store: Arc<dyn IdempotencyStore>) -> anyhow::Result<Flow<u64>> {
     async fn noop(ctx: Context<u64>) -> Result<(), StepError> {
         std::hint::black_box(ctx.input());
         Ok(())
@@ -153,7 +153,7 @@ fn noop_flow(store: Arc<dyn IdempotencyStore>) -> anyhow::Result<Flow<u64>> {
 }
 
 /// A fresh run of key `{tag}-{n}`: true when it executed.
-fn fresh(
+pub(crate) fn fresh(
     flow: &Flow<u64>,
     tag: String,
 ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<bool>> + Send>>
@@ -171,7 +171,7 @@ fn fresh(
 }
 
 /// A replay of one of the keys `{tag}-0 .. {tag}-{pool}`: true when it was replayed.
-fn replay(
+pub(crate) fn replay(
     flow: &Flow<u64>,
     tag: String,
     pool: u64,

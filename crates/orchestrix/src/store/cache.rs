@@ -190,7 +190,7 @@ impl CachedStore {
         self.entries.is_empty()
     }
 
-    /// The cached record under `key` that `req` would be answered with, if any.
+    /// The live cache entry under `key`, if any; an expired one is removed.
     fn cached(&self, key: &str) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
         if entry.until() <= Instant::now() {
