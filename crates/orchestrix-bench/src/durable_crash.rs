@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use orchestrix::idempotency::OnRunning;
 use orchestrix::store::{
     DurableStart, DurableStartOutcome, FencingToken, FinalStatus, IdempotencyStore, Journal,
-    JournalStore, Record, Redrive, StartOutcome, StartRequest, StoreError,
+    JournalStore, Record, Redrive, StartOutcome, StartRequest, StoreError, Wait,
 };
 use orchestrix::{
     CancellationToken, Context, Flow, FlowError, FlowResult, Parallel, RunError, RunOptions,
@@ -622,8 +622,8 @@ impl IdempotencyStore for ParkingStore {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
     }
-    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
-        self.inner.wait_for_change(key, max).await
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
+        self.inner.wait_for_change(key, wait).await
     }
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)

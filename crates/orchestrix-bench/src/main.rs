@@ -39,6 +39,9 @@
 //! * `cluster` — the Redis store on a Redis Cluster beside one Redis: runs/s as a
 //!   fraction of `PING`, the cost of `WAIT`, Redis's time per fresh run, and the wake-up
 //!   latency of waiters, polling vs pub/sub.
+//! * `wake` — how soon a waiting duplicate (`OnRunning::Wait`) returns once the owner
+//!   finished, by notification and by polling, beside one round trip of the store.
+//! * `cache` — Redis replays/s of hot keys, straight and through `CachedStore`.
 //! * `report` — all of the above at moderate sizes, written to `BENCHMARKS.md`.
 //!
 //! Child processes are this binary again, with the hidden `child` subcommand.
@@ -47,6 +50,7 @@
 mod args;
 mod arrivals;
 mod big_results;
+mod cache_bench;
 mod child;
 mod cluster;
 mod counter;
@@ -63,6 +67,7 @@ mod stores;
 mod storm;
 mod takeover;
 mod throughput;
+mod wake;
 mod wire;
 
 use std::process::ExitCode;
@@ -91,6 +96,8 @@ scenarios:
   throughput  --store S [--seconds 2] [--records 1000,100000,1000000]
   durable     --store S [--seconds 2]
   cluster     [--seconds 2]   (REDIS_CLUSTER_NODES, e.g. from scripts/services.sh)
+  wake        --store S [--samples 60]
+  cache       [--seconds 2]
   report      [--output PATH] [--seconds 2]
 
 S: memory | redis | postgres | sqlite | dynamodb | all
@@ -182,6 +189,10 @@ async fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             .await?
         }
         "cluster" => cluster::main(&cluster::ClusterBenchConfig::from_args(&args)?).await?,
+        "wake" => {
+            vec![wake::main(&stores_arg(&args)?, &wake::WakeConfig::from_args(&args)?).await?]
+        }
+        "cache" => vec![cache_bench::main(&cache_bench::CacheConfig::from_args(&args)?).await?],
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             return Ok(ExitCode::SUCCESS);

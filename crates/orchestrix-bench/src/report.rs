@@ -12,6 +12,7 @@ use anyhow::Context as _;
 
 use crate::args::Args;
 use crate::big_results::{BigResultsConfig, Limit};
+use crate::cache_bench::CacheConfig;
 use crate::crash::CrashConfig;
 use crate::durable_bench::DurableBenchConfig;
 use crate::durable_crash::{DurableCrashConfig, Point};
@@ -21,6 +22,7 @@ use crate::section::{Section, Table};
 use crate::stores::{Backend, StoreKind};
 use crate::storm::{Race, StormSize};
 use crate::throughput::ThroughputConfig;
+use crate::wake::WakeConfig;
 
 /// The bound on one scenario of the report.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(240);
@@ -69,6 +71,20 @@ pub async fn main(args: &Args) -> anyhow::Result<ExitCode> {
         records: Vec::new(),
     };
     sections.extend(bounded("throughput", crate::throughput::main(&SHARED, &shared)).await);
+    let wake = WakeConfig { samples: 60 };
+    sections.extend(
+        bounded("wake", async {
+            Ok(vec![crate::wake::main(&StoreKind::ALL, &wake).await?])
+        })
+        .await,
+    );
+    let cache = CacheConfig { phase };
+    sections.extend(
+        bounded("cache", async {
+            Ok(vec![crate::cache_bench::main(&cache).await?])
+        })
+        .await,
+    );
     let durable = DurableBenchConfig { phase };
     sections.extend(
         bounded("durable", async {
@@ -269,7 +285,8 @@ fn render(sections: &[Section], services: &[(StoreKind, String)], took: Duration
          comes from real flows \
          (`Flow::run` with an idempotency key) against real services on 127.0.0.1. Run one \
          scenario alone with `cargo run --release -p orchestrix-bench -- <scenario> --store <store>` \
-         (`storm`, `crash`, `durable-crash`, `outage`, `big-results`, `throughput`, `durable`; \
+         (`storm`, `crash`, `durable-crash`, `outage`, `big-results`, `throughput`, `durable`, \
+         `wake`, `cache`; \
          `--help` lists the options).\n\n\
          **Caveat:** measured on a shared 2-core virtual machine. The harness, its child \
          processes and the servers (Redis, PostgreSQL, the DynamoDB-compatible `moto`) share \

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use orchestrix::store::{
     FencingToken, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest, StartSeen,
-    StoreError,
+    StoreError, Wait,
 };
 
 /// A lease or TTL short enough to watch expire in a test.
@@ -425,7 +425,7 @@ pub async fn similar_keys_are_distinct(store: &(impl IdempotencyStore + ?Sized))
 pub async fn wait_for_change_returns_after_finish(store: &(impl IdempotencyStore + ?Sized)) {
     let key = unique_key("wait");
     let token = acquire(store, request(&key, None)).await;
-    let waiter = store.wait_for_change(&key, Duration::from_secs(5));
+    let waiter = store.wait_for_change(&key, Wait::new(Duration::from_secs(5)));
     let finisher = async {
         tokio::time::sleep(Duration::from_millis(20)).await;
         store.complete(&key, token, b"done", None).await

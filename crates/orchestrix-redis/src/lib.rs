@@ -121,7 +121,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
-    StartOutcome, StartRequest, StoreError,
+    StartOutcome, StartRequest, StoreError, Wait,
 };
 use redis::{
     Cmd, ErrorKind, IntoConnectionInfo, RedisError, RedisWrite, Script, ServerErrorKind, Value,
@@ -632,10 +632,10 @@ impl IdempotencyStore for RedisStore {
 
     /// Woken by the finish or release of the record (sharded pub/sub, one subscription
     /// connection per store), with a slow safety poll: see the crate's README.
-    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
         let channel = [self.key_prefix.as_bytes(), key.as_bytes()].concat();
         self.wakeups
-            .wait(channel, max, || self.lease_left(key))
+            .wait(channel, wait.max(), || self.lease_left(key))
             .await;
         Ok(())
     }

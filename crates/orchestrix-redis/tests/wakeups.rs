@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use orchestrix::store::{FinalStatus, IdempotencyStore, StartOutcome};
+use orchestrix::store::{FinalStatus, IdempotencyStore, StartOutcome, Wait};
 use orchestrix_conformance::request;
 use orchestrix_redis::RedisStore;
 use orchestrix_redis::redis::aio::MultiplexedConnection;
@@ -86,7 +86,7 @@ async fn wait_until_finished(store: &RedisStore, key: &str) {
         if record.is_none_or(|r| r.status != orchestrix::store::RecordStatus::Running) {
             return;
         }
-        store.wait_for_change(key, MAX).await.expect("wait");
+        store.wait_for_change(key, Wait::new(MAX)).await.expect("wait");
     }
 }
 
@@ -97,7 +97,7 @@ async fn the_owners_finish_wakes_a_waiter_of_another_store() {
     let owner = store_at(&url, &prefix, NEVER).await;
     let waiter = store_at(&url, &prefix, NEVER).await;
     let token = owned(&owner, &waiter, "k").await;
-    let waiting = tokio::spawn(async move { waiter.wait_for_change("k", MAX).await });
+    let waiting = tokio::spawn(async move { waiter.wait_for_change("k", Wait::new(MAX)).await });
     let mut raw = raw_at(&url).await;
     until_subscribers(&mut raw, &format!("{prefix}k"), 1).await;
     owner
@@ -120,7 +120,7 @@ async fn the_owners_release_wakes_a_waiter() {
     let owner = store_at(&url, &prefix, NEVER).await;
     let waiter = store_at(&url, &prefix, NEVER).await;
     let token = owned(&owner, &waiter, "k").await;
-    let waiting = tokio::spawn(async move { waiter.wait_for_change("k", MAX).await });
+    let waiting = tokio::spawn(async move { waiter.wait_for_change("k", Wait::new(MAX)).await });
     let mut raw = raw_at(&url).await;
     until_subscribers(&mut raw, &format!("{prefix}k"), 1).await;
     owner.release("k", token).await.expect("release");

@@ -39,6 +39,13 @@
 //! (SQLSTATE classes 53 and 54, "invalid memory alloc request size"), a second statement
 //! finishes the record without it, so the operation never runs again.
 //!
+//! # Waiting
+//!
+//! `OnRunning::Wait` is woken by `LISTEN`/`NOTIFY`: the statements that end a running
+//! record notify on commit, and one listening connection per store wakes its waiters,
+//! with a slow safety poll behind it (see the `wake` module and
+//! [`PgStore::with_wait_safety_poll`]).
+//!
 //! # Clock
 //!
 //! Leases and TTLs are stored as `now() + interval` and compared with `now()`: the server
@@ -52,7 +59,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
-    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
+    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError, Wait,
 };
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Row, SqlStr};
@@ -67,6 +74,7 @@ use crate::table::{InvalidTableName, TableName};
 
 mod admin;
 mod durable;
+mod wake;
 
 /// The largest result limit a store accepts: PostgreSQL refuses a `bytea` value, and a
 /// protocol message, of 1 GiB or more, and a finish's message carries the key, token and
@@ -122,6 +130,7 @@ pub struct PgStore {
     max_result_bytes: usize,
     max_journal_bytes: usize,
     operation_timeout: Duration,
+    wake: Arc<wake::Wake>,
 }
 
 /// The SQL of every operation, built once per table name. sqlx prepares each text once per
@@ -142,6 +151,7 @@ impl PgStore {
     /// A store over `pool`, in the table `orchestrix_idempotency`.
     pub fn new(pool: PgPool) -> Self {
         let table = TableName::default_table();
+        let wake = wake::Wake::new(pool.clone(), table.as_str(), wake::DEFAULT_SAFETY_POLL);
         Self {
             pool,
             sql: Arc::new(Statements::for_table(&table)),
@@ -149,6 +159,7 @@ impl PgStore {
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            wake: Arc::new(wake),
         }
     }
 
@@ -160,7 +171,24 @@ impl PgStore {
     pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
         self.table = TableName::new(table)?;
         self.sql = Arc::new(Statements::for_table(&self.table));
+        let safety_poll = self.wake.safety_poll();
+        self.wake = Arc::new(wake::Wake::new(self.pool.clone(), table, safety_poll));
         Ok(self)
+    }
+
+    /// How long a waiter (`OnRunning::Wait`) waits for a notification before looking at
+    /// the record again anyway: the safety net for a notification that was lost. Default
+    /// 1 s. Waiters are woken by `LISTEN`/`NOTIFY` the moment the owner's finish or release
+    /// commits, through one listening connection per store (taken from the pool the first
+    /// time anyone waits, and kept: size the pool one connection larger), and poll with a
+    /// backoff from 2 ms to 50 ms while that connection is down.
+    pub fn with_wait_safety_poll(mut self, interval: Duration) -> Self {
+        self.wake = Arc::new(wake::Wake::new(
+            self.pool.clone(),
+            self.table.as_str(),
+            interval,
+        ));
+        self
     }
 
     /// Results larger than `bytes` are not stored: the record is still finished, and
@@ -347,6 +375,7 @@ impl Statements {
         let t = table;
         let v = SCHEMA_VERSION;
         let cols = RECORD_COLUMNS;
+        let notify = wake::notify_sql(t.as_str());
         let live = "(expires_at IS NULL OR expires_at > now())";
         let owned = format!(
             "key = $1 AND token = $2 AND status = 'running' AND v = {v} AND {}",
@@ -400,12 +429,12 @@ impl Statements {
                    (status = 'running' AND {owner_lease}) \
                    OR (status = $3 AND {live} \
                        AND (result IS NULL OR $4::bytea IS NULL OR result = $4::bytea))) \
-                 RETURNING result IS NOT NULL AS stored",
+                 RETURNING result IS NOT NULL AS stored, {notify}",
                 owner_lease = durable::OWNER_LEASE,
             )),
             renew: statement(format!("UPDATE {t} SET {} WHERE {owned}", durable::RENEWED)),
-            release: statement(format!("DELETE FROM {t} WHERE {owned}")),
-            delete: statement(format!("DELETE FROM {t} WHERE key = $1")),
+            release: statement(format!("DELETE FROM {t} WHERE {owned} RETURNING {notify}")),
+            delete: statement(format!("DELETE FROM {t} WHERE key = $1 RETURNING {notify}")),
             // SKIP LOCKED: rows being taken over right now are left to their new owner,
             // and concurrent cleaners split the work instead of queueing.
             cleanup: statement(format!(
@@ -555,6 +584,13 @@ impl IdempotencyStore for PgStore {
                 return Ok(removed);
             }
         }
+    }
+
+    /// Woken by `LISTEN`/`NOTIFY` when the record finishes or is released, at most the
+    /// safety poll later otherwise; see [`PgStore::with_wait_safety_poll`].
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
+        self.wake.wait(key, wait).await;
+        Ok(())
     }
 
     fn journal_store(&self) -> Option<&dyn JournalStore> {

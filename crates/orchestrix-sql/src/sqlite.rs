@@ -50,6 +50,13 @@
 //! connection (queueing in the pool is cheaper than SQLite's sleeping busy handler);
 //! reads use a few more. Several processes may share the file: they serialise on
 //! SQLite's lock, waiting up to the busy timeout.
+//!
+//! # Waiting
+//!
+//! SQLite cannot tell another process that a row changed. `OnRunning::Wait` is woken at
+//! once when the owner finishes or releases through the same store (or a clone of it) in
+//! this process, and otherwise polls with a backoff from 2 ms to 50 ms
+//! ([`Wait::poll_interval`]).
 
 use std::fmt;
 use std::path::Path;
@@ -59,7 +66,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
-    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError,
+    SCHEMA_VERSION, StartOutcome, StartRequest, StoreError, Wait, Waiters,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -117,6 +124,9 @@ pub struct SqliteStore {
     sql: Arc<Statements>,
     max_result_bytes: usize,
     max_journal_bytes: usize,
+    /// Waiters in this process, woken by this store's (and its clones') finishes and
+    /// releases.
+    waiters: Waiters,
 }
 
 /// The SQL of every operation, built once per table name. sqlx prepares each text once per
@@ -189,6 +199,7 @@ impl SqliteStore {
             table,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
+            waiters: Waiters::default(),
         }
     }
 
@@ -453,6 +464,7 @@ impl IdempotencyStore for SqliteStore {
         let status = RecordStatus::from(status);
         let (sent, too_large) = fit_result(result, self.max_result_bytes);
         let size = result.len();
+        let _wake = WakeOnDrop(&self.waiters, key);
         match self.write_finish(key, token, status, sent, ttl).await {
             Ok(finished) => finished.answer(size, too_large),
             Err(err) if sent.is_some() && refused_result(&err) => {
@@ -486,10 +498,12 @@ impl IdempotencyStore for SqliteStore {
         let delete = sqlx::query(self.sql.release.clone())
             .bind(key)
             .bind(token.to_string());
+        let _wake = WakeOnDrop(&self.waiters, key);
         self.fenced(delete).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _wake = WakeOnDrop(&self.waiters, key);
         sqlx::query(self.sql.delete.clone())
             .bind(key)
             .execute(&self.writer)
@@ -514,6 +528,14 @@ impl IdempotencyStore for SqliteStore {
         }
     }
 
+    /// Woken at once by a finish or release through this store in this process; polls
+    /// with the default backoff for changes made by other processes.
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
+        let watch = self.waiters.watch(key);
+        let _ = tokio::time::timeout(wait.poll_interval(), watch.changed()).await;
+        Ok(())
+    }
+
     fn journal_store(&self) -> Option<&dyn JournalStore> {
         Some(self)
     }
@@ -524,5 +546,16 @@ impl IdempotencyStore for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+/// Wakes the waiters of a key when dropped: after the statement that may have ended its
+/// record, whatever it answered (a waiter woken for nothing simply looks again), and also
+/// when the operation was cancelled after its statement ran.
+struct WakeOnDrop<'a>(&'a Waiters, &'a str);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.wake(self.1);
     }
 }

@@ -65,6 +65,17 @@ mod conformance {
     });
 }
 
+/// The same suite with `CachedStore` in front of the store.
+mod cached_conformance {
+    use std::sync::Arc;
+
+    use orchestrix::store::CachedStore;
+
+    orchestrix_conformance::store_conformance_tests!(async {
+        CachedStore::new(Arc::new(super::store_in(super::CONFORMANCE_TABLE).await))
+    });
+}
+
 /// Writes a row the way a foreign program (or a damaged table) might.
 async fn write_row(
     store: &PgStore,

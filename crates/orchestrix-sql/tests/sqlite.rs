@@ -31,6 +31,17 @@ mod conformance {
     });
 }
 
+/// The same suite with `CachedStore` in front of the store.
+mod cached_conformance {
+    use std::sync::Arc;
+
+    use orchestrix::store::CachedStore;
+
+    orchestrix_conformance::store_conformance_tests!(async {
+        CachedStore::new(Arc::new(super::store_at(&super::conformance_db()).await))
+    });
+}
+
 /// A second connection to the same file, to write what the store would not.
 async fn raw_pool(path: &Path) -> SqlitePool {
     SqlitePool::connect_with(SqliteConnectOptions::new().filename(path))

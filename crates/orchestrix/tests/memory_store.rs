@@ -38,7 +38,7 @@ mod memory_only {
     use std::time::Duration;
 
     use orchestrix::store::{
-        FencingToken, IdempotencyStore, MemoryStore, RecordStatus, StartOutcome, StartRequest,
+        FencingToken, IdempotencyStore, MemoryStore, RecordStatus, StartOutcome, StartRequest, Wait,
     };
 
     fn request<'a>(key: &'a str, fingerprint: &'a str) -> StartRequest<'a> {
@@ -158,7 +158,7 @@ mod memory_only {
         let waiter = async {
             assert!(
                 store
-                    .wait_for_change(key, Duration::from_secs(600))
+                    .wait_for_change(key, Wait::new(Duration::from_secs(600)))
                     .await
                     .is_ok()
             );

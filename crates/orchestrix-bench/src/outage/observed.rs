@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, Record, StartOutcome, StartRequest, StoreError,
+    Wait,
 };
 use orchestrix_redis::RedisStore;
 
@@ -168,7 +169,7 @@ impl IdempotencyStore for ObservedStore {
         self.inner.delete(key).await
     }
 
-    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
-        self.inner.wait_for_change(key, max).await
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
+        self.inner.wait_for_change(key, wait).await
     }
 }

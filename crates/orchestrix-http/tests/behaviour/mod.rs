@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use orchestrix::OnRunning;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, Record, StartOutcome, StartRequest, StoreError,
+    Wait,
 };
 use orchestrix_http::{IdempotencyLayer, IdempotencyLayerBuilder};
 
@@ -769,8 +770,8 @@ impl IdempotencyStore for DelayedStart {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
     }
-    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
-        self.inner.wait_for_change(key, max).await
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
+        self.inner.wait_for_change(key, wait).await
     }
 }
 

@@ -208,7 +208,9 @@ impl Statements {
                  FROM {t} WHERE key = $1"
             )),
             suspend: statement(format!(
-                "UPDATE {t} SET lease_until = now(), expires_at = now() + retain WHERE {owner}"
+                "UPDATE {t} SET lease_until = now(), expires_at = now() + retain WHERE {owner} \
+                 RETURNING {notify}",
+                notify = super::wake::notify_sql(t.as_str()),
             )),
             redrive: statement(format!(
                 "UPDATE {t} AS cur SET {} \

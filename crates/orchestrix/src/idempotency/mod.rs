@@ -86,7 +86,7 @@ use tokio_util::sync::CancellationToken;
 use crate::result::Status;
 use crate::store::{
     DurableStart, DurableStartOutcome, FencingToken, FinalStatus, IdempotencyStore, Journal,
-    JournalStore, Record, RecordStatus, RecordView, StartRequest, StartSeen, StoreError,
+    JournalStore, Record, RecordStatus, RecordView, StartRequest, StartSeen, StoreError, Wait,
     fingerprints_agree,
 };
 use crate::telemetry;
@@ -413,6 +413,8 @@ pub(crate) async fn admit_with<T: Send>(
 ) -> Result<Decided<T>, IdempotencyError> {
     // Set when the first wait begins: a caller that never waits never reads the clock.
     let mut waiting_since = None;
+    // The caller's last wait, from which a polling store backs off.
+    let mut waits = None;
     loop {
         let start = StartRequest {
             key: req.key,
@@ -437,7 +439,11 @@ pub(crate) async fn admit_with<T: Send>(
         };
         match after_seen(&req, seen, &mut waiting_since)? {
             Next::Decide(decided) => return Ok(decided),
-            Next::Wait(left) => store.wait_for_change(req.key, left).await?,
+            Next::Wait(left) => {
+                let wait = waits.map_or(Wait::new(left), |earlier: Wait| earlier.next(left));
+                store.wait_for_change(req.key, wait).await?;
+                waits = Some(wait);
+            }
         }
     }
 }
@@ -453,6 +459,8 @@ pub(crate) async fn admit_durable<T: Send>(
     mut read: impl FnMut(RecordView<'_>) -> T + Send,
 ) -> Result<Decided<T, (Ownership, Option<Journal>)>, IdempotencyError> {
     let mut waiting_since = None;
+    // The caller's last wait, from which a polling store backs off.
+    let mut waits = None;
     loop {
         let start = DurableStart {
             key: req.key,
@@ -473,7 +481,11 @@ pub(crate) async fn admit_durable<T: Send>(
         };
         match after_seen(&req, seen, &mut waiting_since)? {
             Next::Decide(decided) => return Ok(decided),
-            Next::Wait(left) => store.wait_for_change(req.key, left).await?,
+            Next::Wait(left) => {
+                let wait = waits.map_or(Wait::new(left), |earlier: Wait| earlier.next(left));
+                store.wait_for_change(req.key, wait).await?;
+                waits = Some(wait);
+            }
         }
     }
 }

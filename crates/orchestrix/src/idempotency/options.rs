@@ -26,10 +26,12 @@ pub enum OnRunning {
     /// Wait up to `timeout` for the owner to finish, then return its result (or, if the
     /// owner gave the key up, run). Waiting longer returns `Err(WaitTimedOut)`.
     ///
-    /// The memory store wakes waiters the moment the record changes; remote stores are
-    /// re-checked every 50 ms ([`DEFAULT_POLL_INTERVAL`](crate::store::DEFAULT_POLL_INTERVAL)),
-    /// so give records a TTL well above that: one that expires between two checks looks
-    /// free to the waiter, which then runs the operation itself.
+    /// The memory and PostgreSQL stores wake waiters the moment the record changes; stores
+    /// that cannot notify are re-checked with a backoff from 2 ms to 50 ms
+    /// ([`DEFAULT_POLL_INTERVAL`](crate::store::DEFAULT_POLL_INTERVAL); see
+    /// [`store::wait`](crate::store::wait)), so give records a TTL well above that: one that
+    /// expires between two checks looks free to the waiter, which then runs the operation
+    /// itself.
     ///
     /// With `cache_result(false)` the owner's record is deleted when it ends, so there is no
     /// result to share: waiters take the key **one after another**, each running the

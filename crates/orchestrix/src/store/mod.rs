@@ -106,9 +106,12 @@
 //! ```
 
 mod admin;
+#[cfg(feature = "cache")]
+mod cache;
 pub mod journal;
 mod memory;
 mod record;
+pub mod wait;
 
 use std::fmt;
 use std::time::Duration;
@@ -119,12 +122,15 @@ pub use admin::{
     DEFAULT_PAGE_SIZE, Lease, ListRequest, Listed, Page, RecordAdmin, RecordInfo, Released,
     StatusFilter,
 };
+#[cfg(feature = "cache")]
+pub use cache::{CachedStore, DEFAULT_CACHE_BYTES, DEFAULT_MAX_AGE};
 pub use journal::{
     DurableStart, DurableStartOutcome, Journal, JournalDescription, JournalEntryInfo,
     JournalEntryKind, JournalStore, Redrive,
 };
 pub use memory::{DEFAULT_MAX_JOURNAL_BYTES, MemoryStore};
 pub use record::{FencingToken, Record, RecordStatus, RecordView, SCHEMA_VERSION};
+pub use wait::{POLL_BACKOFF_FIRST, Wait, Waiters, Watch};
 
 /// A boxed error from a backend's client library, kept as the source of a [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -419,14 +425,21 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
         Ok(0)
     }
 
-    /// Resolves when the record under `key` may have changed, or after at most `max`.
+    /// Resolves when the record under `key` may have changed, or after at most
+    /// [`wait.max()`](Wait::max).
     ///
     /// Used by `OnRunning::Wait`: the engine calls [`start`](Self::start) again after each
-    /// wake-up. The default sleeps a short poll interval; stores that can notify (the
-    /// memory store) override it to wake at once.
-    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+    /// wake-up, and hands each further wait of the same caller [`Wait::next`]. The default
+    /// polls: it sleeps [`Wait::poll_interval`], 2 ms on a caller's first wait doubling up
+    /// to [`DEFAULT_POLL_INTERVAL`]. Stores that can notify (memory, PostgreSQL) override
+    /// it to wake the moment the record finishes or is released, keeping a slow poll as a
+    /// safety net; see the [`wait`] module.
+    ///
+    /// Returning early is always correct (the engine looks again); returning late only
+    /// delays the waiter.
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
         let _ = key;
-        tokio::time::sleep(max.min(DEFAULT_POLL_INTERVAL)).await;
+        tokio::time::sleep(wait.poll_interval()).await;
         Ok(())
     }
 
@@ -455,5 +468,6 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     }
 }
 
-/// The polling interval of the default [`IdempotencyStore::wait_for_change`].
+/// The longest poll interval of the default [`IdempotencyStore::wait_for_change`]: the
+/// cap of its backoff from [`POLL_BACKOFF_FIRST`].
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{
     FencingToken, FinalStatus, IdempotencyStore, JournalStore, Record, RecordAdmin, RecordStatus,
-    RecordView, RecordVisitor, StartOutcome, StartRequest, StartSeen, StoreError,
+    RecordView, RecordVisitor, StartOutcome, StartRequest, StartSeen, StoreError, Wait,
 };
 pub use durable::DEFAULT_MAX_JOURNAL_BYTES;
 use durable::Durables;
@@ -616,7 +616,8 @@ impl IdempotencyStore for MemoryStore {
         Ok(state.sweep(now, usize::MAX) + durable)
     }
 
-    async fn wait_for_change(&self, key: &str, max: Duration) -> Result<(), StoreError> {
+    async fn wait_for_change(&self, key: &str, wait: Wait) -> Result<(), StoreError> {
+        let max = wait.max();
         let watched = self.with_state(key, |s, hash, now| {
             let lease_end = match s.live(key, hash, now) {
                 Some(e) if e.status() == RecordStatus::Running => e.deadline(),
