@@ -51,6 +51,7 @@ mod execute;
 mod flow;
 pub mod hooks;
 pub mod idempotency;
+mod records;
 mod result;
 mod retry;
 mod run;
@@ -58,14 +59,16 @@ mod step;
 pub mod store;
 mod stored;
 pub mod telemetry;
+pub mod validation;
 
-pub use context::{Context, StateError};
+pub use context::{Context, ReadKey, StateError, StateKey};
 pub use durable::Recovered;
 pub use flow::{BuildError, Flow, FlowBuilder};
 pub use hooks::{ConsoleLogger, Event, Plugin};
 pub use idempotency::{
     Fingerprint, IdempotencyError, KeyError, KeyScope, OnRunning, RunOptions, fingerprint_of,
 };
+pub use records::FlowRecord;
 pub use result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
 pub use retry::{Backoff, RetryPolicy};
 pub use run::RunError;

@@ -8,6 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +16,7 @@ use tracing::Instrument;
 
 use crate::context::{Context, RunIdentity};
 use crate::execute::{Progress, Track};
-use crate::flow::Flow;
+use crate::flow::{Flow, Validator};
 use crate::hooks::Event;
 use crate::idempotency::{
     AdmitRequest, Computed, Decided, Ending, IdempotencyError, Ownership, RunOptions, Settlement,
@@ -26,6 +27,7 @@ use crate::step::panic_message;
 use crate::store::{RecordView, StoreError};
 use crate::stored::StoredError;
 use crate::telemetry::{Outcome, execution_result};
+use crate::validation::Issue;
 
 /// Why [`Flow::run`] returned no result, or returned one that could not be persisted.
 ///
@@ -134,7 +136,9 @@ where
         waited: &mut bool,
     ) -> Result<FlowResult<O>, RunError<O>> {
         options.validate()?;
-        if let Some(rejected) = self.validate(&input) {
+        if let Some(validator) = &self.inner.validator
+            && let Some(rejected) = self.validate(validator, &input).await
+        {
             return Ok(self.notify(rejected));
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
@@ -223,15 +227,23 @@ where
     }
 
     /// Stage 1: the input validator. `Some` is the failed result to return. A validator
-    /// that panics rejects the input rather than unwinding through the run.
-    fn validate(&self, input: &I) -> Option<FlowResult<O>> {
-        let validator = self.inner.validator.as_ref()?;
-        let issues = match catch_unwind(AssertUnwindSafe(|| validator(input))) {
+    /// (or its future) that panics rejects the input rather than unwinding through the run.
+    async fn validate(&self, validator: &Validator<I>, input: &I) -> Option<FlowResult<O>> {
+        let verdict = match validator {
+            Validator::Sync(validate) => catch_unwind(AssertUnwindSafe(|| validate(input))),
+            Validator::Async(validate) => {
+                match catch_unwind(AssertUnwindSafe(|| validate(input))) {
+                    Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                    Err(payload) => Err(payload),
+                }
+            }
+        };
+        let issues = match verdict {
             Ok(verdict) => verdict.err()?,
-            Err(payload) => vec![format!(
+            Err(payload) => vec![Issue::new(format!(
                 "the validator panicked: {}",
                 panic_message(&*payload)
-            )],
+            ))],
         };
         let plan = &self.inner.plan;
         Some(FlowResult::without_steps(

@@ -79,6 +79,12 @@ impl StepError {
         &*self.source
     }
 
+    /// The underlying error, shared: the source of
+    /// [`FlowError::Step`](crate::FlowError::Step).
+    pub(crate) fn into_shared(self) -> Arc<dyn std::error::Error + Send + Sync + 'static> {
+        Arc::from(self.source)
+    }
+
     pub(crate) fn timed_out(after: Duration) -> Self {
         Self {
             kind: ErrorKind::TimedOut,

@@ -254,6 +254,7 @@ async fn exhausted_retries_fail_the_run_with_attempts_counted() {
             attempts: 3,
             message: "card declined".into(),
             transient: false,
+            source: None,
         })
     );
     assert!(entries(&log).is_empty());

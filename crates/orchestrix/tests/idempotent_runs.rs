@@ -630,7 +630,7 @@ async fn validation_runs_before_the_store_is_touched() {
         .step("charge", |_ctx: Context<Payment>| async { Ok(()) })
         .validate(|p: &Payment| {
             if p.cents == 0 {
-                Err(vec!["amount must be positive".into()])
+                Err(vec!["amount must be positive"])
             } else {
                 Ok(())
             }
