@@ -431,18 +431,18 @@ impl<I: DeserializeOwned, O> FlowBuilder<I, O> {
     /// [`version`](Self::version)).
     ///
     /// ```
-    /// use orchestrix::{Context, Flow, RunOptions, StepError};
+    /// use orchestrix::{Flow, RunOptions};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let flow = Flow::<u64, ()>::builder("order")
     ///     .durable()
-    ///     .step("charge", |ctx: Context<u64>| async move {
+    ///     .step("charge", |ctx| async move {
     ///         // The same key in every run of this order: send it downstream.
     ///         let _idempotency_key = ctx.step_key();
-    ///         Ok::<_, StepError>(())
+    ///         Ok(())
     ///     })
-    ///     .step("ship", |_ctx: Context<u64>| async { Ok::<_, StepError>(()) })
+    ///     .step("ship", |_ctx| async { Ok(()) })
     ///     .build()?;
     /// let result = flow.run(4200, RunOptions::key("order-17")).await?;
     /// assert!(result.is_completed());

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use orchestrix::{
     BuildError, CancellationToken, ConsoleLogger, Context, Event, Flow, FlowError, FlowResult,
-    Parallel, RetryPolicy, RunOptions, Status, Step, StepError,
+    LogLevel, Parallel, RetryPolicy, RunOptions, Status, Step, StepError,
 };
 use tokio::time::Instant;
 
@@ -672,6 +672,89 @@ async fn the_console_logger_prints_a_readable_account_of_the_run() {
              [orchestrix] checkout: completed in 105ms\n"
         )
     );
+}
+
+/// The text a logger wrote into `buffer`.
+fn written(buffer: &SharedBuffer) -> String {
+    let bytes = buffer.0.lock().map(|b| b.clone()).unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+/// A flow whose one step fails its first attempt, logged by `logger`.
+fn logged(logger: ConsoleLogger) -> Flow<u32> {
+    let failures = Arc::new(AtomicU32::new(0));
+    build(
+        Flow::builder("checkout")
+            .then(
+                Step::new("flaky", move |_ctx| {
+                    let first = failures.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if first {
+                            return Err(StepError::msg("not yet"));
+                        }
+                        Ok(())
+                    }
+                })
+                .retry(RetryPolicy::retries(1).fixed(Duration::from_millis(100))),
+            )
+            .plugin(logger),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_console_logger_writes_its_prefix_to_the_writer_it_was_given() {
+    let buffer = SharedBuffer::default();
+    let flow = logged(ConsoleLogger::to_writer(buffer.clone()).prefix("billing |"));
+    run(&flow, RunOptions::new()).await;
+    let text = written(&buffer);
+    assert!(!text.is_empty());
+    assert!(
+        text.lines().all(|l| l.starts_with("billing | checkout")),
+        "{text}"
+    );
+    let bare = SharedBuffer::default();
+    run(
+        &logged(ConsoleLogger::to_writer(bare.clone()).prefix("")),
+        RunOptions::new(),
+    )
+    .await;
+    assert!(written(&bare).starts_with("checkout: started\n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_console_logger_prints_only_events_at_its_level_and_above() {
+    let info = SharedBuffer::default();
+    run(
+        &logged(ConsoleLogger::to_writer(info.clone()).level(LogLevel::Info)),
+        RunOptions::new(),
+    )
+    .await;
+    assert_eq!(
+        written(&info),
+        "[orchestrix] checkout: started\n\
+         [orchestrix] checkout › flaky: attempt 1 failed: not yet (retry in 100ms)\n\
+         [orchestrix] checkout › flaky: completed in 100ms after 2 attempts\n\
+         [orchestrix] checkout: completed in 100ms\n"
+    );
+    let warn = SharedBuffer::default();
+    run(
+        &logged(ConsoleLogger::to_writer(warn.clone()).level(LogLevel::Warn)),
+        RunOptions::new(),
+    )
+    .await;
+    assert_eq!(
+        written(&warn),
+        "[orchestrix] checkout › flaky: attempt 1 failed: not yet (retry in 100ms)\n"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disabled_console_logger_writes_nothing() {
+    let buffer = SharedBuffer::default();
+    let flow = logged(ConsoleLogger::to_writer(buffer.clone()).enabled(false));
+    let result = run(&flow, RunOptions::new()).await;
+    assert_eq!(result.status, Status::Completed);
+    assert_eq!(written(&buffer), "");
 }
 
 #[test]
