@@ -22,8 +22,12 @@ use crate::validation::{IntoIssues, Issue};
 /// A flow's input validator, synchronous or async, its issues already converted.
 pub(crate) enum Validator<I> {
     Sync(Box<dyn Fn(&I) -> Result<(), Vec<Issue>> + Send + Sync>),
-    Async(Box<dyn Fn(&I) -> BoxFuture<'static, Result<(), Vec<Issue>>> + Send + Sync>),
+    Async(Box<AsyncValidatorFn<I>>),
 }
+
+/// An async validator, its future boxed.
+pub(crate) type AsyncValidatorFn<I> =
+    dyn Fn(&I) -> BoxFuture<'static, Result<(), Vec<Issue>>> + Send + Sync;
 
 /// The version of a durable flow that sets none.
 const DEFAULT_VERSION: &str = "1";

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::context::{Context, RunIdentity};
 use crate::execute::{Progress, Track};
-use crate::flow::{Flow, Validator};
+use crate::flow::{AsyncValidatorFn, Flow, Validator};
 use crate::hooks::Event;
 use crate::idempotency::{
     AdmitRequest, Computed, Decided, Ending, IdempotencyError, Ownership, RunOptions, Settlement,
@@ -136,10 +136,15 @@ where
         waited: &mut bool,
     ) -> Result<FlowResult<O>, RunError<O>> {
         options.validate()?;
-        if let Some(validator) = &self.inner.validator
-            && let Some(rejected) = self.validate(validator, &input).await
-        {
-            return Ok(self.notify(rejected));
+        if let Some(validator) = &self.inner.validator {
+            let verdict = match validator {
+                Validator::Sync(validate) => catch_unwind(AssertUnwindSafe(|| validate(&input))),
+                // Boxed: the future of every run stays the size it is without a validator.
+                Validator::Async(validate) => Box::pin(validate_async(validate, &input)).await,
+            };
+            if let Some(rejected) = self.rejected(verdict) {
+                return Ok(self.notify(rejected));
+            }
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
             let id = fastrand::u128(..);
@@ -226,18 +231,13 @@ where
         }
     }
 
-    /// Stage 1: the input validator. `Some` is the failed result to return. A validator
-    /// (or its future) that panics rejects the input rather than unwinding through the run.
-    async fn validate(&self, validator: &Validator<I>, input: &I) -> Option<FlowResult<O>> {
-        let verdict = match validator {
-            Validator::Sync(validate) => catch_unwind(AssertUnwindSafe(|| validate(input))),
-            Validator::Async(validate) => {
-                match catch_unwind(AssertUnwindSafe(|| validate(input))) {
-                    Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
-                    Err(payload) => Err(payload),
-                }
-            }
-        };
+    /// Stage 1: the input validator's verdict, caught if it panicked. `Some` is the failed
+    /// result to return. A validator (or its future) that panics rejects the input rather
+    /// than unwinding through the run.
+    fn rejected(
+        &self,
+        verdict: std::thread::Result<Result<(), Vec<Issue>>>,
+    ) -> Option<FlowResult<O>> {
         let issues = match verdict {
             Ok(verdict) => verdict.err()?,
             Err(payload) => vec![Issue::new(format!(
@@ -381,6 +381,17 @@ where
             }),
         }
         result
+    }
+}
+
+/// An async validator's verdict; a panic while it builds or polls its future is caught.
+async fn validate_async<I>(
+    validate: &AsyncValidatorFn<I>,
+    input: &I,
+) -> std::thread::Result<Result<(), Vec<Issue>>> {
+    match catch_unwind(AssertUnwindSafe(|| validate(input))) {
+        Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+        Err(payload) => Err(payload),
     }
 }
 
