@@ -21,9 +21,12 @@ use crate::validation::{IntoIssues, Issue};
 
 /// A flow's input validator, synchronous or async, its issues already converted.
 pub(crate) enum Validator<I> {
-    Sync(Box<dyn Fn(&I) -> Result<(), Vec<Issue>> + Send + Sync>),
+    Sync(Box<SyncValidatorFn<I>>),
     Async(Box<AsyncValidatorFn<I>>),
 }
+
+/// A synchronous validator.
+pub(crate) type SyncValidatorFn<I> = dyn Fn(&I) -> Result<(), Vec<Issue>> + Send + Sync;
 
 /// An async validator, its future boxed.
 pub(crate) type AsyncValidatorFn<I> =

@@ -148,7 +148,7 @@ impl World {
                     keys.entry(format!("undo:{name}")).or_default().push(k);
                 }
                 // A compensation sees the state its step wrote, restored or not.
-                let id: Option<String> = ctx.get(&format!("{name}-id"))?;
+                let id: Option<String> = ctx.get(format!("{name}-id"))?;
                 if let Ok(mut undone) = world.undone.lock() {
                     undone.push(format!("{name}={}", id.unwrap_or_default()));
                 }
