@@ -1,7 +1,9 @@
 //! A flow's records, reached by the caller's key: [`Flow::record`] and [`Flow::forget`].
 //!
-//! Both scope the key as the flow's runs do ([`KeyScope::Flow`](crate::KeyScope)), so a
-//! caller never rebuilds the stored key by hand.
+//! Both scope the key as the flow's runs do by default ([`KeyScope::Flow`](crate::KeyScope)),
+//! so a caller never rebuilds the stored key by hand. A run under
+//! [`KeyScope::Global`](crate::KeyScope::Global) is stored under its key as given: reach
+//! its record through [`Flow::store`] (`get`, `delete`) with that key.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
