@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use orchestrix::store::IdempotencyStore;
-use orchestrix::{Context, Flow, RunOptions, Status, StepError};
+use orchestrix::{Flow, RunOptions, Status, StepError};
 
 const RUN_VAR: &str = "ORCHESTRIX_STORM_RUN";
 const KEYS_VAR: &str = "ORCHESTRIX_STORM_KEYS";
@@ -219,7 +219,7 @@ impl StormChild {
         let record_key = key_of.clone();
         let flow = Flow::<usize>::builder("storm")
             .store(store)
-            .step("effect", move |ctx: Context<usize>| {
+            .step("effect", move |ctx| {
                 let (log, key) = (log.clone(), record_key(*ctx.input()));
                 async move { log.record(&key).map_err(StepError::new) }
             })

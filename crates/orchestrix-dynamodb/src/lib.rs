@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use orchestrix::{Context, Flow, RunOptions, StepError};
+//! use orchestrix::{Flow, RunOptions};
 //! use orchestrix_dynamodb::{DynamoOptions, DynamoStore};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,9 +22,9 @@
 //!
 //! let flow = Flow::<u64>::builder("payment")
 //!     .store(Arc::new(store))
-//!     .step("charge", |ctx: Context<u64>| async move {
+//!     .step("charge", |ctx| async move {
 //!         let _amount = ctx.input(); // charge the card once, whoever calls
-//!         Ok::<_, StepError>(())
+//!         Ok(())
 //!     })
 //!     .build()?;
 //! let result = flow.run(4200, RunOptions::key("order_123")).await?;

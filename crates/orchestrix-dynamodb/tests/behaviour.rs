@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, TimeToLiveStatus};
 use orchestrix::store::{
     FencingToken, IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError,
 };
-use orchestrix::{Context, Flow, IdempotencyError, RunError, RunOptions, Status, StepError};
+use orchestrix::{Flow, IdempotencyError, RunError, RunOptions, Status};
 use orchestrix_conformance::{request, unique_key};
 use orchestrix_dynamodb::{DynamoOptions, DynamoStore};
 
@@ -326,11 +326,11 @@ async fn unreachable_server_fails_the_run_before_any_step() {
     let counted = Arc::clone(&steps);
     let flow = Flow::<u32>::builder("unreachable")
         .store(Arc::new(store))
-        .step("effect", move |_: Context<u32>| {
+        .step("effect", move |_| {
             let counted = Arc::clone(&counted);
             async move {
                 counted.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, StepError>(())
+                Ok(())
             }
         })
         .build()
@@ -355,11 +355,11 @@ async fn too_large_output_still_reaches_the_caller_and_never_runs_again() {
     let counted = Arc::clone(&runs);
     let flow = Flow::<u32, Vec<u8>>::builder("large-output")
         .store(store)
-        .step("effect", move |_: Context<u32>| {
+        .step("effect", move |_| {
             let counted = Arc::clone(&counted);
             async move {
                 counted.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, StepError>(())
+                Ok(())
             }
         })
         .output(|_| Ok(vec![9u8; 450 * 1024]))

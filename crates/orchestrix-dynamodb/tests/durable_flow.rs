@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use orchestrix::idempotency::IdempotencyError;
 use orchestrix::store::{IdempotencyStore, RecordStatus};
-use orchestrix::{Context, Flow, FlowResult, RunError, RunOptions, Status, Step, StepError};
+use orchestrix::{Flow, FlowResult, RunError, RunOptions, Status, Step, StepError};
 use orchestrix_conformance::unique_key;
 use tokio::sync::Notify;
 
@@ -84,7 +84,7 @@ impl World {
     fn step(&self, name: &str) -> Step<u64> {
         let world = self.clone();
         let name = name.to_owned();
-        Step::new(name.clone(), move |ctx: Context<u64>| {
+        Step::new(name.clone(), move |ctx| {
             let world = world.clone();
             let name = name.clone();
             async move {

@@ -43,7 +43,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use orchestrix::{Flow, RunOptions, StepError};
+//! use orchestrix::{Flow, RunOptions};
 //! use orchestrix_sql::SqliteStore;
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,7 +51,7 @@
 //! store.migrate().await?;
 //! let flow = Flow::<u64, ()>::builder("charge")
 //!     .store(Arc::new(store))
-//!     .step("charge", |_ctx| async { Ok::<_, StepError>(()) })
+//!     .step("charge", |_ctx| async { Ok(()) })
 //!     .build()?;
 //! flow.run(4200, RunOptions::key("order_123")).await?;
 //! # Ok(())

@@ -102,7 +102,7 @@ const SERIALIZATION_FAILURE: &str = "40001";
 /// ```no_run
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use orchestrix::{Flow, RunOptions, StepError};
+/// use orchestrix::{Flow, RunOptions};
 /// use orchestrix_sql::PgStore;
 /// use sqlx::postgres::PgPoolOptions;
 ///
@@ -116,7 +116,7 @@ const SERIALIZATION_FAILURE: &str = "40001";
 /// store.migrate().await?;
 /// let flow = Flow::<u64, ()>::builder("payment")
 ///     .store(Arc::new(store))
-///     .step("charge", |_ctx| async { Ok::<_, StepError>(()) })
+///     .step("charge", |_ctx| async { Ok(()) })
 ///     .build()?;
 /// flow.run(4200, RunOptions::key("order_123")).await?;
 /// # Ok(())

@@ -102,7 +102,7 @@ const NOW: &str = "unixepoch('subsec')";
 ///
 /// ```no_run
 /// use std::sync::Arc;
-/// use orchestrix::{Flow, RunOptions, StepError};
+/// use orchestrix::{Flow, RunOptions};
 /// use orchestrix_sql::SqliteStore;
 ///
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -110,7 +110,7 @@ const NOW: &str = "unixepoch('subsec')";
 /// store.migrate().await?;
 /// let flow = Flow::<u64, ()>::builder("payment")
 ///     .store(Arc::new(store))
-///     .step("charge", |_ctx| async { Ok::<_, StepError>(()) })
+///     .step("charge", |_ctx| async { Ok(()) })
 ///     .build()?;
 /// flow.run(4200, RunOptions::key("order_123")).await?;
 /// # Ok(())

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use orchestrix::store::MemoryStore;
-use orchestrix::{Context, Flow, RunOptions, StepError};
+use orchestrix::{Flow, RunOptions, StepError};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let flow = Flow::<u64, String>::builder("billing")
         .store(Arc::new(MemoryStore::new()))
-        .step("charge", |ctx: Context<u64>| async move {
+        .step("charge", |ctx| async move {
             if *ctx.input() == 0 {
                 return Err(StepError::msg("card declined"));
             }

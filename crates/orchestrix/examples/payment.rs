@@ -5,7 +5,9 @@
 //! 2. an immediate duplicate that replays the stored result (no second charge);
 //! 3. a concurrent duplicate that sees `Running`, and one that waits for the result;
 //! 4. the same key with a different payload, rejected;
-//! 5. a declined card: the failure is cached and replayed.
+//! 5. a declined card: the failure is cached and replayed; the first caller matches on
+//!    the step's own error type (`PaymentError::Declined`), the replay has its message;
+//! 6. the record of a key, read and deleted by the caller's key.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,8 +15,18 @@ use std::time::Duration;
 
 use orchestrix::idempotency::IdempotencyError;
 use orchestrix::store::MemoryStore;
-use orchestrix::{Context, Flow, FlowResult, OnRunning, RunError, RunOptions, StepError};
+use orchestrix::{Flow, FlowError, FlowResult, OnRunning, RunError, RunOptions, StateKey};
 use serde::{Deserialize, Serialize};
+
+/// The charge's id, passed from the step to the output.
+const CHARGE_ID: StateKey<String> = StateKey::new("charge_id");
+
+/// What the card network answers, as the step's own error type.
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum PaymentError {
+    #[error("card declined")]
+    Declined,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Payment {
@@ -51,22 +63,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let counter = Arc::clone(&charges);
     let flow = Flow::<Payment, Receipt>::builder("billing")
         .store(Arc::new(MemoryStore::new()))
-        .step("charge-card", move |ctx: Context<Payment>| {
+        .step("charge-card", move |ctx| {
             let counter = Arc::clone(&counter);
             async move {
                 // The side effect we must not repeat.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 if ctx.input().card == "4000-0000-0000-0002" {
-                    return Err(StepError::msg("card declined"));
+                    Err(PaymentError::Declined)?;
                 }
                 let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                ctx.set("charge_id", format!("ch_{n:04}"))?;
+                ctx.put(CHARGE_ID, format!("ch_{n:04}"))?;
                 Ok(())
             }
         })
         .output(|ctx| {
             Ok(Receipt {
-                charge_id: ctx.get("charge_id")?.unwrap_or_default(),
+                charge_id: ctx.get(CHARGE_ID)?.unwrap_or_default(),
                 cents: ctx.input().cents,
             })
         })
@@ -138,17 +150,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("— order_789, declined card —");
     let declined = "4000-0000-0000-0002";
-    show(
-        "5a. first run",
-        &flow
-            .run(pay("order_789", 1500, declined), key("order_789"))
-            .await,
+    let first = flow
+        .run(pay("order_789", 1500, declined), key("order_789"))
+        .await;
+    show("5a. first run", &first);
+    let declined_error = |outcome: &Result<FlowResult<Receipt>, _>| {
+        let error = outcome.as_ref().ok().and_then(|r| r.error.as_ref());
+        error.and_then(FlowError::step_error::<PaymentError>) == Some(&PaymentError::Declined)
+    };
+    println!(
+        "    its error is PaymentError::Declined: {}",
+        declined_error(&first)
     );
-    show(
-        "5b. duplicate (cached failure)",
-        &flow
-            .run(pay("order_789", 1500, declined), key("order_789"))
-            .await,
+    let replay = flow
+        .run(pay("order_789", 1500, declined), key("order_789"))
+        .await;
+    show("5b. duplicate (cached failure)", &replay);
+    println!(
+        "    its error is PaymentError::Declined: {} (a replay keeps the message, not the type)",
+        declined_error(&replay)
+    );
+
+    println!("— the record of order_123, by its key —");
+    if let Some(record) = flow.record("payment:order_123").await? {
+        let charge = record
+            .replay
+            .and_then(Result::ok)
+            .and_then(|r| r.output)
+            .map(|receipt| receipt.charge_id);
+        println!(
+            "6a. {} is {}, charge {charge:?}",
+            record.stored_key, record.status
+        );
+    }
+    flow.forget("payment:order_789").await?;
+    println!(
+        "6b. order_789 forgotten: its next run charges again (record: {:?})",
+        flow.record("payment:order_789").await?.map(|r| r.status)
     );
 
     println!(

@@ -4,8 +4,15 @@
 
 use std::time::Duration;
 
-use orchestrix::{Context, Flow, Parallel, RetryPolicy, RunOptions, Step, StepError};
+use orchestrix::hooks::{ConsoleLogger, LogLevel};
+use orchestrix::validation::Issue;
+use orchestrix::{Context, Flow, Parallel, RetryPolicy, RunOptions, StateKey, Step, StepError};
 use serde::{Deserialize, Serialize};
+
+/// The state the steps share, named and typed once.
+const RESERVATION: StateKey<String> = StateKey::new("reservation");
+const CHARGE: StateKey<String> = StateKey::new("charge");
+const CHARGE_ATTEMPTS: StateKey<u32> = StateKey::new("charge_attempts");
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Order {
@@ -24,30 +31,24 @@ struct Confirmation {
 
 async fn reserve_stock(ctx: Context<Order>) -> Result<(), StepError> {
     let order = ctx.input();
-    ctx.set(
-        "reservation",
-        format!("rsv_{}_{}", order.sku, order.quantity),
-    )?;
+    ctx.put(RESERVATION, format!("rsv_{}_{}", order.sku, order.quantity))?;
     Ok(())
 }
 
 async fn release_stock(ctx: Context<Order>) -> Result<(), StepError> {
-    println!(
-        "  (compensation) releasing {:?}",
-        ctx.get::<String>("reservation")?
-    );
+    println!("  (compensation) releasing {:?}", ctx.get(RESERVATION)?);
     Ok(())
 }
 
 /// Fails its first attempt, like a payment gateway having a bad second.
 async fn charge_card(ctx: Context<Order>) -> Result<(), StepError> {
-    let attempts = ctx.get::<u32>("charge_attempts")?.unwrap_or(0) + 1;
-    ctx.set("charge_attempts", attempts)?;
+    let attempts = ctx.get(CHARGE_ATTEMPTS)?.unwrap_or(0) + 1;
+    ctx.put(CHARGE_ATTEMPTS, attempts)?;
     if attempts == 1 {
         return Err(StepError::msg("gateway timeout"));
     }
-    ctx.set(
-        "charge",
+    ctx.put(
+        CHARGE,
         format!("ch_{}_{}", ctx.input().id, ctx.input().cents),
     )?;
     Ok(())
@@ -83,10 +84,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .validate(|order: &Order| {
             let mut issues = Vec::new();
             if order.quantity == 0 {
-                issues.push("quantity must be at least 1".to_owned());
+                issues.push(Issue::at("quantity", "must be at least 1"));
             }
             if order.cents == 0 {
-                issues.push("amount must be positive".to_owned());
+                issues.push(Issue::at("cents", "must be positive"));
             }
             if issues.is_empty() {
                 Ok(())
@@ -97,11 +98,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .output(|ctx| {
             Ok(Confirmation {
                 order: ctx.input().id.clone(),
-                reservation: ctx.get("reservation")?.unwrap_or_default(),
-                charge: ctx.get("charge")?.unwrap_or_default(),
+                reservation: ctx.get(RESERVATION)?.unwrap_or_default(),
+                charge: ctx.get(CHARGE)?.unwrap_or_default(),
             })
         })
-        .logger()
+        .plugin(
+            ConsoleLogger::stdout()
+                .prefix("[checkout]")
+                .level(LogLevel::Info),
+        )
         .build()?;
 
     let order = Order {

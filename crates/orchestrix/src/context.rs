@@ -1,7 +1,8 @@
 //! The context a step runs in: the run's input, its shared state, its cancellation.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -72,6 +73,93 @@ pub(crate) enum RunIdentity {
     Key(Arc<str>),
     /// A run without a key: step keys are stable within the run only.
     Random(u128),
+}
+
+/// The name and type of a state value: declare it once, and every use is checked by the
+/// compiler (the type of what is put and got, and the name, which a typo no longer
+/// splits in two).
+///
+/// ```
+/// use orchestrix::{Context, StateKey};
+///
+/// const CHARGE_ID: StateKey<String> = StateKey::new("charge_id");
+///
+/// let ctx = Context::new(());
+/// ctx.put(CHARGE_ID, "ch_1".to_owned())?;
+/// assert_eq!(ctx.get(CHARGE_ID)?.as_deref(), Some("ch_1"));
+/// // The same value under its name, as the string form reads it.
+/// assert_eq!(ctx.get::<String>("charge_id")?.as_deref(), Some("ch_1"));
+/// # Ok::<(), orchestrix::StateError>(())
+/// ```
+pub struct StateKey<T> {
+    name: &'static str,
+    value: PhantomData<fn() -> T>,
+}
+
+impl<T> StateKey<T> {
+    /// The key named `name`, for values of type `T`.
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            value: PhantomData,
+        }
+    }
+
+    /// The key's name: where the value is stored (and journaled, in a durable run).
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl<T> Clone for StateKey<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for StateKey<T> {}
+
+impl<T> fmt::Debug for StateKey<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StateKey").field(&self.name).finish()
+    }
+}
+
+impl<T> AsRef<str> for StateKey<T> {
+    fn as_ref(&self) -> &str {
+        self.name
+    }
+}
+
+/// A key that [`Context::get`] reads a `T` under: a typed [`StateKey<T>`], or a name
+/// (`&str`, `String`) with the type given at the call (`ctx.get::<T>("name")`).
+pub trait ReadKey<T> {
+    /// The name the value is stored under.
+    fn key_name(&self) -> &str;
+}
+
+impl<T> ReadKey<T> for StateKey<T> {
+    fn key_name(&self) -> &str {
+        self.name
+    }
+}
+
+impl<T> ReadKey<T> for &str {
+    fn key_name(&self) -> &str {
+        self
+    }
+}
+
+impl<T> ReadKey<T> for String {
+    fn key_name(&self) -> &str {
+        self
+    }
+}
+
+impl<T> ReadKey<T> for &String {
+    fn key_name(&self) -> &str {
+        self
+    }
 }
 
 /// A state value could not be converted to or from JSON.
@@ -251,11 +339,23 @@ impl<I> Context<I> {
         }
     }
 
-    /// The value under `key` as a `T`, or `None` if nothing was set.
+    /// Stores `value` under the typed `key`, replacing any earlier value: [`set`](Self::set)
+    /// with the name and the type checked by the compiler.
+    ///
+    /// # Errors
+    /// [`StateError::Encode`] if `value` cannot be serialized to JSON.
+    pub fn put<T: Serialize>(&self, key: StateKey<T>, value: T) -> Result<(), StateError> {
+        self.set(key.name, value)
+    }
+
+    /// The value under `key` as a `T`, or `None` if nothing was set. `key` is a typed
+    /// [`StateKey<T>`] (`ctx.get(CHARGE_ID)`), or a name with the type given at the call
+    /// (`ctx.get::<String>("charge_id")`).
     ///
     /// # Errors
     /// [`StateError::Decode`] if the stored value is not a `T`.
-    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
+    pub fn get<T: DeserializeOwned>(&self, key: impl ReadKey<T>) -> Result<Option<T>, StateError> {
+        let key = key.key_name();
         let value = self.state().get(key).cloned();
         value
             .map(|v| {
@@ -267,9 +367,9 @@ impl<I> Context<I> {
             .transpose()
     }
 
-    /// Whether a value is stored under `key`.
-    pub fn has(&self, key: &str) -> bool {
-        self.state().contains_key(key)
+    /// Whether a value is stored under `key` (a name, or a [`StateKey`]).
+    pub fn has(&self, key: impl AsRef<str>) -> bool {
+        self.state().contains_key(key.as_ref())
     }
 
     /// The run's cancellation token: fires when the caller cancels the run, when the run
@@ -294,8 +394,8 @@ impl<I> Context<I> {
     }
 }
 
-impl<I: std::fmt::Debug> std::fmt::Debug for Context<I> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<I: fmt::Debug> fmt::Debug for Context<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
             .field("input", &self.shared.input)
             .field("state", &*self.state())

@@ -476,11 +476,13 @@ impl<I: Send + Sync + 'static, O> Plan<I, O> {
             let Some(delay) = retry_in else {
                 result.status = Status::Failed;
                 result.error = Some(message.clone());
+                let transient = err.is_transient();
                 break Err(FlowError::Step {
                     step: step.name.to_string(),
                     attempts: attempt,
                     message,
-                    transient: err.is_transient(),
+                    transient,
+                    source: Some(err.into_shared()),
                 });
             };
             result.error = Some(message);

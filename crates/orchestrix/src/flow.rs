@@ -5,6 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
 use crate::context::Context;
@@ -15,8 +17,20 @@ use crate::idempotency::{Fingerprint, flow_prefix};
 use crate::step::{Parallel, Step, StepError};
 use crate::store::{IdempotencyStore, MemoryStore};
 use crate::telemetry::FlowMetrics;
+use crate::validation::{IntoIssues, Issue};
 
-pub(crate) type ValidatorFn<I> = Box<dyn Fn(&I) -> Result<(), Vec<String>> + Send + Sync>;
+/// A flow's input validator, synchronous or async, its issues already converted.
+pub(crate) enum Validator<I> {
+    Sync(Box<SyncValidatorFn<I>>),
+    Async(Box<AsyncValidatorFn<I>>),
+}
+
+/// A synchronous validator.
+pub(crate) type SyncValidatorFn<I> = dyn Fn(&I) -> Result<(), Vec<Issue>> + Send + Sync;
+
+/// An async validator, its future boxed.
+pub(crate) type AsyncValidatorFn<I> =
+    dyn Fn(&I) -> BoxFuture<'static, Result<(), Vec<Issue>>> + Send + Sync;
 
 /// The version of a durable flow that sets none.
 const DEFAULT_VERSION: &str = "1";
@@ -65,7 +79,7 @@ pub struct Flow<I, O = ()> {
 
 pub(crate) struct FlowInner<I, O> {
     pub(crate) plan: Plan<I, O>,
-    pub(crate) validator: Option<ValidatorFn<I>>,
+    pub(crate) validator: Option<Validator<I>>,
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) fingerprint: Fingerprint<I>,
     /// What the flow's scoped keys start with: its name, escaped, and `:`.
@@ -168,7 +182,7 @@ pub struct FlowBuilder<I, O> {
     stages: Vec<Stage>,
     empty_group: bool,
     output: Option<OutputFn<I, O>>,
-    validator: Option<ValidatorFn<I>>,
+    validator: Option<Validator<I>>,
     plugins: Vec<Arc<dyn Plugin>>,
     store: Option<Arc<dyn IdempotencyStore>>,
     fingerprint: Fingerprint<I>,
@@ -239,13 +253,59 @@ impl<I, O> FlowBuilder<I, O> {
     }
 
     /// Validates the input before anything else (before the store is touched). Return
-    /// every issue found; any issue fails the run with a validation error and no step runs.
+    /// every issue found ([`Issue`]s with a path, bare messages, or anything
+    /// [`IntoIssues`], such as a `garde` report with the `garde` feature: see
+    /// [`crate::validation`]); any issue fails the run with
+    /// [`FlowError::Validation`](crate::FlowError::Validation) and no step runs. A
+    /// validator that panics rejects the input. Replaces any earlier validator.
     #[must_use]
-    pub fn validate(
+    pub fn validate<E: IntoIssues>(
         mut self,
-        f: impl Fn(&I) -> Result<(), Vec<String>> + Send + Sync + 'static,
+        f: impl Fn(&I) -> Result<(), E> + Send + Sync + 'static,
     ) -> Self {
-        self.validator = Some(Box::new(f));
+        self.validator = Some(Validator::Sync(Box::new(move |input| {
+            f(input).map_err(IntoIssues::into_issues)
+        })));
+        self
+    }
+
+    /// Validates the input with an async function (a lookup in a database, a call to
+    /// another service), before anything else, as [`validate`](Self::validate) does. The
+    /// future it returns owns what it needs (clone the fields it reads), and is `Send`.
+    /// A validator that panics, or whose future does, rejects the input. Replaces any
+    /// earlier validator.
+    ///
+    /// ```
+    /// use orchestrix::validation::Issue;
+    /// use orchestrix::{Flow, RunOptions, Status};
+    ///
+    /// async fn sku_exists(sku: &str) -> bool { sku.starts_with("TEE-") }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let flow = Flow::<String>::builder("restock")
+    ///     .validate_async(|sku: &String| {
+    ///         let sku = sku.clone();
+    ///         async move {
+    ///             if sku_exists(&sku).await { Ok(()) } else { Err(Issue::at("sku", "unknown")) }
+    ///         }
+    ///     })
+    ///     .step("order", |_ctx| async { Ok(()) })
+    ///     .build()?;
+    /// let result = flow.run("MUG-1".to_owned(), RunOptions::new()).await?;
+    /// assert_eq!(result.status, Status::Failed);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn validate_async<F, Fut, E>(mut self, f: F) -> Self
+    where
+        F: Fn(&I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: IntoIssues,
+    {
+        self.validator = Some(Validator::Async(Box::new(move |input| {
+            f(input).map(|r| r.map_err(IntoIssues::into_issues)).boxed()
+        })));
         self
     }
 
@@ -378,18 +438,18 @@ impl<I: DeserializeOwned, O> FlowBuilder<I, O> {
     /// [`version`](Self::version)).
     ///
     /// ```
-    /// use orchestrix::{Context, Flow, RunOptions, StepError};
+    /// use orchestrix::{Flow, RunOptions};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let flow = Flow::<u64, ()>::builder("order")
     ///     .durable()
-    ///     .step("charge", |ctx: Context<u64>| async move {
+    ///     .step("charge", |ctx| async move {
     ///         // The same key in every run of this order: send it downstream.
     ///         let _idempotency_key = ctx.step_key();
-    ///         Ok::<_, StepError>(())
+    ///         Ok(())
     ///     })
-    ///     .step("ship", |_ctx: Context<u64>| async { Ok::<_, StepError>(()) })
+    ///     .step("ship", |_ctx| async { Ok(()) })
     ///     .build()?;
     /// let result = flow.run(4200, RunOptions::key("order-17")).await?;
     /// assert!(result.is_completed());

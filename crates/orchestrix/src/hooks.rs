@@ -157,6 +157,33 @@ impl Hooks {
     }
 }
 
+/// How much a [`ConsoleLogger`] prints: each event has a level, and the logger prints
+/// the events at its minimum level and above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[non_exhaustive]
+pub enum LogLevel {
+    /// Everything, including each attempt's start (the default).
+    #[default]
+    Debug,
+    /// Runs starting and completing, steps completing or restored, compensations.
+    Info,
+    /// Only what went wrong: failed attempts, failed or cancelled runs, failed
+    /// compensations.
+    Warn,
+}
+
+impl LogLevel {
+    /// The level of `event`.
+    pub fn of(event: &Event<'_>) -> Self {
+        match event {
+            Event::StepStart { .. } => Self::Debug,
+            Event::StepFail { .. } | Event::FlowFail { .. } => Self::Warn,
+            Event::CompensateComplete { error: Some(_), .. } => Self::Warn,
+            _ => Self::Info,
+        }
+    }
+}
+
 /// The built-in console logger: one human-readable line per event.
 ///
 /// ```text
@@ -165,9 +192,36 @@ impl Hooks {
 /// [orchestrix] checkout › charge: completed in 103ms after 2 attempts
 /// [orchestrix] checkout: completed in 104ms
 /// ```
+///
+/// A small builder sets where it writes (standard error, standard output, or any
+/// `Write + Send`), the prefix of its lines, the least [`LogLevel`] it prints, and whether
+/// it prints at all:
+///
+/// ```
+/// use orchestrix::hooks::{ConsoleLogger, LogLevel};
+/// use orchestrix::Flow;
+///
+/// let verbose = std::env::var_os("CHECKOUT_LOG").is_some();
+/// let flow = Flow::<u64>::builder("checkout")
+///     .step("charge", |_ctx| async { Ok(()) })
+///     .plugin(
+///         ConsoleLogger::stdout()
+///             .prefix("[checkout]")
+///             .level(LogLevel::Info)
+///             .enabled(verbose),
+///     )
+///     .build();
+/// # assert!(flow.is_ok());
+/// ```
 pub struct ConsoleLogger {
     out: Mutex<Box<dyn Write + Send>>,
+    prefix: String,
+    level: LogLevel,
+    enabled: bool,
 }
+
+/// What every line starts with unless [`ConsoleLogger::prefix`] says otherwise.
+const DEFAULT_PREFIX: &str = "[orchestrix]";
 
 impl ConsoleLogger {
     /// Logs to standard error.
@@ -180,11 +234,38 @@ impl ConsoleLogger {
         Self::to_writer(std::io::stdout())
     }
 
-    /// Logs to any writer.
+    /// Logs to any writer (a file, a buffer, a pipe): every line is written then flushed.
+    /// A write that fails drops the line; it never affects the run.
     pub fn to_writer(out: impl Write + Send + 'static) -> Self {
         Self {
             out: Mutex::new(Box::new(out)),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            level: LogLevel::Debug,
+            enabled: true,
         }
+    }
+
+    /// What every line starts with, followed by a space (default `[orchestrix]`); an
+    /// empty prefix starts lines with the flow's name.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Prints only events at `level` and above (default [`LogLevel::Debug`]: all).
+    #[must_use]
+    pub fn level(mut self, level: LogLevel) -> Self {
+        self.level = level;
+        self
+    }
+
+    /// Whether the logger prints at all (default `true`): attach it always, and switch it
+    /// from configuration. A disabled logger formats nothing.
+    #[must_use]
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
     }
 
     /// The line logged for `event`.
@@ -261,16 +342,27 @@ impl ConsoleLogger {
 
 impl Plugin for ConsoleLogger {
     fn on_event(&self, event: &Event<'_>) {
+        if !self.enabled || LogLevel::of(event) < self.level {
+            return;
+        }
         let line = Self::format(event);
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         // A logger that cannot write must not fail the run; the line is dropped.
-        let _ = writeln!(out, "[orchestrix] {line}");
+        let _ = if self.prefix.is_empty() {
+            writeln!(out, "{line}")
+        } else {
+            writeln!(out, "{} {line}", self.prefix)
+        };
         let _ = out.flush();
     }
 }
 
 impl std::fmt::Debug for ConsoleLogger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ConsoleLogger")
+        f.debug_struct("ConsoleLogger")
+            .field("prefix", &self.prefix)
+            .field("level", &self.level)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
     }
 }

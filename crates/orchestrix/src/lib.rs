@@ -12,24 +12,26 @@
 //! duplicates to replay.
 //!
 //! ```
-//! use orchestrix::{Context, Flow, RunOptions, StepError};
+//! use orchestrix::{Flow, RunOptions, StateKey};
 //! use std::sync::atomic::{AtomicU32, Ordering};
 //! use std::sync::Arc;
+//!
+//! const RECEIPT: StateKey<String> = StateKey::new("receipt");
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let charges = Arc::new(AtomicU32::new(0));
 //! let counter = Arc::clone(&charges);
 //! let flow = Flow::<u64, String>::builder("payment")
-//!     .step("charge", move |ctx: Context<u64>| {
+//!     .step("charge", move |ctx| {
 //!         let counter = Arc::clone(&counter);
 //!         async move {
 //!             counter.fetch_add(1, Ordering::SeqCst);
-//!             ctx.set("receipt", format!("rcpt-{}", ctx.input()))?;
-//!             Ok::<_, StepError>(())
+//!             ctx.put(RECEIPT, format!("rcpt-{}", ctx.input()))?;
+//!             Ok(())
 //!         }
 //!     })
-//!     .output(|ctx| Ok(ctx.get::<String>("receipt")?.unwrap_or_default()))
+//!     .output(|ctx| Ok(ctx.get(RECEIPT)?.unwrap_or_default()))
 //!     .build()?;
 //!
 //! let first = flow.run(4200, RunOptions::key("order_123")).await?;
@@ -40,8 +42,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A step is any `Fn(Context<I>) -> impl Future<Output = Result<(), StepError>>`: an
+//! `async fn`, or a closure whose types the builder infers (no annotation is needed, `?`
+//! included). Its own error type stays reachable in a failed result
+//! ([`FlowError::step_error`]); state between steps is typed by [`StateKey`]s; a key's
+//! record is read and deleted with [`Flow::record`] and [`Flow::forget`].
+//!
 //! Modules: [`store`] (the store contract and the in-memory store), [`idempotency`]
-//! (keys, options, the decision table, leases), [`hooks`] (plugins and the logger).
+//! (keys, options, the decision table, leases), [`hooks`] (plugins and the logger),
+//! [`validation`] (structured issues, async validators, `garde`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -51,6 +60,7 @@ mod execute;
 mod flow;
 pub mod hooks;
 pub mod idempotency;
+mod records;
 mod result;
 mod retry;
 mod run;
@@ -58,14 +68,16 @@ mod step;
 pub mod store;
 mod stored;
 pub mod telemetry;
+pub mod validation;
 
-pub use context::{Context, StateError};
+pub use context::{Context, ReadKey, StateError, StateKey};
 pub use durable::Recovered;
 pub use flow::{BuildError, Flow, FlowBuilder};
-pub use hooks::{ConsoleLogger, Event, Plugin};
+pub use hooks::{ConsoleLogger, Event, LogLevel, Plugin};
 pub use idempotency::{
     Fingerprint, IdempotencyError, KeyError, KeyScope, OnRunning, RunOptions, fingerprint_of,
 };
+pub use records::FlowRecord;
 pub use result::{CompensationFailure, FlowError, FlowResult, Status, StepResult};
 pub use retry::{Backoff, RetryPolicy};
 pub use run::RunError;

@@ -8,6 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +16,7 @@ use tracing::Instrument;
 
 use crate::context::{Context, RunIdentity};
 use crate::execute::{Progress, Track};
-use crate::flow::Flow;
+use crate::flow::{AsyncValidatorFn, Flow, Validator};
 use crate::hooks::Event;
 use crate::idempotency::{
     AdmitRequest, Computed, Decided, Ending, IdempotencyError, Ownership, RunOptions, Settlement,
@@ -26,6 +27,7 @@ use crate::step::panic_message;
 use crate::store::{RecordView, StoreError};
 use crate::stored::StoredError;
 use crate::telemetry::{Outcome, execution_result};
+use crate::validation::Issue;
 
 /// Why [`Flow::run`] returned no result, or returned one that could not be persisted.
 ///
@@ -134,8 +136,15 @@ where
         waited: &mut bool,
     ) -> Result<FlowResult<O>, RunError<O>> {
         options.validate()?;
-        if let Some(rejected) = self.validate(&input) {
-            return Ok(self.notify(rejected));
+        if let Some(validator) = &self.inner.validator {
+            let verdict = match validator {
+                Validator::Sync(validate) => catch_unwind(AssertUnwindSafe(|| validate(&input))),
+                // Boxed: the future of every run stays the size it is without a validator.
+                Validator::Async(validate) => Box::pin(validate_async(validate, &input)).await,
+            };
+            if let Some(rejected) = self.rejected(verdict) {
+                return Ok(self.notify(rejected));
+            }
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
             let id = fastrand::u128(..);
@@ -222,16 +231,19 @@ where
         }
     }
 
-    /// Stage 1: the input validator. `Some` is the failed result to return. A validator
-    /// that panics rejects the input rather than unwinding through the run.
-    fn validate(&self, input: &I) -> Option<FlowResult<O>> {
-        let validator = self.inner.validator.as_ref()?;
-        let issues = match catch_unwind(AssertUnwindSafe(|| validator(input))) {
+    /// Stage 1: the input validator's verdict, caught if it panicked. `Some` is the failed
+    /// result to return. A validator (or its future) that panics rejects the input rather
+    /// than unwinding through the run.
+    fn rejected(
+        &self,
+        verdict: std::thread::Result<Result<(), Vec<Issue>>>,
+    ) -> Option<FlowResult<O>> {
+        let issues = match verdict {
             Ok(verdict) => verdict.err()?,
-            Err(payload) => vec![format!(
+            Err(payload) => vec![Issue::new(format!(
                 "the validator panicked: {}",
                 panic_message(&*payload)
-            )],
+            ))],
         };
         let plan = &self.inner.plan;
         Some(FlowResult::without_steps(
@@ -369,6 +381,17 @@ where
             }),
         }
         result
+    }
+}
+
+/// An async validator's verdict; a panic while it builds or polls its future is caught.
+async fn validate_async<I>(
+    validate: &AsyncValidatorFn<I>,
+    input: &I,
+) -> std::thread::Result<Result<(), Vec<Issue>>> {
+    match catch_unwind(AssertUnwindSafe(|| validate(input))) {
+        Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+        Err(payload) => Err(payload),
     }
 }
 

@@ -79,6 +79,12 @@ impl StepError {
         &*self.source
     }
 
+    /// The underlying error, shared: the source of
+    /// [`FlowError::Step`](crate::FlowError::Step).
+    pub(crate) fn into_shared(self) -> Arc<dyn std::error::Error + Send + Sync + 'static> {
+        Arc::from(self.source)
+    }
+
     pub(crate) fn timed_out(after: Duration) -> Self {
         Self {
             kind: ErrorKind::TimedOut,
@@ -160,6 +166,16 @@ where
 
 /// One named step: an async function of the [`Context`], with its retry policy, per-attempt
 /// timeout and optional compensation.
+///
+/// A step is an `async fn(Context<I>) -> Result<(), StepError>`, or a closure returning an
+/// async block. A closure needs no type annotation where the flow's input type is known
+/// when the closure is checked: handed to [`FlowBuilder::step`](crate::FlowBuilder::step),
+/// or to `Step::new` in a function returning `Step<I>`; the error type comes from the
+/// bound, so `?` and `Ok(())` need no `Ok::<_, StepError>`. Only a closure that reads the
+/// input's fields inside a chain the compiler checks before it learns `I`
+/// (`.then(Step::new("a", |ctx| ..).retry(..))`, `Parallel::new().step(..)`) needs it:
+/// `Step::<Order>::new`, `Parallel::<Order>::new()`, or a type alias
+/// (`type OrderStep = Step<Order>;`) names it once.
 ///
 /// ```
 /// use std::time::Duration;

@@ -459,6 +459,7 @@ mod tests {
                 attempts: 3,
                 message: "boom".into(),
                 transient: false,
+                source: None,
             }),
             compensation_failures: vec![CompensationFailure {
                 step: "a".into(),

@@ -11,7 +11,7 @@ use orchestrix::store::{
     FencingToken, IdempotencyStore, MemoryStore, RecordStatus, StartOutcome, StartRequest,
     StoreError,
 };
-use orchestrix::{Context, Flow, KeyScope, RunError, RunOptions, StepError};
+use orchestrix::{Flow, KeyScope, RunError, RunOptions};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
@@ -72,12 +72,12 @@ fn flow(
 ) -> Flow<u64, BTreeMap<String, u64>> {
     Flow::<u64, BTreeMap<String, u64>>::builder("props")
         .store(store)
-        .step("count", move |ctx: Context<u64>| {
+        .step("count", move |ctx| {
             let runs = Arc::clone(&runs);
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 ctx.set("n", *ctx.input())?;
-                Ok::<_, StepError>(())
+                Ok(())
             }
         })
         .output(|ctx| {

@@ -21,8 +21,8 @@ use orchestrix::store::{
     StoreError,
 };
 use orchestrix::{
-    BuildError, CancellationToken, Context, Event, Flow, FlowError, FlowResult, Parallel,
-    RetryPolicy, RunError, RunOptions, Status, Step, StepError,
+    BuildError, CancellationToken, Event, Flow, FlowError, FlowResult, Parallel, RetryPolicy,
+    RunError, RunOptions, Status, Step, StepError,
 };
 use tokio::sync::Notify;
 
@@ -103,7 +103,7 @@ impl World {
         let owned = name.to_owned();
         let undo_world = self.clone();
         let undo_name = name.to_owned();
-        Step::new(name, move |ctx: Context<u64>| {
+        Step::new(name, move |ctx| {
             let world = world.clone();
             let name = owned.clone();
             async move {
@@ -140,7 +140,7 @@ impl World {
                 Ok(())
             }
         })
-        .compensate(move |ctx: Context<u64>| {
+        .compensate(move |ctx| {
             let world = undo_world.clone();
             let name = undo_name.clone();
             async move {
@@ -148,7 +148,7 @@ impl World {
                     keys.entry(format!("undo:{name}")).or_default().push(k);
                 }
                 // A compensation sees the state its step wrote, restored or not.
-                let id: Option<String> = ctx.get(&format!("{name}-id"))?;
+                let id: Option<String> = ctx.get(format!("{name}-id"))?;
                 if let Ok(mut undone) = world.undone.lock() {
                     undone.push(format!("{name}={}", id.unwrap_or_default()));
                 }
@@ -727,7 +727,7 @@ async fn step_keys_are_stable_across_retries_and_resumes_and_distinct_otherwise(
             .store(Arc::clone(&store))
             .then(world.step("charge"))
             .then(
-                Step::new("flaky", move |ctx: Context<u64>| {
+                Step::new("flaky", move |ctx| {
                     let retries = Arc::clone(&retries);
                     let world = world2.clone();
                     async move {
@@ -820,7 +820,7 @@ async fn a_failed_durable_run_is_redriven_at_its_failed_step() {
         .store(Arc::clone(&store))
         .step("charge", {
             let world = world.clone();
-            move |ctx: Context<u64>| {
+            move |ctx| {
                 let world = world.clone();
                 async move {
                     if let Ok(mut runs) = world.runs.lock() {
@@ -984,7 +984,7 @@ async fn a_transient_failure_keeps_the_journal_and_the_retry_resumes_at_the_fail
             .store(Arc::clone(&store))
             .step("charge", {
                 let world = world.clone();
-                move |_ctx: Context<u64>| {
+                move |_ctx| {
                     let world = world.clone();
                     async move {
                         if let Ok(mut runs) = world.runs.lock() {
@@ -994,7 +994,7 @@ async fn a_transient_failure_keeps_the_journal_and_the_retry_resumes_at_the_fail
                     }
                 }
             })
-            .step("ship", move |_ctx: Context<u64>| {
+            .step("ship", move |_ctx| {
                 let attempts = Arc::clone(&attempts);
                 async move {
                     if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -1021,7 +1021,7 @@ async fn an_input_that_would_not_read_back_is_refused_before_anything_runs() {
         .durable()
         .step("count", {
             let world = world.clone();
-            move |_ctx: Context<f64>| {
+            move |_ctx| {
                 let world = world.clone();
                 async move {
                     if let Ok(mut runs) = world.runs.lock() {
@@ -1118,7 +1118,7 @@ fn a_durable_flow_needs_a_store_that_keeps_journals() {
     let built = Flow::<u64, ()>::builder("d")
         .durable()
         .store(Arc::new(NoJournal::default()))
-        .step("s", |_ctx: Context<u64>| async { Ok::<_, StepError>(()) })
+        .step("s", |_ctx| async { Ok(()) })
         .build();
     assert!(matches!(built, Err(BuildError::StoreKeepsNoJournal { .. })));
 }
@@ -1126,7 +1126,7 @@ fn a_durable_flow_needs_a_store_that_keeps_journals() {
 #[tokio::test]
 async fn resume_and_redrive_of_a_flow_that_is_not_durable_are_typed_errors() {
     let flow = Flow::<u64, ()>::builder("plain")
-        .step("s", |_ctx: Context<u64>| async { Ok::<_, StepError>(()) })
+        .step("s", |_ctx| async { Ok(()) })
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(

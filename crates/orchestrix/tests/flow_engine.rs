@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrix::{
-    BuildError, CancellationToken, ConsoleLogger, Context, Event, Flow, FlowError, FlowResult,
+    BuildError, CancellationToken, ConsoleLogger, Event, Flow, FlowError, FlowResult, LogLevel,
     Parallel, RetryPolicy, RunOptions, Status, Step, StepError,
 };
 use tokio::time::Instant;
@@ -26,7 +26,7 @@ fn entries(log: &Log) -> Vec<String> {
 /// A step that appends `name` to `log` and succeeds.
 fn record(log: &Log, name: &'static str) -> Step<u32> {
     let log = Arc::clone(log);
-    Step::new(name, move |_ctx: Context<u32>| {
+    Step::new(name, move |_ctx| {
         let log = Arc::clone(&log);
         async move {
             log.lock()
@@ -39,16 +39,17 @@ fn record(log: &Log, name: &'static str) -> Step<u32> {
 
 /// A step that always fails with `message`.
 fn failing(name: &'static str, message: &'static str) -> Step<u32> {
-    Step::new(name, move |_ctx: Context<u32>| async move {
-        Err::<(), _>(StepError::msg(message))
-    })
+    Step::new(
+        name,
+        move |_ctx| async move { Err(StepError::msg(message)) },
+    )
 }
 
 /// A compensation that appends `undo:<name>` to `log`.
 fn undo(log: &Log, step: Step<u32>) -> Step<u32> {
     let log = Arc::clone(log);
     let name = step.name().to_owned();
-    step.compensate(move |_ctx: Context<u32>| {
+    step.compensate(move |_ctx| {
         let log = Arc::clone(&log);
         let name = name.clone();
         async move {
@@ -105,11 +106,11 @@ async fn steps_run_in_declaration_order() {
 #[tokio::test]
 async fn state_set_by_one_step_is_read_by_the_next_and_by_the_output() {
     let flow = Flow::<u32, String>::builder("state")
-        .step("reserve", |ctx: Context<u32>| async move {
+        .step("reserve", |ctx| async move {
             ctx.set("reservation", format!("rsv-{}", ctx.input()))?;
             Ok(())
         })
-        .step("confirm", |ctx: Context<u32>| async move {
+        .step("confirm", |ctx| async move {
             let rsv: Option<String> = ctx.get("reservation")?;
             if !ctx.has("reservation") || rsv.as_deref() != Some("rsv-7") {
                 return Err(StepError::msg("reservation missing"));
@@ -135,7 +136,7 @@ async fn state_set_by_one_step_is_read_by_the_next_and_by_the_output() {
 /// Records the instant of every attempt, failing all but the last `succeed_on`-th.
 fn flaky(attempts: &Arc<Mutex<Vec<Instant>>>, succeed_on: usize) -> Step<u32> {
     let attempts = Arc::clone(attempts);
-    Step::new("flaky", move |_ctx: Context<u32>| {
+    Step::new("flaky", move |_ctx| {
         let attempts = Arc::clone(&attempts);
         async move {
             let mut at = attempts.lock().map_err(|_| StepError::msg("poisoned"))?;
@@ -198,7 +199,7 @@ async fn jittered_retry_delays_stay_within_zero_and_the_delay() {
 async fn a_timed_out_attempt_is_retried_and_can_succeed() {
     let calls = Arc::new(AtomicU32::new(0));
     let counter = Arc::clone(&calls);
-    let step = Step::new("slow-then-fast", move |_ctx: Context<u32>| {
+    let step = Step::new("slow-then-fast", move |_ctx| {
         let n = counter.fetch_add(1, Ordering::SeqCst);
         async move {
             if n == 0 {
@@ -222,7 +223,7 @@ async fn a_timed_out_attempt_is_retried_and_can_succeed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_timed_out_last_attempt_fails_the_step() {
-    let step = Step::new("hang", |_ctx: Context<u32>| async {
+    let step = Step::new("hang", |_ctx| async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok(())
     })
@@ -254,6 +255,7 @@ async fn exhausted_retries_fail_the_run_with_attempts_counted() {
             attempts: 3,
             message: "card declined".into(),
             transient: false,
+            source: None,
         })
     );
     assert!(entries(&log).is_empty());
@@ -299,9 +301,8 @@ async fn a_failing_compensation_is_reported_but_keeps_the_original_error() {
         Flow::builder("saga")
             .then(undo(&log, record(&log, "reserve")))
             .then(
-                record(&log, "charge").compensate(|_ctx: Context<u32>| async {
-                    Err::<(), _>(StepError::msg("refund API down"))
-                }),
+                record(&log, "charge")
+                    .compensate(|_ctx| async { Err(StepError::msg("refund API down")) }),
             )
             .then(failing("ship", "no courier")),
     );
@@ -351,7 +352,7 @@ async fn parallel_steps_start_together() {
     let barrier = Arc::new(tokio::sync::Barrier::new(2));
     let step = |name: &'static str| {
         let barrier = Arc::clone(&barrier);
-        Step::new(name, move |_ctx: Context<u32>| {
+        Step::new(name, move |_ctx| {
             let barrier = Arc::clone(&barrier);
             async move {
                 // Deadlocks unless both steps run at the same time.
@@ -370,7 +371,7 @@ async fn parallel_steps_start_together() {
 async fn fail_fast_cancels_siblings_and_compensates_the_group_first() {
     let log = log();
     let slow_log = Arc::clone(&log);
-    let slow = Step::new("slow", move |ctx: Context<u32>| {
+    let slow = Step::new("slow", move |ctx| {
         let log = Arc::clone(&slow_log);
         async move {
             tokio::select! {
@@ -383,9 +384,9 @@ async fn fail_fast_cancels_siblings_and_compensates_the_group_first() {
             Ok(())
         }
     });
-    let late_failure = Step::new("payment", |_ctx: Context<u32>| async {
+    let late_failure = Step::new("payment", |_ctx| async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        Err::<(), _>(StepError::msg("declined"))
+        Err(StepError::msg("declined"))
     });
     let flow = build(
         Flow::builder("fail-fast")
@@ -425,7 +426,7 @@ async fn cancellation_before_a_step_stops_the_run_and_compensates() {
     let log = log();
     let token = CancellationToken::new();
     let canceller = token.clone();
-    let cancel_step = Step::new("cancel", move |_ctx: Context<u32>| {
+    let cancel_step = Step::new("cancel", move |_ctx| {
         let canceller = canceller.clone();
         async move {
             canceller.cancel();
@@ -614,7 +615,7 @@ async fn a_panicking_hook_does_not_break_the_run() {
 async fn a_panicking_step_fails_its_attempt_instead_of_unwinding() {
     let flow = build(
         Flow::builder("panic")
-            .step("boom", |_ctx: Context<u32>| async { panic!("step bug") })
+            .step("boom", |_ctx| async { panic!("step bug") })
             .then(failing("unused", "x")),
     );
     let result = run(&flow, RunOptions::new()).await;
@@ -642,7 +643,7 @@ impl Write for SharedBuffer {
 async fn the_console_logger_prints_a_readable_account_of_the_run() {
     let buffer = SharedBuffer::default();
     let sleepy = |name: &'static str, ms: u64| {
-        Step::new(name, move |_ctx: Context<u32>| async move {
+        Step::new(name, move |_ctx| async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(())
         })
@@ -671,6 +672,89 @@ async fn the_console_logger_prints_a_readable_account_of_the_run() {
              [orchestrix] checkout: completed in 105ms\n"
         )
     );
+}
+
+/// The text a logger wrote into `buffer`.
+fn written(buffer: &SharedBuffer) -> String {
+    let bytes = buffer.0.lock().map(|b| b.clone()).unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+/// A flow whose one step fails its first attempt, logged by `logger`.
+fn logged(logger: ConsoleLogger) -> Flow<u32> {
+    let failures = Arc::new(AtomicU32::new(0));
+    build(
+        Flow::builder("checkout")
+            .then(
+                Step::new("flaky", move |_ctx| {
+                    let first = failures.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if first {
+                            return Err(StepError::msg("not yet"));
+                        }
+                        Ok(())
+                    }
+                })
+                .retry(RetryPolicy::retries(1).fixed(Duration::from_millis(100))),
+            )
+            .plugin(logger),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_console_logger_writes_its_prefix_to_the_writer_it_was_given() {
+    let buffer = SharedBuffer::default();
+    let flow = logged(ConsoleLogger::to_writer(buffer.clone()).prefix("billing |"));
+    run(&flow, RunOptions::new()).await;
+    let text = written(&buffer);
+    assert!(!text.is_empty());
+    assert!(
+        text.lines().all(|l| l.starts_with("billing | checkout")),
+        "{text}"
+    );
+    let bare = SharedBuffer::default();
+    run(
+        &logged(ConsoleLogger::to_writer(bare.clone()).prefix("")),
+        RunOptions::new(),
+    )
+    .await;
+    assert!(written(&bare).starts_with("checkout: started\n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_console_logger_prints_only_events_at_its_level_and_above() {
+    let info = SharedBuffer::default();
+    run(
+        &logged(ConsoleLogger::to_writer(info.clone()).level(LogLevel::Info)),
+        RunOptions::new(),
+    )
+    .await;
+    assert_eq!(
+        written(&info),
+        "[orchestrix] checkout: started\n\
+         [orchestrix] checkout › flaky: attempt 1 failed: not yet (retry in 100ms)\n\
+         [orchestrix] checkout › flaky: completed in 100ms after 2 attempts\n\
+         [orchestrix] checkout: completed in 100ms\n"
+    );
+    let warn = SharedBuffer::default();
+    run(
+        &logged(ConsoleLogger::to_writer(warn.clone()).level(LogLevel::Warn)),
+        RunOptions::new(),
+    )
+    .await;
+    assert_eq!(
+        written(&warn),
+        "[orchestrix] checkout › flaky: attempt 1 failed: not yet (retry in 100ms)\n"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disabled_console_logger_writes_nothing() {
+    let buffer = SharedBuffer::default();
+    let flow = logged(ConsoleLogger::to_writer(buffer.clone()).enabled(false));
+    let result = run(&flow, RunOptions::new()).await;
+    assert_eq!(result.status, Status::Completed);
+    assert_eq!(written(&buffer), "");
 }
 
 #[test]
@@ -728,7 +812,7 @@ async fn one_flow_runs_concurrently_from_many_tasks() {
     let count = Arc::new(AtomicU32::new(0));
     let counter = Arc::clone(&count);
     let flow = Flow::<u32, u32>::builder("shared")
-        .step("count", move |_ctx: Context<u32>| {
+        .step("count", move |_ctx| {
             let counter = Arc::clone(&counter);
             async move {
                 counter.fetch_add(1, Ordering::SeqCst);

@@ -12,8 +12,8 @@ use orchestrix::store::{
     StoreError,
 };
 use orchestrix::{
-    CancellationToken, Context, Fingerprint, Flow, FlowError, KeyScope, RunError, RunOptions,
-    Status, StepError,
+    CancellationToken, Fingerprint, Flow, FlowError, KeyScope, RunError, RunOptions, Status,
+    StepError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -68,7 +68,7 @@ impl Charges {
         let charges = self.clone();
         let built = Flow::<Payment, Receipt>::builder("payment")
             .store(store)
-            .step("charge", move |ctx: Context<Payment>| {
+            .step("charge", move |ctx| {
                 let charges = charges.clone();
                 async move {
                     charges.count.fetch_add(1, Ordering::SeqCst);
@@ -413,7 +413,7 @@ async fn with_fingerprints_off_any_input_replays_the_key() {
     let charges = Charges::default();
     let count = Arc::clone(&charges.count);
     let flow = Flow::<Payment, ()>::builder("nofp")
-        .step("charge", move |_ctx: Context<Payment>| {
+        .step("charge", move |_ctx| {
             let count = Arc::clone(&count);
             async move {
                 count.fetch_add(1, Ordering::SeqCst);
@@ -434,7 +434,7 @@ async fn a_custom_fingerprint_decides_what_counts_as_the_same_input() {
     let count = Arc::new(AtomicU32::new(0));
     let counter = Arc::clone(&count);
     let flow = Flow::<Payment, ()>::builder("customfp")
-        .step("charge", move |_ctx: Context<Payment>| {
+        .step("charge", move |_ctx| {
             let counter = Arc::clone(&counter);
             async move {
                 counter.fetch_add(1, Ordering::SeqCst);
@@ -533,7 +533,7 @@ async fn keys_are_scoped_by_flow_name_unless_global() {
         .store(Arc::clone(&store))
         .step("count", {
             let count = Arc::clone(&b.count);
-            move |_ctx: Context<Payment>| {
+            move |_ctx| {
                 let count = Arc::clone(&count);
                 async move {
                     count.fetch_add(1, Ordering::SeqCst);
@@ -627,10 +627,10 @@ async fn validation_runs_before_the_store_is_touched() {
     let store = CountingStore::default();
     let flow = Flow::<Payment, ()>::builder("validated")
         .store(Arc::new(store.clone()))
-        .step("charge", |_ctx: Context<Payment>| async { Ok(()) })
+        .step("charge", |_ctx| async { Ok(()) })
         .validate(|p: &Payment| {
             if p.cents == 0 {
-                Err(vec!["amount must be positive".into()])
+                Err(vec!["amount must be positive"])
             } else {
                 Ok(())
             }
@@ -710,7 +710,7 @@ async fn a_storm_of_duplicates_executes_each_key_exactly_once() {
     let executions = Arc::new(Mutex::new(vec![0u32; KEYS]));
     let log = Arc::clone(&executions);
     let flow = Flow::<usize, usize>::builder("storm")
-        .step("effect", move |ctx: Context<usize>| {
+        .step("effect", move |ctx| {
             let log = Arc::clone(&log);
             async move {
                 log.lock().map_err(|_| StepError::msg("poisoned"))?[*ctx.input()] += 1;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use orchestrix::idempotency::IdempotencyError;
 use orchestrix::store::{IdempotencyStore, MemoryStore, RecordStatus, StoreError};
 use orchestrix::{
-    CancellationToken, Context, Flow, FlowError, FlowResult, RetryPolicy, RunError, RunOptions,
-    Status, Step, StepError,
+    CancellationToken, Flow, FlowError, FlowResult, RetryPolicy, RunError, RunOptions, Status,
+    Step, StepError,
 };
 use tokio::sync::Notify;
 
@@ -51,7 +51,7 @@ impl Log {
     /// A step that counts its runs.
     fn step(&self, name: &str) -> Step<u64> {
         let runs = Arc::clone(&self.runs);
-        Step::new(name, move |_ctx: Context<u64>| {
+        Step::new(name, move |_ctx| {
             let runs = Arc::clone(&runs);
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -62,7 +62,7 @@ impl Log {
     /// A step that counts its runs and its compensations.
     fn undoable(&self, name: &str) -> Step<u64> {
         let undone = Arc::clone(&self.undone);
-        self.step(name).compensate(move |_ctx: Context<u64>| {
+        self.step(name).compensate(move |_ctx| {
             let undone = Arc::clone(&undone);
             async move {
                 undone.fetch_add(1, Ordering::SeqCst);
@@ -77,7 +77,7 @@ impl Log {
 fn gated(name: &str, started: &Arc<AtomicU32>, gate: &Arc<Notify>) -> Step<u64> {
     let started = Arc::clone(started);
     let gate = Arc::clone(gate);
-    Step::new(name, move |_ctx: Context<u64>| {
+    Step::new(name, move |_ctx| {
         let started = Arc::clone(&started);
         let gate = Arc::clone(&gate);
         async move {
@@ -138,7 +138,7 @@ fn charge_then_ship(
     };
     let started = Arc::clone(started);
     let gate = Arc::clone(gate);
-    let ship = Step::new("ship", move |ctx: Context<u64>| {
+    let ship = Step::new("ship", move |ctx| {
         let started = Arc::clone(&started);
         let gate = Arc::clone(&gate);
         async move {
@@ -253,7 +253,7 @@ async fn losing_one_runs_lease_cancels_only_that_run_and_never_the_callers_token
         let (started, gate, saw_cancel) = (started.clone(), gate.clone(), saw_cancel.clone());
         Flow::<u64, ()>::builder("shared")
             .store(Arc::clone(&store))
-            .step("work", move |ctx: Context<u64>| {
+            .step("work", move |ctx| {
                 let (started, gate, saw_cancel) =
                     (started.clone(), gate.clone(), saw_cancel.clone());
                 async move {
@@ -312,7 +312,7 @@ fn three_steps(
     for name in ["a", "b", "c"] {
         let step = if gated_at == Some(name) {
             let undone = Arc::clone(&log.undone);
-            gated(name, started, gate).compensate(move |_ctx: Context<u64>| {
+            gated(name, started, gate).compensate(move |_ctx| {
                 let undone = Arc::clone(&undone);
                 async move {
                     undone.fetch_add(1, Ordering::SeqCst);
@@ -399,11 +399,11 @@ async fn a_cancel_during_a_retry_delay_stops_at_once_and_compensates() {
     let attempts = Arc::new(AtomicU32::new(0));
     let flaky = {
         let attempts = Arc::clone(&attempts);
-        Step::new("flaky", move |_ctx: Context<u64>| {
+        Step::new("flaky", move |_ctx| {
             let attempts = Arc::clone(&attempts);
             async move {
                 attempts.fetch_add(1, Ordering::SeqCst);
-                Err::<(), _>(StepError::msg("not yet"))
+                Err(StepError::msg("not yet"))
             }
         })
         .retry(RetryPolicy::retries(3).fixed(Duration::from_secs(3600)))
@@ -463,7 +463,7 @@ where
 {
     let runs = Arc::clone(&log.runs);
     Flow::<I, ()>::builder(name)
-        .step("effect", move |_ctx: Context<I>| {
+        .step("effect", move |_ctx| {
             let runs = Arc::clone(&runs);
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);

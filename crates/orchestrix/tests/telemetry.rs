@@ -18,7 +18,7 @@ use metrics::{
     SharedString, Unit,
 };
 use orchestrix::store::MemoryStore;
-use orchestrix::{Context, Flow, RetryPolicy, RunOptions, Step, StepError};
+use orchestrix::{Flow, RetryPolicy, RunOptions, Step, StepError};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
@@ -120,7 +120,7 @@ fn flow() -> Flow<u64, u64> {
     Flow::<u64, u64>::builder("checkout")
         .store(Arc::new(MemoryStore::new()))
         .then(
-            Step::new("charge", move |ctx: Context<u64>| {
+            Step::new("charge", move |ctx| {
                 let flaky = Arc::clone(&flaky);
                 async move {
                     match *ctx.input() {
@@ -134,9 +134,7 @@ fn flow() -> Flow<u64, u64> {
             })
             .retry(RetryPolicy::retries(1).fixed(Duration::from_millis(1))),
         )
-        .step("ship", |_ctx: Context<u64>| async {
-            Ok::<_, StepError>(())
-        })
+        .step("ship", |_ctx| async { Ok(()) })
         .output(|ctx| Ok(*ctx.input()))
         .build()
         .unwrap_or_else(|e| panic!("{e}"))
@@ -217,7 +215,7 @@ fn a_run_that_could_not_store_its_outcome_is_counted_as_such() {
     let captured = Captured::default();
     let _recorder = metrics::set_default_local_recorder(&captured);
     let flow = Flow::<f64, f64>::builder("nan")
-        .step("s", |_ctx: Context<f64>| async { Ok::<_, StepError>(()) })
+        .step("s", |_ctx| async { Ok(()) })
         .output(|_ctx| Ok(f64::NAN))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -366,7 +364,7 @@ fn a_failing_step_is_a_failure_and_a_panicking_one_an_error() {
     let spans = Spans::default();
     let _subscriber = capture_spans(&spans);
     let panicking = Flow::<u64, ()>::builder("p")
-        .step("boom", |_ctx: Context<u64>| async { panic!("bug") })
+        .step("boom", |_ctx| async { panic!("bug") })
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let flow = flow();
@@ -464,7 +462,7 @@ fn store_calls_are_timed_and_their_failures_counted_by_kind() {
     let store = Arc::new(Elsewhere::default());
     let flow = Flow::<u64, ()>::builder("remote")
         .store(Arc::clone(&store) as Arc<dyn orchestrix::store::IdempotencyStore>)
-        .step("s", |_ctx: Context<u64>| async { Ok::<_, StepError>(()) })
+        .step("s", |_ctx| async { Ok(()) })
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     runtime().block_on(async {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use orchestrix::idempotency::scoped_key;
 use orchestrix::store::{StartOutcome, StartRequest};
-use orchestrix::{Context, Flow, FlowResult, RunOptions, Status, Step, StepError};
+use orchestrix::{Flow, FlowResult, RunOptions, Status, Step, StepError};
 use tokio::task::JoinHandle;
 
 use super::{Backend, random};
@@ -51,7 +51,7 @@ async fn stuck(backend: &Backend, flow: &str, key: &str, fingerprint: Option<&st
 fn checkout(backend: &Backend, name: &str, runs: Arc<AtomicU32>, fail: bool) -> Flow<u64, String> {
     Flow::<u64, String>::builder(name)
         .store(Arc::clone(&backend.store))
-        .step("reserve", move |ctx: Context<u64>| {
+        .step("reserve", move |ctx| {
             let runs = Arc::clone(&runs);
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -86,7 +86,7 @@ fn durable(
     Flow::<u64, String>::builder(name)
         .durable()
         .store(Arc::clone(&backend.store))
-        .step("reserve", move |ctx: Context<u64>| {
+        .step("reserve", move |ctx| {
             let reserves = Arc::clone(&reserves);
             async move {
                 reserves.fetch_add(1, Ordering::SeqCst);
@@ -94,7 +94,7 @@ fn durable(
                 Ok(())
             }
         })
-        .then(Step::new("charge", move |ctx: Context<u64>| async move {
+        .then(Step::new("charge", move |ctx| async move {
             if !charge_now {
                 tokio::select! {
                     () = ctx.cancellation().cancelled() => {
