@@ -162,13 +162,9 @@ async fn listen(pool: PgPool, channel: String, shared: Arc<Shared>) {
         shared.listening.store(true, Ordering::Release);
         shared.waiters.wake_all();
         pause = Duration::ZERO;
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(notification)) => {
-                    shared.waiters.wake(notification.payload());
-                }
-                Ok(None) | Err(_) => break,
-            }
+        // Until the connection is lost (`None`) or fails (`Err`).
+        while let Ok(Some(notification)) = listener.try_recv().await {
+            shared.waiters.wake(notification.payload());
         }
         shared.listening.store(false, Ordering::Release);
         shared.waiters.wake_all();
