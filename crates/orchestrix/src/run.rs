@@ -136,15 +136,8 @@ where
         waited: &mut bool,
     ) -> Result<FlowResult<O>, RunError<O>> {
         options.validate()?;
-        if let Some(validator) = &self.inner.validator {
-            let verdict = match validator {
-                Validator::Sync(validate) => catch_unwind(AssertUnwindSafe(|| validate(&input))),
-                // Boxed: the future of every run stays the size it is without a validator.
-                Validator::Async(validate) => Box::pin(validate_async(validate, &input)).await,
-            };
-            if let Some(rejected) = self.rejected(verdict) {
-                return Ok(self.notify(rejected));
-            }
+        if let Some(rejected) = self.validate(&input).await {
+            return Ok(self.notify(rejected));
         }
         let Some(key) = options.scoped_key(&self.inner.key_prefix) else {
             let id = fastrand::u128(..);
@@ -231,13 +224,14 @@ where
         }
     }
 
-    /// Stage 1: the input validator's verdict, caught if it panicked. `Some` is the failed
-    /// result to return. A validator (or its future) that panics rejects the input rather
-    /// than unwinding through the run.
-    fn rejected(
-        &self,
-        verdict: std::thread::Result<Result<(), Vec<Issue>>>,
-    ) -> Option<FlowResult<O>> {
+    /// Stage 1: the input validator. `Some` is the failed result to return. A validator
+    /// (or its future) that panics rejects the input rather than unwinding through the run.
+    async fn validate(&self, input: &I) -> Option<FlowResult<O>> {
+        let verdict = match self.inner.validator.as_ref()? {
+            Validator::Sync(validate) => catch_unwind(AssertUnwindSafe(|| validate(input))),
+            // Boxed: the future of every run stays the size it is without an async validator.
+            Validator::Async(validate) => Box::pin(validate_async(validate, input)).await,
+        };
         let issues = match verdict {
             Ok(verdict) => verdict.err()?,
             Err(payload) => vec![Issue::new(format!(
