@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use orchestrix::store::{
     FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
-    StoreError,
+    StoreError, Wait,
 };
 use orchestrix_redis::RedisStore;
 use orchestrix_redis::redis::{self, cluster_routing as routing};
@@ -591,7 +591,9 @@ async fn wake_latencies(
                 if record.is_none_or(|r| r.status != RecordStatus::Running) {
                     return Ok::<Instant, StoreError>(Instant::now());
                 }
-                waiter.wait_for_change(&key, Duration::from_secs(5)).await?;
+                waiter
+                    .wait_for_change(&key, Wait::new(Duration::from_secs(5)))
+                    .await?;
             }
         };
         let finishing = async {

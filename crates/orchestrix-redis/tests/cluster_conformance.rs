@@ -213,7 +213,9 @@ async fn the_owners_finish_wakes_a_waiter_on_the_cluster() {
     for (key, _) in &keys {
         let (waiter, key) = (waiter.clone(), key.clone());
         waiting.push(tokio::spawn(async move {
-            waiter.wait_for_change(&key, Wait::new(Duration::from_secs(120))).await
+            waiter
+                .wait_for_change(&key, Wait::new(Duration::from_secs(120)))
+                .await
         }));
     }
     // Every channel subscribed on its shard's primary before the owner finishes.

@@ -86,7 +86,10 @@ async fn wait_until_finished(store: &RedisStore, key: &str) {
         if record.is_none_or(|r| r.status != orchestrix::store::RecordStatus::Running) {
             return;
         }
-        store.wait_for_change(key, Wait::new(MAX)).await.expect("wait");
+        store
+            .wait_for_change(key, Wait::new(MAX))
+            .await
+            .expect("wait");
     }
 }
 
