@@ -67,9 +67,11 @@ fn modes(kind: StoreKind) -> Vec<(Mode, &'static str)> {
             (Mode::SameStore, "notification (same store, in process)"),
             (Mode::Own, "polling (other process: backoff 2→50 ms)"),
         ],
-        StoreKind::Redis | StoreKind::Dynamodb => {
-            vec![(Mode::Own, "polling (backoff 2→50 ms)")]
-        }
+        StoreKind::Redis => vec![
+            (Mode::Own, "notification (sharded pub/sub)"),
+            (Mode::Poll, "polling (backoff 2→50 ms)"),
+        ],
+        StoreKind::Dynamodb => vec![(Mode::Own, "polling (backoff 2→50 ms)")],
     }
 }
 
@@ -103,8 +105,9 @@ pub async fn main(kinds: &[StoreKind], config: &WakeConfig) -> anyhow::Result<Se
     }
     section.tables.push(table);
     section.note(
-        "Redis: the backoff poll here; waking by pub/sub is the Redis Cluster branch's work. \
-         DynamoDB has no change notification a store could use cheaply (Streams are a \
+        "Redis: the store's own wait is woken by the finish script's `SPUBLISH` (one \
+         subscription connection per store, a 1 s safety poll). DynamoDB has no change \
+         notification a store could use cheaply (Streams are a \
          separate, paid, eventually delivered service): it polls.",
     );
     Ok(section)
