@@ -17,11 +17,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::wake::Polling;
 use anyhow::Context as _;
-use async_trait::async_trait;
 use orchestrix::store::{
-    FencingToken, FinalStatus, IdempotencyStore, Record, RecordStatus, StartOutcome, StartRequest,
-    StoreError, Wait,
+    FinalStatus, IdempotencyStore, RecordStatus, StartOutcome, StartRequest, StoreError, Wait,
 };
 use orchestrix_redis::RedisStore;
 use orchestrix_redis::redis::{self, cluster_routing as routing};
@@ -294,7 +293,9 @@ pub async fn main(config: &ClusterBenchConfig) -> anyhow::Result<Vec<Section>> {
             Mode::One { .. } => vec![
                 (
                     "polling (default)",
-                    Arc::new(Polling(mode.builder().key_prefix(&prefix).connect().await?)),
+                    Arc::new(Polling(Arc::new(
+                        mode.builder().key_prefix(&prefix).connect().await?,
+                    ))),
                 ),
                 (
                     "notification",
@@ -617,42 +618,4 @@ async fn wake_latencies(
         ));
     }
     Ok(latencies)
-}
-
-/// The Redis store with the core's default `wait_for_change` (polling).
-#[derive(Debug)]
-struct Polling(RedisStore);
-
-#[async_trait]
-impl IdempotencyStore for Polling {
-    async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn start(&self, req: StartRequest<'_>) -> Result<StartOutcome, StoreError> {
-        self.0.start(req).await
-    }
-    async fn finish(
-        &self,
-        key: &str,
-        token: FencingToken,
-        status: FinalStatus,
-        result: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        self.0.finish(key, token, status, result, ttl).await
-    }
-    async fn renew(
-        &self,
-        key: &str,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.0.delete(key).await
-    }
 }

@@ -279,7 +279,7 @@ async fn sample(
 /// A store seen as one that cannot notify: everything delegated but `wait_for_change`,
 /// which stays the trait's default (polling with backoff).
 #[derive(Debug)]
-struct Polling(Arc<dyn IdempotencyStore>);
+pub(crate) struct Polling(pub(crate) Arc<dyn IdempotencyStore>);
 
 #[async_trait]
 impl IdempotencyStore for Polling {
